@@ -1,0 +1,12 @@
+//! # ecache-cli
+//!
+//! The `ecache` binary's building blocks: the registry of built-in policies and the
+//! commands' input and output formats. No numerics live here.
+
+pub mod policies;
+pub mod trace;
+
+/// An error caused by what the user gave (a file, a flag, a value): `ecache` exits with 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);

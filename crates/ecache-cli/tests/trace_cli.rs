@@ -1,0 +1,130 @@
+//! `ecache trace` as a user runs it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn ecache() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ecache"))
+}
+
+fn example_input() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/trace-input.json")
+}
+
+#[test]
+fn traces_the_worked_example() {
+    let out = ecache()
+        .args(["trace", "--policy", "elastic", "--budget", "0.7", "--input"])
+        .arg(example_input())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layer = &json["layers"][0];
+    assert_eq!(
+        layer["after_prefill"],
+        serde_json::json!([0, 1, 3, 5, 7, 8, 9])
+    );
+    assert_eq!(
+        layer["merged_into"],
+        serde_json::json!({"1": [2], "3": [4], "5": [6]})
+    );
+    // target(11) = 7 with L0 = 7 and offset 24: P = sinks = 1, so position 1 goes first.
+    assert_eq!(
+        layer["after_step"][0],
+        serde_json::json!([0, 3, 5, 7, 8, 9, 10])
+    );
+    assert_eq!(json["layers"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn set_overrides_parameters_and_config_supplies_the_policy() {
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/local.toml");
+    let out = ecache()
+        .args(["trace", "--budget", "0.5", "--set", "sinks=2", "--config"])
+        .arg(config)
+        .arg("--input")
+        .arg(example_input())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["layers"][1]["after_prefill"],
+        serde_json::json!([0, 1, 7, 8, 9])
+    );
+}
+
+#[test]
+fn bad_input_exits_with_2_and_a_named_cause() {
+    let dir = std::env::temp_dir().join(format!("ecache-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let short = dir.join("short.json");
+    std::fs::write(
+        &short,
+        r#"{"prompt_len": 4, "layers": [{"prefill_scores": [1, 2]}]}"#,
+    )
+    .unwrap();
+    let broken = dir.join("broken.json");
+    std::fs::write(&broken, r#"{"prompt_len": 4, "layers": ["#).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--policy".into(),
+                "nope".into(),
+                "--budget".into(),
+                "0.5".into(),
+            ],
+            "known policies",
+        ),
+        (vec!["--budget".into(), "0".into()], "outside (0, 1]"),
+        (
+            vec![
+                "--budget".into(),
+                "0.5".into(),
+                "--set".into(),
+                "offset".into(),
+            ],
+            "KEY=VALUE",
+        ),
+        (
+            vec![
+                "--budget".into(),
+                "0.5".into(),
+                "--set".into(),
+                "colour=3".into(),
+            ],
+            "colour",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = ecache()
+            .arg("trace")
+            .args(&args)
+            .arg("--input")
+            .arg(example_input())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    for (file, needle) in [(short, "prefill_scores"), (broken, "broken.json")] {
+        let out = ecache()
+            .args(["trace", "--budget", "0.5", "--input"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+}

@@ -1,0 +1,433 @@
+//! The tensor side of one decoder layer's KV cache, for a batch of sequences.
+//!
+//! Layout: keys and values are `[batch, kv_heads, capacity, head_dim]` buffers; sequence `b`
+//! owns slots `0..len(b)` of row `b`, described by its [`SlotTable`]. Capacity grows by
+//! doubling and never shrinks, so steady-state decoding sees fixed buffer shapes.
+
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, backend::Backend};
+
+use crate::decision::Plan;
+use crate::error::{Error, Result};
+use crate::slots::{SlotKind, SlotTable};
+
+/// The fixed dimensions of one layer's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Key/value heads (fewer than query heads under grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// One layer's keys, values and slot tables for a batch.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    shape: CacheShape,
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    tables: Vec<SlotTable>,
+}
+
+impl<B: Backend> LayerCache<B> {
+    /// An empty cache with room for `capacity` slots per sequence, in `dtype`.
+    pub fn new(
+        shape: CacheShape,
+        capacity: usize,
+        tracks_scores: bool,
+        dtype: burn::tensor::DType,
+        device: &B::Device,
+    ) -> Self {
+        let dims = [shape.batch, shape.kv_heads, capacity.max(1), shape.head_dim];
+        Self {
+            shape,
+            keys: Tensor::zeros(dims, (device, dtype)),
+            values: Tensor::zeros(dims, (device, dtype)),
+            tables: vec![SlotTable::new(tracks_scores); shape.batch],
+        }
+    }
+
+    /// The cache's fixed dimensions.
+    pub fn shape(&self) -> CacheShape {
+        self.shape
+    }
+
+    /// Slots sequence `seq` holds.
+    pub fn len(&self, seq: usize) -> usize {
+        self.tables.get(seq).map_or(0, SlotTable::len)
+    }
+
+    /// The longest sequence's slot count.
+    pub fn max_len(&self) -> usize {
+        self.tables.iter().map(SlotTable::len).max().unwrap_or(0)
+    }
+
+    /// Slots per sequence the buffers hold before they grow.
+    pub fn capacity(&self) -> usize {
+        self.keys.dims()[2]
+    }
+
+    /// Sequence `seq`'s slot table.
+    pub fn table(&self, seq: usize) -> Result<&SlotTable> {
+        let batch = self.shape.batch;
+        self.tables
+            .get(seq)
+            .ok_or(Error::Sequence { index: seq, batch })
+    }
+
+    /// Sequence `seq`'s slot table, for accumulating scores.
+    pub fn table_mut(&mut self, seq: usize) -> Result<&mut SlotTable> {
+        let batch = self.shape.batch;
+        self.tables
+            .get_mut(seq)
+            .ok_or(Error::Sequence { index: seq, batch })
+    }
+
+    /// Keys of the valid prefix shared by the batch (`max_len` slots; shorter sequences
+    /// are padded with stale data that attention must mask).
+    ///
+    /// # Shapes
+    /// - returns `[batch, kv_heads, max_len, head_dim]`
+    pub fn keys(&self) -> Tensor<B, 4> {
+        let len = self.max_len();
+        self.keys.clone().narrow(2, 0, len)
+    }
+
+    /// Values of the valid prefix, like [`LayerCache::keys`].
+    ///
+    /// # Shapes
+    /// - returns `[batch, kv_heads, max_len, head_dim]`
+    pub fn values(&self) -> Tensor<B, 4> {
+        let len = self.max_len();
+        self.values.clone().narrow(2, 0, len)
+    }
+
+    /// Appends `t` slots to every sequence of the batch.
+    ///
+    /// # Shapes
+    /// - `keys`, `values`: `[batch, kv_heads, t, head_dim]` (keys after RoPE)
+    /// - `positions[b]`: `t` absolute positions of sequence `b`; `kinds`: `t` kinds
+    pub fn append(
+        &mut self,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        positions: &[&[usize]],
+        kinds: &[SlotKind],
+    ) -> Result<()> {
+        let [batch, heads, t, dim] = keys.dims();
+        let expected = [
+            self.shape.batch,
+            self.shape.kv_heads,
+            t,
+            self.shape.head_dim,
+        ];
+        for (what, dims) in [
+            ("appended keys", keys.dims()),
+            ("appended values", values.dims()),
+        ] {
+            if dims != expected {
+                return Err(Error::shape(
+                    what,
+                    format!("{expected:?}"),
+                    format!("{dims:?}"),
+                ));
+            }
+        }
+        if positions.len() != batch || positions.iter().any(|p| p.len() != t) || kinds.len() != t {
+            return Err(Error::shape(
+                "appended positions and kinds",
+                format!("{batch} rows of {t}"),
+                format!("{} rows, {} kinds", positions.len(), kinds.len()),
+            ));
+        }
+        // Validate all tables before touching any buffer, so a bad call changes nothing.
+        let mut staged = self.tables.clone();
+        for (table, pos) in staged.iter_mut().zip(positions) {
+            table.push(pos, kinds)?;
+        }
+        self.reserve(self.max_len() + t);
+        let lens: Vec<usize> = self.tables.iter().map(SlotTable::len).collect();
+        if lens.iter().all(|&l| l == lens[0]) {
+            let at = lens[0]..lens[0] + t;
+            self.keys =
+                take(&mut self.keys).slice_assign([0..batch, 0..heads, at.clone(), 0..dim], keys);
+            self.values =
+                take(&mut self.values).slice_assign([0..batch, 0..heads, at, 0..dim], values);
+        } else {
+            for (b, &len) in lens.iter().enumerate() {
+                let region = [b..b + 1, 0..heads, len..len + t, 0..dim];
+                let k = keys.clone().narrow(0, b, 1);
+                let v = values.clone().narrow(0, b, 1);
+                self.keys = take(&mut self.keys).slice_assign(region.clone(), k);
+                self.values = take(&mut self.values).slice_assign(region, v);
+            }
+        }
+        self.tables = staged;
+        Ok(())
+    }
+
+    /// Applies a validated plan to sequence `seq`: keys, values and slot table together.
+    pub fn apply(&mut self, seq: usize, plan: &Plan) -> Result<()> {
+        let len = self.table(seq)?.len();
+        if plan.old_len() != len {
+            return Err(Error::shape("plan length", len, plan.old_len()));
+        }
+        if plan.is_identity() {
+            return Ok(());
+        }
+        if plan.has_merges() {
+            let groups = plan.weighted_groups(self.tables[seq].scores());
+            self.keys = merge_rows(take(&mut self.keys), seq, len, &groups);
+            self.values = merge_rows(take(&mut self.values), seq, len, &groups);
+        } else {
+            self.keys = keep_rows(take(&mut self.keys), seq, len, plan.kept());
+            self.values = keep_rows(take(&mut self.values), seq, len, plan.kept());
+        }
+        self.tables[seq].apply(plan)
+    }
+
+    /// Bytes the valid slots of every sequence occupy (keys and values).
+    pub fn bytes_used(&self) -> usize {
+        let per_slot = 2 * self.shape.kv_heads * self.shape.head_dim * self.keys.dtype().size();
+        self.tables.iter().map(SlotTable::len).sum::<usize>() * per_slot
+    }
+
+    /// Bytes the buffers reserve, capacity included.
+    pub fn bytes_reserved(&self) -> usize {
+        2 * self.keys.shape().num_elements() * self.keys.dtype().size()
+    }
+
+    /// Grows the buffers (by doubling) so that every sequence can hold `slots` slots.
+    pub fn reserve(&mut self, slots: usize) {
+        let capacity = self.capacity();
+        if slots <= capacity {
+            return;
+        }
+        let new_capacity = slots.max(capacity * 2);
+        self.keys = grow(take(&mut self.keys), new_capacity);
+        self.values = grow(take(&mut self.values), new_capacity);
+    }
+}
+
+/// Moves a tensor out of a field, leaving an empty placeholder, so that the buffer stays
+/// uniquely owned and backends can update it in place.
+fn take<B: Backend>(t: &mut Tensor<B, 4>) -> Tensor<B, 4> {
+    let placeholder = Tensor::empty([0, 0, 0, 0], (&t.device(), t.dtype()));
+    std::mem::replace(t, placeholder)
+}
+
+fn grow<B: Backend>(buffer: Tensor<B, 4>, capacity: usize) -> Tensor<B, 4> {
+    let [batch, heads, old, dim] = buffer.dims();
+    let extra = Tensor::zeros(
+        [batch, heads, capacity - old, dim],
+        (&buffer.device(), buffer.dtype()),
+    );
+    Tensor::cat(vec![buffer, extra], 2)
+}
+
+fn index_tensor<B: Backend>(
+    indices: impl IntoIterator<Item = usize>,
+    device: &B::Device,
+) -> Tensor<B, 1, Int> {
+    let data: Vec<i64> = indices.into_iter().map(|i| i as i64).collect();
+    let n = data.len();
+    Tensor::from_data(TensorData::new(data, [n]), device)
+}
+
+/// Keeps `kept` (ascending old indices) of sequence `seq`'s first `len` slots, compacted to
+/// the front. A single removed run is a shift of the tail; anything else is one gather.
+fn keep_rows<B: Backend>(
+    buffer: Tensor<B, 4>,
+    seq: usize,
+    len: usize,
+    kept: &[usize],
+) -> Tensor<B, 4> {
+    let [_, heads, _, dim] = buffer.dims();
+    let row = seq..seq + 1;
+    let first_gap = kept
+        .iter()
+        .enumerate()
+        .position(|(n, &k)| n != k)
+        .unwrap_or(kept.len());
+    if first_gap == kept.len() {
+        return buffer; // a prefix is kept: the slot table's length cuts the rest.
+    }
+    let removed = len - kept.len();
+    let tail_is_contiguous = kept[first_gap..]
+        .iter()
+        .enumerate()
+        .all(|(n, &k)| k == first_gap + removed + n);
+    if tail_is_contiguous {
+        let tail = buffer
+            .clone()
+            .slice([row.clone(), 0..heads, first_gap + removed..len, 0..dim]);
+        return buffer.slice_assign([row, 0..heads, first_gap..kept.len(), 0..dim], tail);
+    }
+    let device = buffer.device();
+    let gathered = buffer
+        .clone()
+        .slice([row.clone(), 0..heads, 0..len, 0..dim])
+        .select(2, index_tensor::<B>(kept.iter().copied(), &device));
+    buffer.slice_assign([row, 0..heads, 0..kept.len(), 0..dim], gathered)
+}
+
+/// Replaces sequence `seq`'s first `len` slots by the weighted groups: new slot `i` is
+/// `sum_w w * old[m]` over `groups[i]`. One gather, one scale, one scatter-add.
+fn merge_rows<B: Backend>(
+    buffer: Tensor<B, 4>,
+    seq: usize,
+    len: usize,
+    groups: &[Vec<(usize, f32)>],
+) -> Tensor<B, 4> {
+    let [_, heads, _, dim] = buffer.dims();
+    let device = buffer.device();
+    let dtype = buffer.dtype();
+    let members: Vec<(usize, usize, f32)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(new, g)| g.iter().map(move |&(old, w)| (new, old, w)))
+        .collect();
+    let m = members.len();
+    let sources = index_tensor::<B>(members.iter().map(|x| x.1), &device);
+    let targets = index_tensor::<B>(members.iter().map(|x| x.0), &device);
+    let weights = Tensor::<B, 4>::from_data(
+        TensorData::new(
+            members.iter().map(|x| x.2).collect::<Vec<f32>>(),
+            [1, 1, m, 1],
+        ),
+        (&device, dtype),
+    );
+    let row = seq..seq + 1;
+    let gathered = buffer
+        .clone()
+        .slice([row.clone(), 0..heads, 0..len, 0..dim])
+        .select(2, sources)
+        * weights;
+    let merged = Tensor::zeros([1, heads, groups.len(), dim], (&device, dtype)).select_assign(
+        2,
+        targets,
+        gathered,
+        IndexingUpdateOp::Add,
+    );
+    buffer.slice_assign([row, 0..heads, 0..groups.len(), 0..dim], merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::Decision;
+    use burn::backend::Flex;
+    use burn::tensor::DType;
+
+    type B = Flex;
+
+    /// A cache of `batch` sequences whose key (and value, negated) for slot p is p + 100 b.
+    fn numbered(batch: usize, lens: &[usize], capacity: usize) -> LayerCache<B> {
+        let device = Default::default();
+        let shape = CacheShape {
+            batch,
+            kv_heads: 2,
+            head_dim: 3,
+        };
+        let mut cache = LayerCache::<B>::new(shape, capacity, false, DType::F32, &device);
+        let max = *lens.iter().max().unwrap();
+        for p in 0..max {
+            let data: Vec<f32> = (0..batch)
+                .flat_map(|b| vec![(p + 100 * b) as f32; 6])
+                .collect();
+            let k = Tensor::<B, 4>::from_data(TensorData::new(data, [batch, 2, 1, 3]), &device);
+            let pos: Vec<Vec<usize>> = (0..batch).map(|_| vec![p]).collect();
+            let refs: Vec<&[usize]> = pos.iter().map(Vec::as_slice).collect();
+            cache
+                .append(k.clone(), -k, &refs, &[SlotKind::Text])
+                .unwrap();
+        }
+        cache
+    }
+
+    /// Slot values of sequence `b`, head 1, dim 2.
+    fn column(cache: &LayerCache<B>, b: usize, values: bool) -> Vec<f32> {
+        let t = if values { cache.values() } else { cache.keys() };
+        let len = cache.len(b);
+        let v: Vec<f32> = t
+            .narrow(0, b, 1)
+            .narrow(1, 1, 1)
+            .narrow(3, 2, 1)
+            .into_data()
+            .into_vec()
+            .unwrap();
+        v[..len].to_vec()
+    }
+
+    #[test]
+    fn growth_keeps_every_slot() {
+        let cache = numbered(2, &[9, 9], 2);
+        assert!(cache.capacity() >= 9);
+        assert_eq!(
+            column(&cache, 1, false),
+            (100..109).map(|x| x as f32).collect::<Vec<_>>()
+        );
+        assert_eq!(cache.bytes_used(), 2 * 9 * 2 * 2 * 3 * 4);
+    }
+
+    #[test]
+    fn keep_paths_agree_with_the_slot_table() {
+        for kept in [
+            vec![0, 1, 2],
+            vec![0, 3, 4, 5, 6, 7],
+            vec![0, 2, 5, 7],
+            vec![1, 2, 6],
+        ] {
+            let mut cache = numbered(2, &[8, 8], 8);
+            let plan = Plan::new(Decision::Keep(kept.clone()), 8, "t", 0).unwrap();
+            cache.apply(1, &plan).unwrap();
+            let expected: Vec<f32> = kept.iter().map(|&p| (p + 100) as f32).collect();
+            assert_eq!(column(&cache, 1, false), expected, "{kept:?}");
+            let negated: Vec<f32> = expected.iter().map(|x| -x).collect();
+            assert_eq!(column(&cache, 1, true), negated);
+            assert_eq!(cache.table(1).unwrap().positions(), kept.as_slice());
+            assert_eq!(
+                column(&cache, 0, false),
+                (0..8).map(|x| x as f32).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn ragged_sequences_append_at_their_own_length() {
+        let mut cache = numbered(2, &[4, 4], 4);
+        let plan = Plan::new(Decision::Keep(vec![0, 3]), 4, "t", 0).unwrap();
+        cache.apply(0, &plan).unwrap();
+        let device = Default::default();
+        let data: Vec<f32> = [7.0f32, 107.0].iter().flat_map(|&x| vec![x; 6]).collect();
+        let k = Tensor::<B, 4>::from_data(TensorData::new(data, [2, 2, 1, 3]), &device);
+        cache
+            .append(k.clone(), k, &[&[7], &[7]], &[SlotKind::Text])
+            .unwrap();
+        assert_eq!(column(&cache, 0, false), vec![0.0, 3.0, 7.0]);
+        assert_eq!(
+            column(&cache, 1, false),
+            vec![100.0, 101.0, 102.0, 103.0, 107.0]
+        );
+    }
+
+    #[test]
+    fn a_bad_append_changes_nothing() {
+        let mut cache = numbered(1, &[3], 4);
+        let device = Default::default();
+        let k = Tensor::<B, 4>::zeros([1, 2, 1, 3], &device);
+        let err = cache
+            .append(k.clone(), k, &[&[1]], &[SlotKind::Text])
+            .unwrap_err();
+        assert!(err.to_string().contains("positions"), "{err}");
+        assert_eq!(cache.len(0), 3);
+        let wrong = Tensor::<B, 4>::zeros([1, 3, 1, 3], &device);
+        assert!(
+            cache
+                .append(wrong.clone(), wrong, &[&[5]], &[SlotKind::Text])
+                .is_err()
+        );
+        assert!(cache.apply(3, &Plan::identity(3)).is_err());
+    }
+}

@@ -1,0 +1,188 @@
+//! # ecache-policy-elastic
+//!
+//! Elastic Cache (Liu et al., ECCV 2024). Prefill: per layer, the `K = target(T) - S - R`
+//! most important candidate slots become anchors and every other candidate is merged into
+//! its nearest anchor. Decode: whenever a layer exceeds `target(N)`, the slot at the fixed
+//! truncation point `P = max(S, L0 - offset)` is removed, first in, first out.
+
+use ecache_core::selection::{TieBreak, nearest_anchor, top_k};
+use ecache_core::{
+    Budget, CachePolicy, Decision, Error, LayerView, MergeWeighting, Needs, Phase, PolicyConfig,
+    Registry, Result, parse_params,
+};
+
+/// Registry name of this policy.
+pub const NAME: &str = "elastic";
+
+/// How merged slots are averaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MergeMode {
+    /// Plain mean, anchor included.
+    #[default]
+    Mean,
+    /// Weighted by each slot's importance.
+    Weighted,
+}
+
+/// Parameters of `elastic` (`[policy.params]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElasticParams {
+    /// Leading slots never removed or merged.
+    #[serde(default = "one")]
+    pub sinks: usize,
+    /// Trailing prompt slots never removed or merged at prefill.
+    #[serde(default = "one")]
+    pub protected_tail: usize,
+    /// `D`: the truncation point sits this many slots before the end of the compressed
+    /// prompt.
+    #[serde(default = "default_offset")]
+    pub offset: usize,
+    /// An absolute truncation point (slot index) instead of `offset`.
+    #[serde(default)]
+    pub truncation_point: Option<usize>,
+    /// `mean` (default) or `weighted`.
+    #[serde(default)]
+    pub merge: MergeMode,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_offset() -> usize {
+    24
+}
+
+/// The Elastic Cache policy.
+#[derive(Debug, Clone)]
+pub struct ElasticCache {
+    budget: Budget,
+    offset: usize,
+    truncation_point: Option<usize>,
+    merge: MergeMode,
+}
+
+impl ElasticCache {
+    /// An Elastic Cache policy from a budget and its parameters.
+    pub fn new(budget: Budget, params: &ElasticParams) -> Result<Self> {
+        if let Some(p) = params.truncation_point
+            && p < budget.sinks()
+        {
+            return Err(Error::PolicyParam {
+                policy: NAME.into(),
+                message: format!(
+                    "truncation_point = {p} would remove attention sinks (sinks = {})",
+                    budget.sinks()
+                ),
+            });
+        }
+        Ok(Self {
+            budget,
+            offset: params.offset,
+            truncation_point: params.truncation_point,
+            merge: params.merge,
+        })
+    }
+
+    /// The fixed truncation point for a prompt of `prompt_len` tokens.
+    pub fn truncation_point(&self, prompt_len: usize) -> usize {
+        let compressed = prompt_len.min(self.budget.target(prompt_len));
+        self.truncation_point.unwrap_or_else(|| {
+            compressed
+                .saturating_sub(self.offset)
+                .max(self.budget.sinks())
+        })
+    }
+
+    fn prefill(&self, view: &LayerView<'_>) -> Decision {
+        let len = view.len();
+        let target = self.budget.target(view.tokens_seen);
+        if len <= target {
+            return Decision::KeepAll;
+        }
+        let (sinks, tail) = (self.budget.sinks(), self.budget.protected_tail());
+        let candidates: Vec<usize> = (sinks..len - tail).collect();
+        let zeros;
+        let scores = match view.importance {
+            Some(s) => s,
+            None => {
+                zeros = vec![0.0; len];
+                &zeros
+            }
+        };
+        let anchors = top_k(
+            scores,
+            &candidates,
+            target - sinks - tail,
+            TieBreak::KeepLower,
+        );
+        let keep: Vec<usize> = (0..sinks)
+            .chain(anchors.iter().copied())
+            .chain(len - tail..len)
+            .collect();
+        if anchors.is_empty() {
+            return Decision::Keep(keep);
+        }
+        let others: Vec<usize> = candidates
+            .into_iter()
+            .filter(|c| anchors.binary_search(c).is_err())
+            .collect();
+        Decision::Merge {
+            keep,
+            into: nearest_anchor(&others, &anchors),
+            weighting: match self.merge {
+                MergeMode::Mean => MergeWeighting::Mean,
+                MergeMode::Weighted => MergeWeighting::Importance,
+            },
+        }
+    }
+
+    fn evict_at_truncation_point(&self, view: &LayerView<'_>) -> Decision {
+        let len = view.len();
+        let target = self.budget.target(view.tokens_seen);
+        if len <= target {
+            return Decision::KeepAll;
+        }
+        let excess = len - target;
+        let start = self.truncation_point(view.prompt_len).min(len - excess);
+        Decision::Keep((0..start).chain(start + excess..len).collect())
+    }
+}
+
+impl CachePolicy for ElasticCache {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            prefill_importance: true,
+            decode_attention: false,
+        }
+    }
+
+    fn decide(&self, view: &LayerView<'_>) -> Decision {
+        match view.phase {
+            Phase::Prefill => self.prefill(view),
+            Phase::Decode { .. } => self.evict_at_truncation_point(view),
+        }
+    }
+
+    fn target(&self, tokens_seen: usize) -> Option<usize> {
+        Some(self.budget.target(tokens_seen))
+    }
+}
+
+/// Builds the policy from its config section.
+pub fn build(config: &PolicyConfig) -> Result<Box<dyn CachePolicy>> {
+    let p: ElasticParams = parse_params(NAME, &config.params)?;
+    let budget = Budget::new(config.budget, p.sinks, p.protected_tail)?;
+    Ok(Box::new(ElasticCache::new(budget, &p)?))
+}
+
+/// Adds `elastic` to a registry.
+pub fn register(registry: &mut Registry) -> Result<()> {
+    registry.register(NAME, build)
+}

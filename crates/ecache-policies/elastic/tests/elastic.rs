@@ -1,0 +1,210 @@
+use burn::backend::Flex;
+use burn::tensor::{DType, Distribution, Tensor};
+use ecache_core::trace::{LayerScores, Protected, check_trace, trace_layer};
+use ecache_core::{
+    CachePolicy, CacheShape, LayerCache, Phase, PolicyConfig, SlotKind, StepContext,
+};
+use proptest::prelude::*;
+
+fn build(budget: f64, params: &[(&str, &str)]) -> Box<dyn CachePolicy> {
+    let mut c = PolicyConfig::new("elastic", budget);
+    for (k, v) in params {
+        c.set_param(k, v).unwrap();
+    }
+    ecache_policy_elastic::build(&c).unwrap()
+}
+
+fn scores(prefill: Vec<f32>) -> LayerScores {
+    LayerScores {
+        prefill_scores: prefill,
+        decode_scores: vec![],
+    }
+}
+
+#[test]
+fn the_worked_example_of_the_spec() {
+    let s = scores(vec![0.0, 5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0, 0.0]);
+    let tr = trace_layer(build(0.7, &[]).as_ref(), 0, 10, 0, &s).unwrap();
+    assert_eq!(tr.after_prefill, vec![0, 1, 3, 5, 7, 8, 9]);
+    let merges: Vec<(usize, Vec<usize>)> = tr.merged_into.into_iter().collect();
+    assert_eq!(merges, vec![(1, vec![2]), (3, vec![4]), (5, vec![6])]);
+}
+
+/// Brute force: sort candidates by (score descending, index ascending), take K.
+fn brute_anchors(s: &[f32], sinks: usize, tail: usize, k: usize) -> Vec<usize> {
+    let mut c: Vec<usize> = (sinks..s.len() - tail).collect();
+    c.sort_by(|&a, &b| s[b].partial_cmp(&s[a]).unwrap().then(a.cmp(&b)));
+    let mut top: Vec<usize> = c.into_iter().take(k).collect();
+    top.sort_unstable();
+    top
+}
+
+fn int_scores(t: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed | 1;
+    (0..t)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 7) as f32
+        })
+        .collect()
+}
+
+proptest! {
+    #[test]
+    fn anchors_are_the_brute_force_top_k_and_merges_go_to_the_nearest(
+        t in 3usize..120, b in 0.05f64..=1.0, sinks in 0usize..4, seed in any::<u64>()
+    ) {
+        let s = int_scores(t, seed);
+        let policy = build(b, &[("sinks", &sinks.to_string())]);
+        let tr = trace_layer(policy.as_ref(), 0, t, 0, &scores(s.clone())).unwrap();
+        let target = policy.target(t).unwrap();
+        if t <= target {
+            prop_assert_eq!(&tr.after_prefill, &(0..t).collect::<Vec<_>>());
+            return Ok(());
+        }
+        let anchors = brute_anchors(&s, sinks, 1, target - sinks - 1);
+        let expected: Vec<usize> = (0..sinks).chain(anchors.iter().copied()).chain([t - 1]).collect();
+        prop_assert_eq!(&tr.after_prefill, &expected);
+        let mut merged: Vec<usize> = Vec::new();
+        for (anchor, members) in &tr.merged_into {
+            prop_assert!(anchors.contains(anchor));
+            for &m in members {
+                let best = anchors.iter().map(|&a| a.abs_diff(m)).min().unwrap();
+                let first_best = *anchors.iter().find(|&&a| a.abs_diff(m) == best).unwrap();
+                prop_assert_eq!(*anchor, first_best, "member {} should go to {}", m, first_best);
+                merged.push(m);
+            }
+        }
+        merged.sort_unstable();
+        let others: Vec<usize> = (sinks..t - 1).filter(|c| !anchors.contains(c)).collect();
+        prop_assert_eq!(merged, others);
+    }
+
+    #[test]
+    fn budget_and_protection_hold(t in 1usize..150, steps in 0usize..60, b in 0.05f64..=1.0, offset in 0usize..40) {
+        let policy = build(b, &[("offset", &offset.to_string())]);
+        let tr = trace_layer(policy.as_ref(), 0, t, steps, &scores(int_scores(t, t as u64))).unwrap();
+        check_trace(policy.as_ref(), t, &tr, Protected { sinks: 1, protected_tail: 1 }).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn decode_removes_first_in_first_out_from_the_truncation_point(
+        t in 8usize..120, steps in 1usize..80, b in 0.1f64..0.9, offset in 0usize..30
+    ) {
+        let policy = build(b, &[("offset", &offset.to_string())]);
+        let tr = trace_layer(policy.as_ref(), 0, t, steps, &scores(int_scores(t, 7))).unwrap();
+        let l0 = tr.after_prefill.len();
+        let p = l0.saturating_sub(offset).max(1);
+        // Everything before P stays forever; what follows P is the FIFO queue.
+        let mut queue: Vec<usize> = tr.after_prefill[p..].to_vec();
+        for (k, kept) in tr.after_step.iter().enumerate() {
+            queue.push(t + k);
+            let cut = queue.len() - (kept.len() - p);
+            queue.drain(..cut);
+            prop_assert_eq!(&kept[..p], &tr.after_prefill[..p]);
+            prop_assert_eq!(&kept[p..], &queue[..], "step {}", k + 1);
+        }
+    }
+}
+
+#[test]
+fn an_absolute_truncation_point_overrides_the_offset() {
+    let policy = build(0.5, &[("truncation_point", "3")]);
+    let tr = trace_layer(policy.as_ref(), 0, 20, 3, &scores(int_scores(20, 3))).unwrap();
+    // target(20) = 10, target(21) = 10: step 1 removes the slot at index 3.
+    let mut expected = tr.after_prefill.clone();
+    expected.remove(3);
+    expected.push(20);
+    assert_eq!(tr.after_step[0], expected);
+    let mut c = PolicyConfig::new("elastic", 0.5);
+    c.set_param("sinks", "4").unwrap();
+    c.set_param("truncation_point", "2").unwrap();
+    let err = ecache_policy_elastic::build(&c).err().unwrap().to_string();
+    assert!(err.contains("truncation_point"), "{err}");
+}
+
+/// Applies elastic prefill to real tensors and checks every merged slot against a naive
+/// mean (or importance-weighted mean) of its members.
+fn merged_slots_match_naive(merge: &str) {
+    type B = Flex;
+    let device = Default::default();
+    let (t, heads, dim) = (24, 3, 5);
+    let policy = build(0.4, &[("merge", merge)]);
+    let shape = CacheShape {
+        batch: 2,
+        kv_heads: heads,
+        head_dim: dim,
+    };
+    let mut cache = LayerCache::<B>::new(shape, 8, true, DType::F32, &device);
+    let keys = Tensor::<B, 4>::random([2, heads, t, dim], Distribution::Normal(0.0, 1.0), &device);
+    let values =
+        Tensor::<B, 4>::random([2, heads, t, dim], Distribution::Normal(0.0, 1.0), &device);
+    let positions: Vec<usize> = (0..t).collect();
+    cache
+        .append(
+            keys.clone(),
+            values.clone(),
+            &[&positions, &positions],
+            &[SlotKind::Image; 24],
+        )
+        .unwrap();
+    let s: Vec<f32> = int_scores(t, 11).iter().map(|x| x + 0.5).collect();
+    cache.table_mut(1).unwrap().accumulate(&s).unwrap();
+    let ctx = StepContext {
+        layer: 0,
+        phase: Phase::Prefill,
+        tokens_seen: t,
+        prompt_len: t,
+    };
+    let plan = cache
+        .table(1)
+        .unwrap()
+        .decide(policy.as_ref(), ctx)
+        .unwrap();
+    assert!(plan.has_merges());
+    cache.apply(1, &plan).unwrap();
+    assert_eq!(cache.len(0), t, "sequence 0 is untouched");
+    assert_eq!(cache.len(1), policy.target(t).unwrap());
+    for (tensor, got) in [(keys, cache.keys()), (values, cache.values())] {
+        let old: Vec<f32> = tensor.into_data().into_vec().unwrap();
+        let new: Vec<f32> = got.into_data().into_vec().unwrap();
+        let cap = cache.max_len();
+        for (i, &anchor) in plan.kept().iter().enumerate() {
+            let members: Vec<usize> = std::iter::once(anchor)
+                .chain(plan.merged_into(i).iter().copied())
+                .collect();
+            let weights: Vec<f32> = if merge == "weighted" {
+                let total: f32 = members.iter().map(|&m| s[m]).sum();
+                members.iter().map(|&m| s[m] / total).collect()
+            } else {
+                vec![1.0 / members.len() as f32; members.len()]
+            };
+            for h in 0..heads {
+                for d in 0..dim {
+                    let reference: f32 = members
+                        .iter()
+                        .zip(&weights)
+                        .map(|(&m, w)| w * old[((heads + h) * t + m) * dim + d])
+                        .sum();
+                    let value = new[((heads + h) * cap + i) * dim + d];
+                    assert!(
+                        (value - reference).abs() < 1e-5,
+                        "slot {i} head {h} dim {d}: {value} vs {reference}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn merged_slots_are_the_mean_of_their_members() {
+    merged_slots_match_naive("mean");
+}
+
+#[test]
+fn weighted_merge_uses_importance() {
+    merged_slots_match_naive("weighted");
+}
