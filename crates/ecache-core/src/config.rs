@@ -74,6 +74,17 @@ pub enum PositionMode {
     Compact,
 }
 
+impl PositionMode {
+    /// RoPE position of the next token, given `N` tokens processed so far and the current
+    /// cache length of the layer.
+    pub fn next_position(self, tokens_seen: usize, cache_len: usize) -> usize {
+        match self {
+            PositionMode::Absolute => tokens_seen,
+            PositionMode::Compact => cache_len,
+        }
+    }
+}
+
 /// The `[policy]` section: a registered name, a budget, and the policy's own parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -315,6 +326,12 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn compact_positions_follow_the_cache_length() {
+        assert_eq!(PositionMode::Absolute.next_position(900, 180), 900);
+        assert_eq!(PositionMode::Compact.next_position(900, 180), 180);
     }
 
     #[test]
