@@ -1,0 +1,22 @@
+//! # ecache-model
+//!
+//! LLaVA-1.5 in burn, generic over the backend: Hugging Face config and weights, the CLIP
+//! vision tower, the projector, the LLaMA decoder, prompt handling, and a [`Session`] that
+//! runs the decoder under any [`ecache_core::CachePolicy`].
+
+pub mod clip;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod layers;
+pub mod llama;
+pub mod llava;
+pub mod prompt;
+pub mod weights;
+
+pub use config::LlavaConfig;
+pub use engine::Session;
+pub use error::{ModelError, Result};
+pub use llava::Llava;
+pub use prompt::{PromptTokenizer, chat_prompt, splice};
+pub use weights::Checkpoint;

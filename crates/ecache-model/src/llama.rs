@@ -1,0 +1,211 @@
+//! The LLaMA decoder: RMSNorm, rotate-half RoPE at explicit positions, grouped-query
+//! attention over the policy-managed cache, SwiGLU, and the LM head.
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, RmsNorm};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData, activation, backend::Backend};
+use ecache_core::{LayerCache, SlotKind, importance::column_sums};
+
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::layers::{Loader, Rope};
+
+/// One decoder layer.
+#[derive(Module, Debug)]
+pub struct LlamaLayer<B: Backend> {
+    input_layernorm: RmsNorm<B>,
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    o_proj: Linear<B>,
+    post_attention_layernorm: RmsNorm<B>,
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// What a layer's forward hands back besides its output.
+pub struct LayerOutput<B: Backend> {
+    /// `[batch, tokens, hidden]`.
+    pub hidden: Tensor<B, 3>,
+    /// Head-mean attention column sums over this step's queries, `[batch, slots]`, when
+    /// asked for (the policy's importance or decode row).
+    pub scores: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> LlamaLayer<B> {
+    fn load(c: &LlamaConfig, l: &mut Loader<'_, B>, i: usize) -> Result<Self> {
+        let p = format!("decoder.layers.{i}");
+        let (h, q, kv) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        Ok(Self {
+            input_layernorm: l.rms_norm(&format!("{p}.input_layernorm"), h, c.rms_norm_eps)?,
+            q_proj: l.linear(&format!("{p}.self_attn.q_proj"), h, q, c.attention_bias)?,
+            k_proj: l.linear(&format!("{p}.self_attn.k_proj"), h, kv, c.attention_bias)?,
+            v_proj: l.linear(&format!("{p}.self_attn.v_proj"), h, kv, c.attention_bias)?,
+            o_proj: l.linear(&format!("{p}.self_attn.o_proj"), q, h, c.attention_bias)?,
+            post_attention_layernorm: l.rms_norm(
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                c.rms_norm_eps,
+            )?,
+            gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), h, c.intermediate, c.mlp_bias)?,
+            up_proj: l.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate, c.mlp_bias)?,
+            down_proj: l.linear(&format!("{p}.mlp.down_proj"), c.intermediate, h, c.mlp_bias)?,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    /// Runs the layer on `t` new tokens per sequence: their keys and values are appended to
+    /// `cache` (keys after RoPE) and they attend to every slot the cache holds before them.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, t, hidden]`; `cos`, `sin`: `[batch, 1, t, head_dim]`
+    /// - `slot_positions[b]`: the `t` absolute positions recorded for the new slots
+    /// - returns `hidden`: `[batch, t, hidden]`, `scores`: `[batch, slots]` if `want_scores`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
+        cache: &mut LayerCache<B>,
+        slot_positions: &[&[usize]],
+        kinds: &[SlotKind],
+        want_scores: bool,
+    ) -> Result<LayerOutput<B>> {
+        let [b, t, hidden] = x.dims();
+        let d = self.head_dim;
+        let h = self.input_layernorm.forward(x.clone());
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+        let q = Rope::apply(
+            heads(self.q_proj.forward(h.clone()), self.heads),
+            rope.0,
+            rope.1,
+        );
+        let k = Rope::apply(
+            heads(self.k_proj.forward(h.clone()), self.kv_heads),
+            rope.0,
+            rope.1,
+        );
+        let v = heads(self.v_proj.forward(h), self.kv_heads);
+        cache.append(k, v, slot_positions, kinds)?;
+
+        let keys = repeat_kv(cache.keys(), self.heads / self.kv_heads);
+        let values = repeat_kv(cache.values(), self.heads / self.kv_heads);
+        let slots = keys.dims()[2];
+        let dtype = q.dtype();
+        let logits = (q.matmul(keys.swap_dims(2, 3)) * (d as f64).powf(-0.5)).cast(DType::F32);
+        let mask = visibility_mask::<B>(cache, t, slots, &x.device());
+        let probs = activation::softmax(logits.mask_fill(mask, f32::NEG_INFINITY), 3);
+        let scores = want_scores.then(|| column_sums(probs.clone()));
+        let attn = probs
+            .cast(dtype)
+            .matmul(values)
+            .swap_dims(1, 2)
+            .reshape([b, t, self.heads * d]);
+        let x = x + self.o_proj.forward(attn);
+        let h = self.post_attention_layernorm.forward(x.clone());
+        let mlp = activation::silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
+        let hidden_out = x + self.down_proj.forward(mlp);
+        debug_assert_eq!(hidden_out.dims()[2], hidden);
+        Ok(LayerOutput {
+            hidden: hidden_out,
+            scores,
+        })
+    }
+}
+
+/// `[batch, kv_heads, slots, d]` -> `[batch, kv_heads * rep, slots, d]`, query head `i`
+/// reading KV head `i / rep` (transformers' `repeat_kv`).
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, h, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .repeat_dim(2, rep)
+        .reshape([b, h * rep, s, d])
+}
+
+/// True where attention is *not* allowed: the `t` new tokens of sequence `b` sit at cache
+/// indices `len_b - t ..len_b`, and token `i` sees slots `0..=len_b - t + i`.
+fn visibility_mask<B: Backend>(
+    cache: &LayerCache<B>,
+    t: usize,
+    slots: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let batch = cache.shape().batch;
+    let mut hidden = Vec::with_capacity(batch * t * slots);
+    for b in 0..batch {
+        let first = cache.len(b) - t;
+        for i in 0..t {
+            hidden.extend((0..slots).map(|j| j > first + i));
+        }
+    }
+    Tensor::from_data(TensorData::new(hidden, [batch, 1, t, slots]), device)
+}
+
+/// The decoder: embeddings, layers, final norm and LM head.
+#[derive(Module, Debug)]
+pub struct LlamaDecoder<B: Backend> {
+    embed_tokens: Param<Tensor<B, 2>>,
+    pub(crate) layers: Vec<LlamaLayer<B>>,
+    norm: RmsNorm<B>,
+    lm_head: Linear<B>,
+}
+
+impl<B: Backend> LlamaDecoder<B> {
+    /// Loads the decoder; a tied LM head reuses the embeddings when the checkpoint has none.
+    pub fn load(c: &LlamaConfig, l: &mut Loader<'_, B>) -> Result<Self> {
+        let embed: Tensor<B, 2> =
+            l.tensor("decoder.embed_tokens.weight", [c.vocab_size, c.hidden])?;
+        let layers = (0..c.layers)
+            .map(|i| LlamaLayer::load(c, l, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = l.rms_norm("decoder.norm", c.hidden, c.rms_norm_eps)?;
+        let lm_head = if c.tie_word_embeddings && !l.checkpoint.contains("lm_head.weight") {
+            Linear {
+                weight: Param::from_tensor(embed.clone().transpose()),
+                bias: None,
+            }
+        } else {
+            l.linear("lm_head", c.hidden, c.vocab_size, false)?
+        };
+        Ok(Self {
+            embed_tokens: Param::from_tensor(embed),
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Token embeddings.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, t]` -> `[batch, t, hidden]`
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let hidden = self.embed_tokens.dims()[1];
+        self.embed_tokens
+            .val()
+            .select(0, ids.reshape([b * t]))
+            .reshape([b, t, hidden])
+    }
+
+    /// Final norm and LM head.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, t, hidden]` -> logits `[batch, t, vocab]`
+    pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.lm_head.forward(self.norm.forward(x))
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}

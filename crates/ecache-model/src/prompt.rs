@@ -1,0 +1,126 @@
+//! Tokenizer, LLaVA-1.5's chat format, and splicing image features into the prompt.
+
+use std::path::Path;
+
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use ecache_core::SlotKind;
+use tokenizers::Tokenizer;
+
+use crate::error::{ModelError, Result};
+use crate::llava::Llava;
+
+/// LLaVA-1.5's single-turn chat format with the image first.
+pub fn chat_prompt(question: &str) -> String {
+    format!("USER: <image>\n{question} ASSISTANT:")
+}
+
+/// A checkpoint's `tokenizer.json` with the model's image token.
+pub struct PromptTokenizer {
+    tokenizer: Tokenizer,
+    image_token_id: u32,
+}
+
+impl PromptTokenizer {
+    /// Loads `dir/tokenizer.json`.
+    pub fn load(dir: &Path, image_token_id: u32) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(ModelError::Tokenizer(format!(
+                "{} does not exist",
+                path.display()
+            )));
+        }
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            tokenizer,
+            image_token_id,
+        })
+    }
+
+    /// Encodes a prompt with the tokenizer's special tokens (BOS). With an image, the prompt
+    /// must hold exactly one `<image>` token.
+    pub fn encode_prompt(&self, text: &str, with_image: bool) -> Result<Vec<u32>> {
+        if text.trim().is_empty() {
+            return Err(ModelError::Prompt("the prompt is empty".into()));
+        }
+        let ids = self.encode(text, true)?;
+        let images = ids.iter().filter(|&&i| i == self.image_token_id).count();
+        match (with_image, images) {
+            (true, 1) | (false, 0) => Ok(ids),
+            (true, 0) => Err(ModelError::Prompt(
+                "an image is given but the prompt has no <image> token".into(),
+            )),
+            (false, n) => Err(ModelError::Prompt(format!(
+                "the prompt has {n} <image> token(s) but no image is given"
+            ))),
+            (true, n) => Err(ModelError::Prompt(format!(
+                "the prompt has {n} <image> tokens; one image takes exactly one"
+            ))),
+        }
+    }
+
+    /// Encodes answer text without special tokens.
+    pub fn encode_answer(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text, false)
+    }
+
+    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+}
+
+/// Prompt embeddings with the image's features in place of its `<image>` token, and the
+/// kind of every slot.
+///
+/// # Shapes
+/// - `ids`: the prompt's `n` token ids (one `<image>` when `features` is given)
+/// - `features`: `[1, image_tokens, hidden]`
+/// - returns `[1, n - 1 + image_tokens, hidden]` (or `[1, n, hidden]` without an image)
+pub fn splice<B: Backend>(
+    model: &Llava<B>,
+    ids: &[u32],
+    image_token_id: u32,
+    features: Option<Tensor<B, 3>>,
+    device: &B::Device,
+) -> (Tensor<B, 3>, Vec<SlotKind>) {
+    let embed = |part: &[u32]| {
+        let data: Vec<i64> = part.iter().map(|&i| i as i64).collect();
+        model.decoder.embed(Tensor::<B, 2, Int>::from_data(
+            TensorData::new(data, [1, part.len()]),
+            device,
+        ))
+    };
+    match (features, ids.iter().position(|&i| i == image_token_id)) {
+        (Some(features), Some(at)) => {
+            let n = features.dims()[1];
+            let mut parts = Vec::new();
+            if at > 0 {
+                parts.push(embed(&ids[..at]));
+            }
+            parts.push(features);
+            if at + 1 < ids.len() {
+                parts.push(embed(&ids[at + 1..]));
+            }
+            let kinds = [
+                vec![SlotKind::Text; at],
+                vec![SlotKind::Image; n],
+                vec![SlotKind::Text; ids.len() - at - 1],
+            ]
+            .concat();
+            (Tensor::cat(parts, 1), kinds)
+        }
+        _ => (embed(ids), vec![SlotKind::Text; ids.len()]),
+    }
+}
