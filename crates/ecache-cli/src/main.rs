@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Show what a policy keeps and merges, given attention scores (no model needed).
     Trace(TraceArgs),
+    /// Answer a prompt about an image with a LLaVA checkpoint under a cache policy.
+    Generate(GenerateArgs),
     /// List the registered policies and what each needs.
     Policies,
 }
@@ -49,6 +51,113 @@ struct TraceArgs {
     /// Write the JSON here instead of standard output.
     #[arg(long)]
     output: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A Hugging Face LLaVA directory (config.json, weights, tokenizer.json, preprocessor_config.json).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The image the prompt asks about.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// A question (wrapped in the chat format) or a full prompt with `<image>`.
+    #[arg(long)]
+    prompt: String,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// flex | ndarray | cuda (overrides the config's).
+    #[arg(long)]
+    backend: Option<String>,
+    /// f32 | f16 | bf16 (overrides the config's).
+    #[arg(long)]
+    dtype: Option<String>,
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Pad the image to a square with the mean colour first (LLaVA-1.5 evaluation setting).
+    #[arg(long)]
+    pad_to_square: bool,
+}
+
+/// Policy selection shared by the commands.
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// Policy name (overrides the config's).
+    #[arg(long)]
+    policy: Option<String>,
+    /// Fraction of slots kept, in (0, 1] (overrides the config's).
+    #[arg(long)]
+    budget: Option<f64>,
+    /// A policy parameter, `key=value` (repeatable; overrides the config's).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// A run config (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn run_config(args: &PolicyArgs, default_policy: &str, default_budget: f64) -> Result<RunConfig> {
+    let mut config = match &args.config {
+        Some(path) => RunConfig::from_path(path)?,
+        None => RunConfig::with_policy(PolicyConfig::new(default_policy, default_budget)),
+    };
+    if let Some(name) = &args.policy {
+        config.policy.name.clone_from(name);
+    }
+    if let Some(budget) = args.budget {
+        config.policy.budget = budget;
+    }
+    for pair in &args.set {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| BadInput(format!("--set {pair:?}: expected KEY=VALUE")))?;
+        config.policy.set_param(key, value)?;
+    }
+    Ok(config)
+}
+
+fn parse_value<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| {
+        BadInput(format!(
+            "--{flag} {value:?} is not one of the accepted values"
+        ))
+        .into()
+    })
+}
+
+fn generate_command(args: GenerateArgs) -> Result<()> {
+    let mut config = run_config(&args.policy, "elastic", 0.2)?;
+    if let Some(b) = &args.backend {
+        config.model.backend = parse_value("backend", b)?;
+    }
+    if let Some(d) = &args.dtype {
+        config.model.dtype = parse_value("dtype", d)?;
+    }
+    let g = &mut config.generation;
+    g.max_new_tokens = args.max_new_tokens.unwrap_or(g.max_new_tokens);
+    g.temperature = args.temperature.unwrap_or(g.temperature);
+    g.top_p = args.top_p.unwrap_or(g.top_p);
+    g.seed = args.seed.unwrap_or(g.seed);
+    config.validate()?;
+    let model_dir = args
+        .model
+        .or_else(|| config.model.path.clone())
+        .ok_or_else(|| BadInput("give --model DIR (or [model] path in --config)".into()))?;
+    let policy = builtin_registry()?.build(&config.policy)?;
+    let request = ecache_cli::generate::GenerateRequest {
+        model_dir,
+        image: args.image,
+        prompt: args.prompt,
+        config,
+        pad_to_square: args.pad_to_square,
+    };
+    ecache_cli::generate::run(&request, policy.as_ref())
 }
 
 fn policy_config(args: &TraceArgs) -> Result<PolicyConfig> {
@@ -109,6 +218,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Trace(args) => trace_command(args),
+        Command::Generate(args) => generate_command(args),
         Command::Policies => policies_command(),
     };
     match result {

@@ -27,7 +27,7 @@ pub mod slots;
 pub mod trace;
 
 pub use budget::Budget;
-pub use config::{PolicyConfig, PositionMode, RunConfig};
+pub use config::{BackendKind, PolicyConfig, PositionMode, Precision, RunConfig};
 pub use decision::{Decision, MergeWeighting, Plan};
 pub use error::{Error, Result};
 pub use importance::ImportanceAccumulator;

@@ -21,6 +21,9 @@ pub enum ModelError {
     /// The tokenizer could not be loaded or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// An image that cannot be read or used.
+    #[error("image: {0}")]
+    Image(String),
     /// A prompt the model cannot take.
     #[error("prompt: {0}")]
     Prompt(String),

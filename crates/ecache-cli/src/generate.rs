@@ -1,0 +1,169 @@
+//! `ecache generate`: one image, one prompt, one policy; streams the answer and prints a
+//! summary line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+use ecache_core::{BackendKind, CachePolicy, Precision, RunConfig};
+use ecache_model::{
+    ImageProcessor, Llava, PromptTokenizer, Sampling, Session, chat_prompt, generate, splice,
+};
+
+use crate::BadInput;
+
+/// Everything one generation needs, resolved from flags and config.
+pub struct GenerateRequest {
+    pub model_dir: PathBuf,
+    pub image: Option<PathBuf>,
+    pub prompt: String,
+    pub config: RunConfig,
+    pub pad_to_square: bool,
+}
+
+/// Burn dtype of a configured precision.
+pub fn dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+    }
+}
+
+/// Runs the request on the configured backend.
+pub fn run(request: &GenerateRequest, policy: &dyn CachePolicy) -> Result<()> {
+    match request.config.model.backend {
+        BackendKind::Flex => run_on::<burn::backend::Flex>(request, policy, &Default::default()),
+        BackendKind::Ndarray => {
+            run_on::<burn::backend::NdArray>(request, policy, &Default::default())
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => run_on::<burn::backend::Cuda>(request, policy, &Default::default()),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Cuda => Err(BadInput(
+            "this ecache was built without the `cuda` feature (cargo build --features cuda)".into(),
+        )
+        .into()),
+    }
+}
+
+/// The prompt as the model sees it: the chat format around a bare question, or the text
+/// as given when it already holds `<image>` or `USER:`.
+pub fn format_prompt(prompt: &str, with_image: bool) -> String {
+    if prompt.contains("<image>") || prompt.contains("USER:") || !with_image {
+        prompt.to_string()
+    } else {
+        chat_prompt(prompt)
+    }
+}
+
+fn run_on<B: Backend>(
+    request: &GenerateRequest,
+    policy: &dyn CachePolicy,
+    device: &B::Device,
+) -> Result<()> {
+    let dir = &request.model_dir;
+    let dtype = dtype(request.config.model.dtype);
+    let (model, config) = Llava::<B>::load(dir, device, dtype)
+        .map_err(|e| BadInput(format!("model {}: {e}", dir.display())))?;
+    let tokenizer =
+        PromptTokenizer::load(dir, config.image_token_id).map_err(|e| BadInput(e.to_string()))?;
+    let prompt = format_prompt(&request.prompt, request.image.is_some());
+    let ids = tokenizer
+        .encode_prompt(&prompt, request.image.is_some())
+        .map_err(|e| BadInput(e.to_string()))?;
+    let features = match &request.image {
+        Some(path) => Some(image_features(
+            &model,
+            dir,
+            path,
+            request.pad_to_square,
+            device,
+            dtype,
+        )?),
+        None => None,
+    };
+    let (embeds, kinds) = splice(&model, &ids, config.image_token_id, features, device);
+    let g = &request.config.generation;
+    let sampling = Sampling {
+        max_new_tokens: g.max_new_tokens,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        seed: g.seed,
+    };
+    let mut session = Session::new(
+        &model.decoder,
+        &config.text,
+        policy,
+        request.config.policy.positions,
+        1,
+        device,
+        dtype,
+    );
+    let mut printed = String::new();
+    let mut tokens = Vec::new();
+    let mut stdout = std::io::stdout();
+    let result = generate(
+        &mut session,
+        embeds,
+        &kinds,
+        &sampling,
+        &config.text.eos_token_ids,
+        |t| {
+            tokens.push(t);
+            if let Ok(text) = tokenizer.decode(&tokens) {
+                if let Some(new) = text.strip_prefix(printed.as_str()) {
+                    let _ = write!(stdout, "{new}");
+                    let _ = stdout.flush();
+                }
+                printed = text;
+            }
+        },
+    )
+    .map_err(|e| BadInput(e.to_string()))?;
+    println!();
+    let slots = &result.slots_per_layer;
+    let (lo, hi) = (
+        slots.iter().min().unwrap_or(&0),
+        slots.iter().max().unwrap_or(&0),
+    );
+    let per_second = if result.decode_seconds > 0.0 {
+        result.tokens.len() as f64 / result.decode_seconds
+    } else {
+        0.0
+    };
+    println!(
+        "[{} budget {}] prompt tokens {} (image {}), new tokens {}, slots per layer {}{}, KV {:.2} MiB, prefill {:.2} s, {:.1} tokens/s",
+        policy.name(),
+        request.config.policy.budget,
+        result.prompt_tokens,
+        result.image_tokens,
+        result.tokens.len(),
+        lo,
+        if lo == hi {
+            String::new()
+        } else {
+            format!("..{hi}")
+        },
+        result.kv_bytes as f64 / (1024.0 * 1024.0),
+        result.prefill_seconds,
+        per_second,
+    );
+    Ok(())
+}
+
+fn image_features<B: Backend>(
+    model: &Llava<B>,
+    dir: &Path,
+    image: &Path,
+    pad_to_square: bool,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<Tensor<B, 3>> {
+    let mut processor = ImageProcessor::load(dir).map_err(|e| BadInput(e.to_string()))?;
+    processor.pad_to_square = pad_to_square;
+    let (pixels, [c, h, w]) = processor.open(image).map_err(|e| BadInput(e.to_string()))?;
+    let pixels = Tensor::<B, 4>::from_data(TensorData::new(pixels, [1, c, h, w]), (device, dtype));
+    Ok(model.image_features(pixels))
+}

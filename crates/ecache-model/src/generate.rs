@@ -1,0 +1,245 @@
+//! Decoding: greedy and seeded temperature / top-p sampling, stopping at EOS or a token
+//! budget, and teacher-forced scoring of a reference answer (the paper's PPL protocol).
+
+use std::time::Instant;
+
+use burn::tensor::{Tensor, backend::Backend};
+use ecache_core::SlotKind;
+
+use crate::engine::Session;
+use crate::error::Result;
+
+/// How tokens are chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Stop after this many new tokens.
+    pub max_new_tokens: usize,
+    /// 0 selects greedy decoding.
+    pub temperature: f64,
+    /// Nucleus mass in (0, 1].
+    pub top_p: f64,
+    /// Seed of the sampler.
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// SplitMix64. Written here rather than taken from `rand` so that a seed gives the same
+/// tokens on every platform and every dependency version (a reproducibility promise).
+#[derive(Debug, Clone)]
+pub struct SeededRng(u64);
+
+impl SeededRng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// A uniform number in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The greedy choice: the highest logit, the lowest id on ties.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Picks the next token from one row of logits.
+pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut SeededRng) -> u32 {
+    if sampling.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, ((x as f64 - max) / sampling.temperature).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| {
+        b.1.partial_cmp(&a.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.0.cmp(&b.0))
+    });
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for p in &probs {
+        kept += 1;
+        mass += p.1 / total;
+        if mass >= sampling.top_p {
+            break;
+        }
+    }
+    let nucleus = &probs[..kept];
+    let nucleus_total: f64 = nucleus.iter().map(|p| p.1).sum();
+    let mut u = rng.next_f64() * nucleus_total;
+    for &(i, p) in nucleus {
+        if u < p {
+            return i as u32;
+        }
+        u -= p;
+    }
+    nucleus[kept - 1].0 as u32
+}
+
+/// What a generation produced and cost.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// New tokens, EOS included if it was produced.
+    pub tokens: Vec<u32>,
+    /// Prompt slots (text and image).
+    pub prompt_tokens: usize,
+    /// Image slots of the prompt.
+    pub image_tokens: usize,
+    /// Slots each layer holds at the end.
+    pub slots_per_layer: Vec<usize>,
+    /// KV bytes held at the end, all layers.
+    pub kv_bytes: usize,
+    /// Seconds spent in prefill.
+    pub prefill_seconds: f64,
+    /// Seconds spent in decode steps.
+    pub decode_seconds: f64,
+}
+
+fn last_row<B: Backend>(logits: Tensor<B, 3>) -> Result<Vec<f32>> {
+    let [_, t, v] = logits.dims();
+    let row = logits.narrow(1, t - 1, 1).reshape([v]);
+    Ok(row
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("converted to f32"))
+}
+
+/// Generates for one sequence: prefill the prompt, then sample until EOS or the budget.
+/// `on_token` sees each new token as it is chosen.
+pub fn generate<B: Backend>(
+    session: &mut Session<'_, B>,
+    embeds: Tensor<B, 3>,
+    kinds: &[SlotKind],
+    sampling: &Sampling,
+    eos: &[u32],
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation> {
+    let mut rng = SeededRng::new(sampling.seed);
+    let start = Instant::now();
+    let mut row = last_row(session.prefill(embeds, kinds)?)?;
+    let prefill_seconds = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut tokens = Vec::new();
+    while tokens.len() < sampling.max_new_tokens {
+        let next = sample(&row, sampling, &mut rng);
+        tokens.push(next);
+        on_token(next);
+        if eos.contains(&next) || tokens.len() == sampling.max_new_tokens {
+            break;
+        }
+        row = session
+            .step(&[next])?
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("converted to f32");
+    }
+    Ok(Generation {
+        tokens,
+        prompt_tokens: kinds.len(),
+        image_tokens: kinds.iter().filter(|k| **k == SlotKind::Image).count(),
+        slots_per_layer: session.caches().iter().map(|c| c.len(0)).collect(),
+        kv_bytes: session.kv_bytes(),
+        prefill_seconds,
+        decode_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Teacher-forced negative log-likelihood of `answer` after the prompt: the prefill predicts
+/// answer token 0, each decode step feeds token `t` and predicts `t + 1`; the policy acts
+/// after every forward. Returns one NLL per answer token (natural log).
+pub fn answer_nll<B: Backend>(
+    session: &mut Session<'_, B>,
+    embeds: Tensor<B, 3>,
+    kinds: &[SlotKind],
+    answer: &[u32],
+) -> Result<Vec<f64>> {
+    let mut row = last_row(session.prefill(embeds, kinds)?)?;
+    let mut nll = Vec::with_capacity(answer.len());
+    for (i, &a) in answer.iter().enumerate() {
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let log_sum = row
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
+        nll.push(log_sum - row[a as usize] as f64);
+        if i + 1 < answer.len() {
+            row = session
+                .step(&[a])?
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("converted to f32");
+        }
+    }
+    Ok(nll)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus_and_seeds_repeat() {
+        let logits = [5.0f32, 4.0, -10.0, -10.0];
+        let s = Sampling {
+            max_new_tokens: 1,
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 7,
+        };
+        let mut rng = SeededRng::new(7);
+        assert!(
+            (0..200).all(|_| sample(&logits, &s, &mut rng) == 0),
+            "top-1 mass 0.73 >= 0.5"
+        );
+        let s = Sampling { top_p: 1.0, ..s };
+        let draws = |seed| {
+            let mut rng = SeededRng::new(seed);
+            (0..500)
+                .map(|_| sample(&logits, &s, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        let a = draws(3);
+        assert_eq!(a, draws(3));
+        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / 500.0;
+        // P(1) = e^4 / (e^5 + e^4) = 0.269.
+        assert!((ones - 0.269).abs() < 0.06, "{ones}");
+    }
+}

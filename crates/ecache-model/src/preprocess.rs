@@ -1,0 +1,243 @@
+//! Image preprocessing as the checkpoint's CLIP processor specifies
+//! (`preprocessor_config.json`): RGB conversion, optional pad-to-square with the mean colour
+//! (LLaVA-1.5's evaluation setting), shortest-edge bicubic resize, center crop, rescale and
+//! normalise. Kept apart from the model: it produces `[channels, height, width]` f32 data.
+
+use std::path::Path;
+
+use image::{DynamicImage, ImageReader, Limits, RgbImage, imageops::FilterType};
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+/// Largest accepted image side, so that a hostile header cannot make us allocate without bound.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+struct HfSize {
+    shortest_edge: Option<u32>,
+    height: Option<u32>,
+    width: Option<u32>,
+}
+
+/// `preprocessor_config.json` of a CLIP image processor, with transformers' defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfImageProcessorConfig {
+    #[serde(default = "yes")]
+    do_resize: bool,
+    #[serde(default)]
+    size: Option<HfSize>,
+    #[serde(default = "bicubic")]
+    resample: u32,
+    #[serde(default = "yes")]
+    do_center_crop: bool,
+    #[serde(default)]
+    crop_size: Option<HfSize>,
+    #[serde(default = "yes")]
+    do_rescale: bool,
+    #[serde(default = "inv255")]
+    rescale_factor: f64,
+    #[serde(default = "yes")]
+    do_normalize: bool,
+    #[serde(default = "clip_mean")]
+    image_mean: Vec<f32>,
+    #[serde(default = "clip_std")]
+    image_std: Vec<f32>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn bicubic() -> u32 {
+    3
+}
+fn inv255() -> f64 {
+    1.0 / 255.0
+}
+fn clip_mean() -> Vec<f32> {
+    vec![0.481_454_66, 0.457_827_5, 0.408_210_73]
+}
+fn clip_std() -> Vec<f32> {
+    vec![0.268_629_54, 0.261_302_6, 0.275_777_1]
+}
+
+/// A validated image processor.
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    config: HfImageProcessorConfig,
+    filter: FilterType,
+    shortest_edge: Option<u32>,
+    resize_to: Option<(u32, u32)>,
+    crop: Option<(u32, u32)>,
+    /// Pad to a square with the mean colour before resizing (LLaVA-1.5 evaluation).
+    pub pad_to_square: bool,
+}
+
+impl ImageProcessor {
+    /// Reads `dir/preprocessor_config.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("preprocessor_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let config: HfImageProcessorConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
+        Self::new(config).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))
+    }
+
+    fn new(config: HfImageProcessorConfig) -> std::result::Result<Self, String> {
+        let filter = match config.resample {
+            0 => FilterType::Nearest,
+            1 => FilterType::Lanczos3,
+            2 => FilterType::Triangle,
+            3 => FilterType::CatmullRom,
+            other => return Err(format!("resample = {other} is not supported (0, 1, 2, 3)")),
+        };
+        if config.image_mean.len() != 3
+            || config.image_std.len() != 3
+            || config.image_std.iter().any(|s| *s <= 0.0)
+        {
+            return Err("image_mean and image_std need 3 values, std positive".into());
+        }
+        let size = config.size.clone().unwrap_or_default();
+        let (shortest_edge, resize_to) = match (size.shortest_edge, size.height, size.width) {
+            (Some(s), _, _) if s > 0 => (Some(s), None),
+            (_, Some(h), Some(w)) if h > 0 && w > 0 => (None, Some((w, h))),
+            _ if !config.do_resize => (None, None),
+            _ => return Err("size needs shortest_edge or height and width".into()),
+        };
+        let crop = match (config.do_center_crop, config.crop_size.as_ref()) {
+            (false, _) => None,
+            (
+                true,
+                Some(HfSize {
+                    height: Some(h),
+                    width: Some(w),
+                    ..
+                }),
+            ) if *h > 0 && *w > 0 => Some((*w, *h)),
+            (true, _) => return Err("crop_size needs height and width".into()),
+        };
+        Ok(Self {
+            config,
+            filter,
+            shortest_edge,
+            resize_to,
+            crop,
+            pad_to_square: false,
+        })
+    }
+
+    /// Output `(width, height)` for an input image.
+    pub fn output_size(&self, width: u32, height: u32) -> (u32, u32) {
+        let side = width.max(height);
+        let (w, h) = if self.pad_to_square {
+            (side, side)
+        } else {
+            (width, height)
+        };
+        let (w, h) = self.resized(w, h);
+        self.crop.unwrap_or((w, h))
+    }
+
+    fn resized(&self, w: u32, h: u32) -> (u32, u32) {
+        if !self.config.do_resize {
+            return (w, h);
+        }
+        if let Some(s) = self.shortest_edge {
+            // transformers' get_resize_output_image_size(default_to_square=False).
+            let (short, long) = (w.min(h), w.max(h));
+            let new_long = (s as u64 * long as u64 / short.max(1) as u64) as u32;
+            if w <= h { (s, new_long) } else { (new_long, s) }
+        } else {
+            self.resize_to.unwrap_or((w, h))
+        }
+    }
+
+    /// Opens and preprocesses an image file.
+    pub fn open(&self, path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
+        let mut reader = ImageReader::open(path)
+            .map_err(|e| ModelError::Image(format!("cannot open {}: {e}", path.display())))?
+            .with_guessed_format()
+            .map_err(|e| ModelError::Image(format!("cannot read {}: {e}", path.display())))?;
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(MAX_IMAGE_SIDE);
+        limits.max_image_height = Some(MAX_IMAGE_SIDE);
+        limits.max_alloc = Some(1 << 30);
+        reader.limits(limits);
+        let image = reader.decode().map_err(|e| {
+            ModelError::Image(format!("{} is not a readable image: {e}", path.display()))
+        })?;
+        self.process(&image)
+    }
+
+    /// Preprocesses a decoded image into `[3, height, width]` normalised f32 data.
+    pub fn process(&self, image: &DynamicImage) -> Result<(Vec<f32>, [usize; 3])> {
+        if image.width() == 0 || image.height() == 0 {
+            return Err(ModelError::Image(
+                "the image has zero width or height".into(),
+            ));
+        }
+        let mut rgb: RgbImage = image.to_rgb8();
+        if self.pad_to_square {
+            rgb = expand_to_square(&rgb, &self.config.image_mean);
+        }
+        let (w, h) = self.resized(rgb.width(), rgb.height());
+        if (w, h) != rgb.dimensions() {
+            rgb = image::imageops::resize(&rgb, w, h, self.filter);
+        }
+        if let Some((cw, ch)) = self.crop {
+            rgb = center_crop(&rgb, cw, ch);
+        }
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        let scale = if self.config.do_rescale {
+            self.config.rescale_factor as f32
+        } else {
+            1.0
+        };
+        let mut out = vec![0.0f32; 3 * h * w];
+        for (x, y, pixel) in rgb.enumerate_pixels() {
+            for c in 0..3 {
+                let mut v = pixel.0[c] as f32 * scale;
+                if self.config.do_normalize {
+                    v = (v - self.config.image_mean[c]) / self.config.image_std[c];
+                }
+                out[(c * h + y as usize) * w + x as usize] = v;
+            }
+        }
+        Ok((out, [3, h, w]))
+    }
+}
+
+/// LLaVA's `expand2square`: center the image on a square of the mean colour.
+fn expand_to_square(rgb: &RgbImage, mean: &[f32]) -> RgbImage {
+    let (w, h) = rgb.dimensions();
+    if w == h {
+        return rgb.clone();
+    }
+    let side = w.max(h);
+    let fill = image::Rgb([0, 1, 2].map(|c| (mean[c] * 255.0) as u8));
+    let mut square = RgbImage::from_pixel(side, side, fill);
+    image::imageops::overlay(
+        &mut square,
+        rgb,
+        ((side - w) / 2) as i64,
+        ((side - h) / 2) as i64,
+    );
+    square
+}
+
+/// Crops the center, padding with black where the crop is larger (as transformers does).
+fn center_crop(rgb: &RgbImage, cw: u32, ch: u32) -> RgbImage {
+    let (w, h) = rgb.dimensions();
+    let mut out = RgbImage::new(cw, ch);
+    let top = (h as i64 - ch as i64) / 2;
+    let left = (w as i64 - cw as i64) / 2;
+    for y in 0..ch {
+        for x in 0..cw {
+            let (sx, sy) = (x as i64 + left, y as i64 + top);
+            if sx >= 0 && sy >= 0 && (sx as u32) < w && (sy as u32) < h {
+                out.put_pixel(x, y, *rgb.get_pixel(sx as u32, sy as u32));
+            }
+        }
+    }
+    out
+}
