@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
-use ecache_core::{BackendKind, CachePolicy, Precision, RunConfig};
+use ecache_core::{CachePolicy, RunConfig};
+
+use crate::backend::{BackendJob, dtype, on_backend};
 use ecache_model::{
     ImageProcessor, Llava, PromptTokenizer, Sampling, Session, chat_prompt, generate, splice,
 };
@@ -22,29 +24,20 @@ pub struct GenerateRequest {
     pub pad_to_square: bool,
 }
 
-/// Burn dtype of a configured precision.
-pub fn dtype(precision: Precision) -> DType {
-    match precision {
-        Precision::F32 => DType::F32,
-        Precision::F16 => DType::F16,
-        Precision::Bf16 => DType::BF16,
-    }
-}
-
 /// Runs the request on the configured backend.
 pub fn run(request: &GenerateRequest, policy: &dyn CachePolicy) -> Result<()> {
-    match request.config.model.backend {
-        BackendKind::Flex => run_on::<burn::backend::Flex>(request, policy, &Default::default()),
-        BackendKind::Ndarray => {
-            run_on::<burn::backend::NdArray>(request, policy, &Default::default())
-        }
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => run_on::<burn::backend::Cuda>(request, policy, &Default::default()),
-        #[cfg(not(feature = "cuda"))]
-        BackendKind::Cuda => Err(BadInput(
-            "this ecache was built without the `cuda` feature (cargo build --features cuda)".into(),
-        )
-        .into()),
+    on_backend(request.config.model.backend, Job { request, policy })
+}
+
+struct Job<'a> {
+    request: &'a GenerateRequest,
+    policy: &'a dyn CachePolicy,
+}
+
+impl BackendJob for Job<'_> {
+    type Output = ();
+    fn run<B: Backend>(self, device: &B::Device) -> Result<()> {
+        run_on::<B>(self.request, self.policy, device)
     }
 }
 
@@ -153,7 +146,8 @@ fn run_on<B: Backend>(
     Ok(())
 }
 
-fn image_features<B: Backend>(
+/// Preprocesses an image file and runs the vision tower and projector.
+pub fn image_features<B: Backend>(
     model: &Llava<B>,
     dir: &Path,
     image: &Path,

@@ -3,8 +3,12 @@
 //! The `ecache` binary's building blocks: the registry of built-in policies and the
 //! commands' input and output formats. No numerics live here.
 
+pub mod backend;
+pub mod dataset;
+pub mod eval;
 pub mod generate;
 pub mod policies;
+pub mod rouge;
 pub mod trace;
 
 /// An error caused by what the user gave (a file, a flag, a value): `ecache` exits with 2.

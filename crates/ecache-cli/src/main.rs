@@ -27,6 +27,8 @@ enum Command {
     Trace(TraceArgs),
     /// Answer a prompt about an image with a LLaVA checkpoint under a cache policy.
     Generate(GenerateArgs),
+    /// Perplexity or ROUGE-L of policies and budgets over a dataset, against the full cache.
+    Eval(EvalArgs),
     /// List the registered policies and what each needs.
     Policies,
 }
@@ -100,6 +102,123 @@ struct PolicyArgs {
     /// A run config (TOML).
     #[arg(long)]
     config: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MetricArg {
+    Ppl,
+    Rouge,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// ppl: teacher-forced perplexity of the answers; rouge: ROUGE-L against the full cache.
+    #[arg(value_enum)]
+    metric: MetricArg,
+    /// A Hugging Face LLaVA directory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// JSON array or JSON lines of {image, question, answer}.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Comma-separated policies (default: the config's [evaluation] policies, else its policy).
+    #[arg(long, value_delimiter = ',')]
+    policies: Vec<String>,
+    /// Comma-separated budgets (default: the config's [evaluation] budgets, else its budget).
+    #[arg(long, value_delimiter = ',')]
+    budgets: Vec<f64>,
+    #[arg(long)]
+    max_items: Option<usize>,
+    /// Write the results as JSON here (atomically).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// flex | ndarray | cuda.
+    #[arg(long)]
+    backend: Option<String>,
+    /// f32 | f16 | bf16.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Length of the greedy outputs compared by ROUGE-L.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    #[arg(long)]
+    pad_to_square: bool,
+}
+
+fn eval_command(args: EvalArgs) -> Result<()> {
+    use ecache_cli::eval::{EvalRequest, Metric, grid, table, write_atomically};
+    let mut config = run_config(&args.policy, "full", 1.0)?;
+    if let Some(b) = &args.backend {
+        config.model.backend = parse_value("backend", b)?;
+    }
+    if let Some(d) = &args.dtype {
+        config.model.dtype = parse_value("dtype", d)?;
+    }
+    if let Some(n) = args.max_new_tokens {
+        config.generation.max_new_tokens = n;
+    }
+    let e = &mut config.evaluation;
+    if !args.policies.is_empty() {
+        e.policies = args.policies.clone();
+    }
+    if !args.budgets.is_empty() {
+        e.budgets = args.budgets.clone();
+    }
+    e.max_items = args.max_items.or(e.max_items);
+    e.dataset = args.dataset.clone().or(e.dataset.take());
+    e.output = args.output.clone().or(e.output.take());
+    config.validate()?;
+    let e = &config.evaluation;
+    let policies = if e.policies.is_empty() {
+        vec![config.policy.name.clone()]
+    } else {
+        e.policies.clone()
+    };
+    let budgets = if e.budgets.is_empty() {
+        vec![config.policy.budget]
+    } else {
+        e.budgets.clone()
+    };
+    let registry = builtin_registry()?;
+    let runs = grid(&config, &policies, &budgets);
+    let built = runs
+        .iter()
+        .map(|r| registry.build(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let full = registry.build(&PolicyConfig::new("full", 1.0))?;
+    let dataset = e
+        .dataset
+        .clone()
+        .ok_or_else(|| BadInput("give --dataset FILE (or [evaluation] dataset)".into()))?;
+    let mut items = ecache_cli::dataset::read(&dataset)?;
+    if let Some(n) = e.max_items {
+        items.truncate(n);
+    }
+    let output = e.output.clone();
+    let model_dir = args
+        .model
+        .or_else(|| config.model.path.clone())
+        .ok_or_else(|| BadInput("give --model DIR (or [model] path in --config)".into()))?;
+    let metric = match args.metric {
+        MetricArg::Ppl => Metric::Ppl,
+        MetricArg::Rouge => Metric::Rouge,
+    };
+    let request = EvalRequest {
+        model_dir,
+        items,
+        runs,
+        config,
+        metric,
+        pad_to_square: args.pad_to_square,
+    };
+    let rows = ecache_cli::eval::run(&request, &built, full.as_ref())?;
+    print!("{}", table(&rows));
+    if let Some(path) = output {
+        write_atomically(&path, &(serde_json::to_string_pretty(&rows)? + "\n"))?;
+    }
+    Ok(())
 }
 
 fn run_config(args: &PolicyArgs, default_policy: &str, default_budget: f64) -> Result<RunConfig> {
@@ -219,6 +338,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Trace(args) => trace_command(args),
         Command::Generate(args) => generate_command(args),
+        Command::Eval(args) => eval_command(args),
         Command::Policies => policies_command(),
     };
     match result {
