@@ -109,6 +109,121 @@ def save_sharded(state, out_dir, shards):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+# ---------------------------------------------------------------------------------------
+# A straightforward implementation of the cache policies of the project's spec, written
+# against transformers' modules, to check the Rust engine's policies end to end.
+
+def target(budget, n, sinks=1, tail=1):
+    return max(sinks + tail + 1, math.floor(budget * n + 1e-9))
+
+
+def decide(policy, budget, phase, keys_len, scores, n, prompt_len, sinks=1, tail=1, offset=24, rf=0.5):
+    """Returns (keep, merges) on slot indices; merges maps anchor index -> member indices."""
+    tg = target(budget, n, sinks, tail)
+    if keys_len <= tg:
+        return list(range(keys_len)), {}
+    if policy == "local":
+        return list(range(sinks)) + list(range(keys_len - (tg - sinks), keys_len)), {}
+    if policy == "h2o":
+        kept = list(range(keys_len))
+        while len(kept) > tg:
+            recent = min(max(tail, math.floor(rf * tg + 0.5)), tg - sinks)
+            window = range(sinks, len(kept) - recent)
+            victim = min(window, key=lambda i: (scores[kept[i]], i))
+            kept.pop(victim)
+        return kept, {}
+    if policy == "elastic":
+        if phase == "prefill":
+            cands = list(range(sinks, keys_len - tail))
+            k = tg - sinks - tail
+            anchors = sorted(sorted(cands, key=lambda j: (-scores[j], j))[:k])
+            merges = {a: [] for a in anchors}
+            for j in cands:
+                if j in merges:
+                    continue
+                best = min(anchors, key=lambda a: (abs(a - j), a))
+                merges[best].append(j)
+            keep = list(range(sinks)) + anchors + list(range(keys_len - tail, keys_len))
+            return keep, merges
+        l0 = min(prompt_len, target(budget, prompt_len, sinks, tail))
+        p = max(sinks, l0 - offset)
+        excess = keys_len - tg
+        start = min(p, keys_len - excess)
+        return list(range(start)) + list(range(start + excess, keys_len)), {}
+    raise ValueError(policy)
+
+
+def spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, policy, budget):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    cfg = lm.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.hidden_size // heads if getattr(cfg, "head_dim", None) is None else cfg.head_dim
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            pixel_values, vision_feature_layer=feature_layer, vision_feature_select_strategy="default"
+        ).pooler_output[0]
+        image_id = model.config.image_token_index
+        at = expanded.index(image_id)
+        n_img = feats.shape[0]
+        emb = lm.embed_tokens
+        prompt = torch.cat([emb(torch.tensor(expanded[:at])), feats, emb(torch.tensor(expanded[at + n_img:]))])[None]
+        layers = lm.layers
+        cache = [{"k": None, "v": None, "score": None} for _ in layers]
+        prompt_len = prompt.shape[1]
+
+        def forward(x, positions, phase, n_after):
+            cos, sin = lm.rotary_emb(x, torch.tensor([positions]))
+            t = x.shape[1]
+            for li, layer in enumerate(layers):
+                c = cache[li]
+                h = layer.input_layernorm(x)
+                a = layer.self_attn
+                q = a.q_proj(h).view(1, t, heads, hd).transpose(1, 2)
+                k = a.k_proj(h).view(1, t, kv_heads, hd).transpose(1, 2)
+                v = a.v_proj(h).view(1, t, kv_heads, hd).transpose(1, 2)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+                c["k"] = k if c["k"] is None else torch.cat([c["k"], k], 2)
+                c["v"] = v if c["v"] is None else torch.cat([c["v"], v], 2)
+                rep = heads // kv_heads
+                kk = c["k"].repeat_interleave(rep, 1)
+                vv = c["v"].repeat_interleave(rep, 1)
+                s = kk.shape[2]
+                logits = (q @ kk.transpose(2, 3)) * hd ** -0.5
+                first = s - t
+                mask = torch.tensor([[j > first + i for j in range(s)] for i in range(t)])
+                probs = torch.softmax(logits.masked_fill(mask, float("-inf")), -1)
+                col = probs.mean(1)[0].sum(0)
+                old = c["score"] if c["score"] is not None else torch.zeros(0)
+                c["score"] = torch.cat([old, torch.zeros(s - old.shape[0])])
+                if policy in ("h2o", "elastic") and (phase == "prefill" or policy == "h2o"):
+                    c["score"] = c["score"] + col
+                out = (probs @ vv).transpose(1, 2).reshape(1, t, heads * hd)
+                x = x + a.o_proj(out)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                scores = c["score"].tolist() if c["score"] is not None else [0.0] * s
+                keep, merges = decide(policy, budget, phase, s, scores, n_after, prompt_len)
+                newk, newv, news = [], [], []
+                for i in keep:
+                    members = [i] + merges.get(i, [])
+                    newk.append(c["k"][:, :, members].mean(2))
+                    newv.append(c["v"][:, :, members].mean(2))
+                    news.append(sum(scores[m] for m in members))
+                c["k"], c["v"] = torch.stack(newk, 2), torch.stack(newv, 2)
+                c["score"] = torch.tensor(news)
+            return model.lm_head(lm.norm(x))[0, -1]
+
+        row = forward(prompt, list(range(prompt_len)), "prefill", prompt_len)
+        nll = []
+        for i, a in enumerate(answer_ids):
+            nll.append(-float(torch.log_softmax(row.double(), -1)[a]))
+            if i + 1 < len(answer_ids):
+                n = prompt_len + i
+                row = forward(emb(torch.tensor([[a]])), [n], "decode", n + 1)
+        return nll
+
+
 def build(name, words, vision, text, feature_layer, image_px, image_wh, seed, legacy):
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
@@ -190,6 +305,11 @@ def build(name, words, vision, text, feature_layer, image_px, image_wh, seed, le
         t = len(expanded)
         nll = [-float(logp[t - 1 + i, a]) for i, a in enumerate(answer_ids)]
         ppl = math.exp(sum(nll) / len(nll))
+        spec_nll = {"full": spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, "local", 1.0)}
+        for policy in ("elastic", "h2o", "local"):
+            spec_nll[policy] = spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, policy, 0.5)
+        assert abs(math.exp(sum(spec_nll["full"]) / len(nll)) - ppl) / ppl < 1e-4, "spec model disagrees at budget 1"
+        policy_ppl = {p: math.exp(sum(v) / len(v)) for p, v in spec_nll.items() if p != "full"}
 
     save_file(
         {
@@ -214,6 +334,8 @@ def build(name, words, vision, text, feature_layer, image_px, image_wh, seed, le
                 "greedy_text": tok.decode(greedy),
                 "answer_nll": nll,
                 "ppl": ppl,
+                "policy_budget": 0.5,
+                "policy_ppl": policy_ppl,
                 "last_logit_gap": float(top2[0] - top2[1]),
                 "transformers": __import__("transformers").__version__,
                 "torch": torch.__version__,
@@ -221,7 +343,7 @@ def build(name, words, vision, text, feature_layer, image_px, image_wh, seed, le
             f,
             indent=1,
         )
-    print(name, "T =", len(expanded), "greedy:", tok.decode(greedy), "ppl =", round(ppl, 4))
+    print(name, "T =", len(expanded), "greedy:", tok.decode(greedy), "ppl =", round(ppl, 4), policy_ppl)
 
 
 def main():

@@ -228,3 +228,50 @@ fn mha_fixture_matches_transformers() {
 fn gqa_sharded_legacy_fixture_matches_transformers() {
     check_fixture("tiny-llava-gqa");
 }
+
+/// Policy-level agreement: the engine's teacher-forced PPL under elastic, h2o and local at
+/// budget 0.5 against the straightforward spec implementation written on transformers'
+/// modules in tools/make_fixtures.py (two independent implementations).
+fn check_policies(name: &str) {
+    let l = load(name);
+    let device = Default::default();
+    let budget = l.expected.json["policy_budget"].as_f64().unwrap();
+    let answer = l.expected.ids("answer_ids");
+    for (policy_name, build) in [
+        (
+            "elastic",
+            ecache_policy_elastic::build as ecache_core::PolicyConstructor,
+        ),
+        ("h2o", ecache_policy_h2o::build),
+        ("local", ecache_policy_local::build),
+    ] {
+        let policy = build(&PolicyConfig::new(policy_name, budget)).unwrap();
+        let (embeds, kinds) = prompt(&l);
+        let mut session = Session::new(
+            &l.model.decoder,
+            &l.config.text,
+            policy.as_ref(),
+            PositionMode::Absolute,
+            1,
+            &device,
+            DType::F32,
+        );
+        let nll = ecache_model::answer_nll(&mut session, embeds, &kinds, &answer).unwrap();
+        let ppl = (nll.iter().sum::<f64>() / nll.len() as f64).exp();
+        let want = l.expected.json["policy_ppl"][policy_name].as_f64().unwrap();
+        assert!(
+            ((ppl - want) / want).abs() < 1e-4,
+            "{name} {policy_name}: ppl {ppl} vs spec {want}"
+        );
+    }
+}
+
+#[test]
+fn mha_policies_match_the_spec_implementation() {
+    check_policies("tiny-llava-mha");
+}
+
+#[test]
+fn gqa_policies_match_the_spec_implementation() {
+    check_policies("tiny-llava-gqa");
+}
