@@ -4,13 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 use ecache_core::{CachePolicy, PolicyConfig, PositionMode};
 use ecache_model::{Llava, LlavaConfig, PromptTokenizer, Session, splice};
 use safetensors::SafeTensors;
 
-type B = Flex;
+/// The CPU backend, or CUDA when built with `--features cuda` (tools/gpu-check.sh).
+#[cfg(not(feature = "cuda"))]
+type B = burn::backend::Flex;
+#[cfg(feature = "cuda")]
+type B = burn::backend::Cuda;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -274,4 +277,54 @@ fn mha_policies_match_the_spec_implementation() {
 #[test]
 fn gqa_policies_match_the_spec_implementation() {
     check_policies("tiny-llava-gqa");
+}
+
+/// Half precision: weights and activations in f16 and bf16 stay close to transformers' f32
+/// logits (softmax and importance are computed in f32 either way).
+#[test]
+fn half_precision_stays_close_to_f32() {
+    let dir = fixture("tiny-llava-mha");
+    let device = Default::default();
+    let expected = Expected::load(&dir);
+    let (_, want) = expected.tensor("prompt_logits");
+    for (dtype, tolerance) in [(DType::F16, 0.05), (DType::BF16, 0.4)] {
+        let (model, config) = Llava::<B>::load(&dir, &device, dtype).unwrap();
+        let tokenizer = PromptTokenizer::load(&dir, config.image_token_id).unwrap();
+        let (shape, data) = expected.tensor("pixel_values");
+        let pixels = Tensor::<B, 4>::from_data(TensorData::new(data, shape), (&device, dtype));
+        let ids = tokenizer
+            .encode_prompt(expected.json["prompt"].as_str().unwrap(), true)
+            .unwrap();
+        let features = model.image_features(pixels);
+        let (embeds, kinds) = splice(&model, &ids, config.image_token_id, Some(features), &device);
+        let policy = full_policy();
+        let mut session = Session::new(
+            &model.decoder,
+            &config.text,
+            policy.as_ref(),
+            PositionMode::Absolute,
+            1,
+            &device,
+            dtype,
+        );
+        let got: Vec<f32> = session
+            .prefill(embeds, &kinds)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff < tolerance,
+            "{dtype:?}: prompt logits differ by {diff}"
+        );
+        let vocab = config.text.vocab_size;
+        assert_eq!(
+            argmax(&got[got.len() - vocab..]),
+            expected.ids("greedy_ids")[0],
+            "{dtype:?}"
+        );
+        assert!(session.kv_bytes() > 0);
+    }
 }
