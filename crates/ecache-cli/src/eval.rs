@@ -7,15 +7,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use ecache_core::{CachePolicy, PolicyConfig, RunConfig};
-use ecache_model::{
-    Llava, PromptTokenizer, Sampling, Session, answer_nll, chat_prompt, generate, splice,
-};
+use ecache_model::{Sampling, Session, answer_nll, chat_prompt, generate, splice};
 use serde::Serialize;
 
 use crate::BadInput;
 use crate::backend::{BackendJob, dtype, on_backend};
 use crate::dataset::Item;
-use crate::generate::image_features;
+use crate::generate::{image_features, load_model};
 use crate::rouge::rouge_l;
 
 /// Which metric to compute.
@@ -107,10 +105,7 @@ fn run_on<B: Backend>(
 ) -> Result<Vec<EvalRow>> {
     let dir = &request.model_dir;
     let dtype = dtype(request.config.model.dtype);
-    let (model, config) = Llava::<B>::load(dir, device, dtype)
-        .map_err(|e| BadInput(format!("model {}: {e}", dir.display())))?;
-    let tokenizer =
-        PromptTokenizer::load(dir, config.image_token_id).map_err(|e| BadInput(e.to_string()))?;
+    let (model, config, tokenizer) = load_model::<B>(dir, device, dtype)?;
     for item in &request.items {
         if !item.image.exists() {
             return Err(BadInput(format!(

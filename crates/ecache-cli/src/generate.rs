@@ -10,7 +10,8 @@ use ecache_core::{CachePolicy, RunConfig};
 
 use crate::backend::{BackendJob, dtype, on_backend};
 use ecache_model::{
-    ImageProcessor, Llava, PromptTokenizer, Sampling, Session, chat_prompt, generate, splice,
+    ImageProcessor, Llava, LlavaConfig, PromptTokenizer, Sampling, Session, chat_prompt, generate,
+    splice,
 };
 
 use crate::BadInput;
@@ -51,6 +52,19 @@ pub fn format_prompt(prompt: &str, with_image: bool) -> String {
     }
 }
 
+/// Loads a model directory's weights and tokenizer; problems are the user's input.
+pub fn load_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<(Llava<B>, LlavaConfig, PromptTokenizer)> {
+    let (model, config) = Llava::<B>::load(dir, device, dtype)
+        .map_err(|e| BadInput(format!("model {}: {e}", dir.display())))?;
+    let tokenizer =
+        PromptTokenizer::load(dir, config.image_token_id).map_err(|e| BadInput(e.to_string()))?;
+    Ok((model, config, tokenizer))
+}
+
 fn run_on<B: Backend>(
     request: &GenerateRequest,
     policy: &dyn CachePolicy,
@@ -58,10 +72,7 @@ fn run_on<B: Backend>(
 ) -> Result<()> {
     let dir = &request.model_dir;
     let dtype = dtype(request.config.model.dtype);
-    let (model, config) = Llava::<B>::load(dir, device, dtype)
-        .map_err(|e| BadInput(format!("model {}: {e}", dir.display())))?;
-    let tokenizer =
-        PromptTokenizer::load(dir, config.image_token_id).map_err(|e| BadInput(e.to_string()))?;
+    let (model, config, tokenizer) = load_model::<B>(dir, device, dtype)?;
     let prompt = format_prompt(&request.prompt, request.image.is_some());
     let ids = tokenizer
         .encode_prompt(&prompt, request.image.is_some())

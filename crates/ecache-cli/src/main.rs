@@ -35,18 +35,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct TraceArgs {
-    /// Policy name (overrides the config's).
-    #[arg(long)]
-    policy: Option<String>,
-    /// Fraction of slots kept, in (0, 1] (overrides the config's).
-    #[arg(long)]
-    budget: Option<f64>,
-    /// A policy parameter, `key=value` (repeatable; overrides the config's).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// A run config whose [policy] section is used.
-    #[arg(long)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// JSON input: {"prompt_len", "decode_steps", "layers": [{"prefill_scores", "decode_scores"}]}.
     #[arg(long)]
     input: PathBuf,
@@ -279,31 +269,11 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     ecache_cli::generate::run(&request, policy.as_ref())
 }
 
-fn policy_config(args: &TraceArgs) -> Result<PolicyConfig> {
-    let mut config = match &args.config {
-        Some(path) => RunConfig::from_path(path)?.policy,
-        None => PolicyConfig::new("elastic", 1.0),
-    };
-    if args.config.is_none() && args.budget.is_none() {
+fn trace_command(args: TraceArgs) -> Result<()> {
+    if args.policy.config.is_none() && args.policy.budget.is_none() {
         return Err(BadInput("give --budget (or --config with a [policy] section)".into()).into());
     }
-    if let Some(name) = &args.policy {
-        config.name.clone_from(name);
-    }
-    if let Some(budget) = args.budget {
-        config.budget = budget;
-    }
-    for pair in &args.set {
-        let (key, value) = pair
-            .split_once('=')
-            .ok_or_else(|| BadInput(format!("--set {pair:?}: expected KEY=VALUE")))?;
-        config.set_param(key, value)?;
-    }
-    Ok(config)
-}
-
-fn trace_command(args: TraceArgs) -> Result<()> {
-    let config = policy_config(&args)?;
+    let config = run_config(&args.policy, "elastic", 1.0)?.policy;
     let policy = builtin_registry()?.build(&config)?;
     let input = TraceInput::from_path(&args.input)?;
     let output = trace::run(policy.as_ref(), &input)?;

@@ -58,6 +58,15 @@ impl LayerView<'_> {
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
     }
+
+    /// Importance per slot, or zeros when the engine computed none (a policy that declared
+    /// no need for scores).
+    pub fn scores_or_zeros(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self.importance {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(vec![0.0; self.len()]),
+        }
+    }
 }
 
 /// A KV cache policy. One instance serves every layer and every sequence of a batch:

@@ -104,16 +104,9 @@ impl ElasticCache {
         }
         let (sinks, tail) = (self.budget.sinks(), self.budget.protected_tail());
         let candidates: Vec<usize> = (sinks..len - tail).collect();
-        let zeros;
-        let scores = match view.importance {
-            Some(s) => s,
-            None => {
-                zeros = vec![0.0; len];
-                &zeros
-            }
-        };
+        let scores = view.scores_or_zeros();
         let anchors = top_k(
-            scores,
+            &scores,
             &candidates,
             target - sinks - tail,
             TieBreak::KeepLower,

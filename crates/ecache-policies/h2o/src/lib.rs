@@ -89,18 +89,11 @@ impl CachePolicy for HeavyHitters {
         let sinks = self.budget.sinks();
         let recent = self.recent(target);
         let candidates: Vec<usize> = (sinks..len - recent).collect();
-        let zeros;
-        let scores = match view.importance {
-            Some(s) => s,
-            None => {
-                zeros = vec![0.0; len];
-                &zeros
-            }
-        };
+        let scores = view.scores_or_zeros();
         // Removing the lowest one at a time, older first on ties, keeps exactly the
         // top (target - sinks - recent) with ties going to the newer slot.
         let heavy = top_k(
-            scores,
+            &scores,
             &candidates,
             target - sinks - recent,
             TieBreak::KeepHigher,
