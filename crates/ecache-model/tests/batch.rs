@@ -1,0 +1,104 @@
+//! A batch of sequences gives each sequence the logits it gets alone, under a policy that
+//! evicts, while their caches are managed independently.
+
+use std::path::PathBuf;
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Distribution, Tensor};
+use ecache_core::{PolicyConfig, PositionMode};
+use ecache_model::{Llava, PromptTokenizer, Session, chat_prompt, splice};
+
+type B = Flex;
+
+#[test]
+fn batched_sequences_match_single_runs_under_h2o() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-gqa");
+    let device = Default::default();
+    let (model, config) = Llava::<B>::load(&dir, &device, DType::F32).unwrap();
+    let tokenizer = PromptTokenizer::load(&dir, config.image_token_id).unwrap();
+    let ids = tokenizer
+        .encode_prompt(&chat_prompt("how many objects are there ?"), true)
+        .unwrap();
+    let policy = ecache_policy_h2o::build(&PolicyConfig::new("h2o", 0.5)).unwrap();
+    // Two different images, same prompt length.
+    let prompts: Vec<_> = (0..2)
+        .map(|_| {
+            let pixels =
+                Tensor::<B, 4>::random([1, 3, 42, 42], Distribution::Normal(0.0, 1.0), &device);
+            splice(
+                &model,
+                &ids,
+                config.image_token_id,
+                Some(model.image_features(pixels)),
+                &device,
+            )
+        })
+        .collect();
+    let kinds = prompts[0].1.clone();
+    let feed = [[3u32, 7, 9, 11], [5, 5, 20, 2]];
+    let run = |embeds: Tensor<B, 3>, batch: usize, tokens: &dyn Fn(usize) -> Vec<u32>| {
+        let mut session = Session::new(
+            &model.decoder,
+            &config.text,
+            policy.as_ref(),
+            PositionMode::Absolute,
+            batch,
+            &device,
+            DType::F32,
+        );
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        let prefill = session.prefill(embeds, &kinds).unwrap();
+        let [_, t, v] = prefill.dims();
+        rows.push(
+            prefill
+                .narrow(1, t - 1, 1)
+                .reshape([batch * v])
+                .into_data()
+                .into_vec()
+                .unwrap(),
+        );
+        for step in 0..4 {
+            rows.push(
+                session
+                    .step(&tokens(step))
+                    .unwrap()
+                    .reshape([batch * v])
+                    .into_data()
+                    .into_vec()
+                    .unwrap(),
+            );
+        }
+        let positions: Vec<Vec<usize>> = (0..batch)
+            .map(|b| {
+                session
+                    .caches()
+                    .iter()
+                    .flat_map(|c| c.table(b).unwrap().positions().to_vec())
+                    .collect()
+            })
+            .collect();
+        (rows, positions)
+    };
+    let both = Tensor::cat(vec![prompts[0].0.clone(), prompts[1].0.clone()], 0);
+    let (batched, batched_positions) = run(both, 2, &|s| vec![feed[0][s], feed[1][s]]);
+    let vocab = config.text.vocab_size;
+    for b in 0..2 {
+        let (single, single_positions) = run(prompts[b].0.clone(), 1, &|s| vec![feed[b][s]]);
+        for (step, (s, m)) in single.iter().zip(&batched).enumerate() {
+            let diff = s
+                .iter()
+                .zip(&m[b * vocab..(b + 1) * vocab])
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(diff < 1e-4, "sequence {b} step {step}: {diff}");
+        }
+        assert_eq!(
+            single_positions[0], batched_positions[b],
+            "sequence {b} keeps its own slots"
+        );
+    }
+    assert_ne!(
+        batched_positions[0], batched_positions[1],
+        "different images, different heavy hitters"
+    );
+}
