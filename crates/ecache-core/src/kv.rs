@@ -141,10 +141,9 @@ impl<B: Backend> LayerCache<B> {
                 format!("{} rows, {} kinds", positions.len(), kinds.len()),
             ));
         }
-        // Validate all tables before touching any buffer, so a bad call changes nothing.
-        let mut staged = self.tables.clone();
-        for (table, pos) in staged.iter_mut().zip(positions) {
-            table.push(pos, kinds)?;
+        // Validate every table before touching any buffer, so a bad call changes nothing.
+        for (table, pos) in self.tables.iter().zip(positions) {
+            table.check_push(pos, kinds)?;
         }
         self.reserve(self.max_len() + t);
         let lens: Vec<usize> = self.tables.iter().map(SlotTable::len).collect();
@@ -163,7 +162,9 @@ impl<B: Backend> LayerCache<B> {
                 self.values = take(&mut self.values).slice_assign(region, v);
             }
         }
-        self.tables = staged;
+        for (table, pos) in self.tables.iter_mut().zip(positions) {
+            table.push(pos, kinds)?;
+        }
         Ok(())
     }
 

@@ -72,9 +72,8 @@ impl SlotTable {
         self.tracks_scores.then_some(self.scores.as_slice())
     }
 
-    /// Appends slots at the given positions (their scores start at 0). Positions must stay
-    /// strictly increasing: a slot's position is where RoPE put it, never reused.
-    pub fn push(&mut self, positions: &[usize], kinds: &[SlotKind]) -> Result<()> {
+    /// Checks that [`SlotTable::push`] would accept these slots, without changing anything.
+    pub fn check_push(&self, positions: &[usize], kinds: &[SlotKind]) -> Result<()> {
         if positions.len() != kinds.len() {
             return Err(Error::shape("slot kinds", positions.len(), kinds.len()));
         }
@@ -89,6 +88,13 @@ impl SlotTable {
             }
             last = Some(p);
         }
+        Ok(())
+    }
+
+    /// Appends slots at the given positions (their scores start at 0). Positions must stay
+    /// strictly increasing: a slot's position is where RoPE put it, never reused.
+    pub fn push(&mut self, positions: &[usize], kinds: &[SlotKind]) -> Result<()> {
+        self.check_push(positions, kinds)?;
         self.positions.extend_from_slice(positions);
         self.kinds.extend_from_slice(kinds);
         if self.tracks_scores {
