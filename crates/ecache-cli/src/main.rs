@@ -47,9 +47,8 @@ struct TraceArgs {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// A Hugging Face LLaVA directory (config.json, weights, tokenizer.json, preprocessor_config.json).
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// The image the prompt asks about.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -58,12 +57,6 @@ struct GenerateArgs {
     prompt: String,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// flex | ndarray | cuda (overrides the config's).
-    #[arg(long)]
-    backend: Option<String>,
-    /// f32 | f16 | bf16 (overrides the config's).
-    #[arg(long)]
-    dtype: Option<String>,
     #[arg(long)]
     max_new_tokens: Option<usize>,
     #[arg(long)]
@@ -72,9 +65,40 @@ struct GenerateArgs {
     top_p: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Pad the image to a square with the mean colour first (LLaVA-1.5 evaluation setting).
+}
+
+/// Model selection shared by generate and eval.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A Hugging Face LLaVA directory (config.json, weights, tokenizer.json, preprocessor_config.json).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// flex | ndarray | cuda (overrides the config's).
+    #[arg(long)]
+    backend: Option<String>,
+    /// f32 | f16 | bf16 (overrides the config's).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Pad images to a square with the mean colour first (LLaVA-1.5 evaluation setting).
     #[arg(long)]
     pad_to_square: bool,
+}
+
+impl ModelArgs {
+    /// Applies the overrides to the config's [model] section and returns the model directory.
+    fn apply(&self, config: &mut RunConfig) -> Result<PathBuf> {
+        if let Some(b) = &self.backend {
+            config.model.backend = parse_value("backend", b)?;
+        }
+        if let Some(d) = &self.dtype {
+            config.model.dtype = parse_value("dtype", d)?;
+        }
+        Ok(self
+            .model
+            .clone()
+            .or_else(|| config.model.path.clone())
+            .ok_or_else(|| BadInput("give --model DIR (or [model] path in --config)".into()))?)
+    }
 }
 
 /// Policy selection shared by the commands.
@@ -105,9 +129,8 @@ struct EvalArgs {
     /// ppl: teacher-forced perplexity of the answers; rouge: ROUGE-L against the full cache.
     #[arg(value_enum)]
     metric: MetricArg,
-    /// A Hugging Face LLaVA directory.
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// JSON array or JSON lines of {image, question, answer}.
     #[arg(long)]
     dataset: Option<PathBuf>,
@@ -124,28 +147,15 @@ struct EvalArgs {
     output: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// flex | ndarray | cuda.
-    #[arg(long)]
-    backend: Option<String>,
-    /// f32 | f16 | bf16.
-    #[arg(long)]
-    dtype: Option<String>,
     /// Length of the greedy outputs compared by ROUGE-L.
     #[arg(long)]
     max_new_tokens: Option<usize>,
-    #[arg(long)]
-    pad_to_square: bool,
 }
 
 fn eval_command(args: EvalArgs) -> Result<()> {
     use ecache_cli::eval::{EvalRequest, Metric, grid, table, write_atomically};
     let mut config = run_config(&args.policy, "full", 1.0)?;
-    if let Some(b) = &args.backend {
-        config.model.backend = parse_value("backend", b)?;
-    }
-    if let Some(d) = &args.dtype {
-        config.model.dtype = parse_value("dtype", d)?;
-    }
+    let model_dir = args.model.apply(&mut config)?;
     if let Some(n) = args.max_new_tokens {
         config.generation.max_new_tokens = n;
     }
@@ -187,10 +197,6 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         items.truncate(n);
     }
     let output = e.output.clone();
-    let model_dir = args
-        .model
-        .or_else(|| config.model.path.clone())
-        .ok_or_else(|| BadInput("give --model DIR (or [model] path in --config)".into()))?;
     let metric = match args.metric {
         MetricArg::Ppl => Metric::Ppl,
         MetricArg::Rouge => Metric::Rouge,
@@ -201,7 +207,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         runs,
         config,
         metric,
-        pad_to_square: args.pad_to_square,
+        pad_to_square: args.model.pad_to_square,
     };
     let rows = ecache_cli::eval::run(&request, &built, full.as_ref())?;
     print!("{}", table(&rows));
@@ -242,29 +248,20 @@ fn parse_value<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Resul
 
 fn generate_command(args: GenerateArgs) -> Result<()> {
     let mut config = run_config(&args.policy, "elastic", 0.2)?;
-    if let Some(b) = &args.backend {
-        config.model.backend = parse_value("backend", b)?;
-    }
-    if let Some(d) = &args.dtype {
-        config.model.dtype = parse_value("dtype", d)?;
-    }
+    let model_dir = args.model.apply(&mut config)?;
     let g = &mut config.generation;
     g.max_new_tokens = args.max_new_tokens.unwrap_or(g.max_new_tokens);
     g.temperature = args.temperature.unwrap_or(g.temperature);
     g.top_p = args.top_p.unwrap_or(g.top_p);
     g.seed = args.seed.unwrap_or(g.seed);
     config.validate()?;
-    let model_dir = args
-        .model
-        .or_else(|| config.model.path.clone())
-        .ok_or_else(|| BadInput("give --model DIR (or [model] path in --config)".into()))?;
     let policy = builtin_registry()?.build(&config.policy)?;
     let request = ecache_cli::generate::GenerateRequest {
         model_dir,
         image: args.image,
         prompt: args.prompt,
         config,
-        pad_to_square: args.pad_to_square,
+        pad_to_square: args.model.pad_to_square,
     };
     ecache_cli::generate::run(&request, policy.as_ref())
 }
