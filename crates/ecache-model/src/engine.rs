@@ -1,7 +1,6 @@
 //! Running the decoder under a cache policy: prefill, decode steps, and the policy's
 //! decision after every layer's forward.
 
-use burn::module::Module;
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use ecache_core::{
     CachePolicy, CacheShape, LayerCache, Phase, PositionMode, SlotKind, StepContext,
@@ -23,6 +22,7 @@ pub struct Session<'a, B: Backend> {
     prompt_len: Vec<usize>,
     steps: usize,
     max_positions: usize,
+    device: B::Device,
 }
 
 impl<'a, B: Backend> Session<'a, B> {
@@ -54,6 +54,7 @@ impl<'a, B: Backend> Session<'a, B> {
             prompt_len: vec![0; batch],
             steps: 0,
             max_positions: config.max_positions,
+            device: device.clone(),
         }
     }
 
@@ -116,9 +117,8 @@ impl<'a, B: Backend> Session<'a, B> {
                 self.max_positions
             )));
         }
-        let device = self.decoder.devices().remove(0);
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, 1]), &device);
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, 1]), &self.device);
         let embeds = self.decoder.embed(ids);
         let positions: Vec<Vec<usize>> = self.tokens_seen.iter().map(|&n| vec![n]).collect();
         let rope_positions: Vec<Vec<usize>> = (0..batch)
