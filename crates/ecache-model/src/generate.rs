@@ -115,7 +115,7 @@ pub struct Generation {
     pub image_tokens: usize,
     /// Slots each layer holds at the end.
     pub slots_per_layer: Vec<usize>,
-    /// KV bytes held at the end, all layers.
+    /// KV bytes held at the end, all layers (this sequence's share in a batch).
     pub kv_bytes: usize,
     /// Seconds spent in prefill.
     pub prefill_seconds: f64,
@@ -143,35 +143,92 @@ pub fn generate<B: Backend>(
     eos: &[u32],
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation> {
-    let mut rng = SeededRng::new(sampling.seed);
+    let mut all = generate_batch(session, embeds, kinds, sampling, eos, |_, t| on_token(t))?;
+    Ok(all.remove(0))
+}
+
+/// Generates for a batch of equal-length prompts, one [`Generation`] per sequence. Sequence
+/// `b` samples with seed `sampling.seed + b`, so a batch of one is [`generate`]. A sequence
+/// that has stopped is fed its EOS until every sequence has stopped; what it is fed then is
+/// not part of its answer. `on_token(b, token)` sees each sequence's tokens as chosen.
+///
+/// # Shapes
+/// - `embeds`: `[batch, prompt, hidden]`; `kinds`: one per prompt slot
+pub fn generate_batch<B: Backend>(
+    session: &mut Session<'_, B>,
+    embeds: Tensor<B, 3>,
+    kinds: &[SlotKind],
+    sampling: &Sampling,
+    eos: &[u32],
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Generation>> {
+    let batch = embeds.dims()[0];
+    let mut rngs: Vec<SeededRng> = (0..batch as u64)
+        .map(|b| SeededRng::new(sampling.seed.wrapping_add(b)))
+        .collect();
     let start = Instant::now();
-    let mut row = last_row(session.prefill(embeds, kinds)?)?;
+    let mut rows = rows_of(session.prefill(embeds, kinds)?, batch)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let mut tokens = Vec::new();
-    while tokens.len() < sampling.max_new_tokens {
-        let next = sample(&row, sampling, &mut rng);
-        tokens.push(next);
-        on_token(next);
-        if eos.contains(&next) || tokens.len() == sampling.max_new_tokens {
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); batch];
+    let mut done = vec![sampling.max_new_tokens == 0; batch];
+    loop {
+        let mut feed = Vec::with_capacity(batch);
+        for b in 0..batch {
+            if done[b] {
+                feed.push(
+                    *tokens[b]
+                        .last()
+                        .unwrap_or(&eos.first().copied().unwrap_or(0)),
+                );
+                continue;
+            }
+            let next = sample(&rows[b], sampling, &mut rngs[b]);
+            tokens[b].push(next);
+            on_token(b, next);
+            done[b] = eos.contains(&next) || tokens[b].len() == sampling.max_new_tokens;
+            feed.push(next);
+        }
+        if done.iter().all(|d| *d) {
             break;
         }
-        row = session
-            .step(&[next])?
+        let logits = session.step(&feed)?;
+        let v = logits.dims()[1];
+        let flat: Vec<f32> = logits
             .into_data()
             .convert::<f32>()
             .into_vec()
             .expect("converted to f32");
+        rows = flat.chunks(v).map(<[f32]>::to_vec).collect();
     }
-    Ok(Generation {
-        tokens,
-        prompt_tokens: kinds.len(),
-        image_tokens: kinds.iter().filter(|k| **k == SlotKind::Image).count(),
-        slots_per_layer: session.caches().iter().map(|c| c.len(0)).collect(),
-        kv_bytes: session.kv_bytes(),
-        prefill_seconds,
-        decode_seconds: start.elapsed().as_secs_f64(),
-    })
+    let decode_seconds = start.elapsed().as_secs_f64();
+    let kv_bytes = session.kv_bytes() / batch.max(1);
+    Ok(tokens
+        .into_iter()
+        .enumerate()
+        .map(|(b, tokens)| Generation {
+            tokens,
+            prompt_tokens: kinds.len(),
+            image_tokens: kinds.iter().filter(|k| **k == SlotKind::Image).count(),
+            slots_per_layer: session.caches().iter().map(|c| c.len(b)).collect(),
+            kv_bytes,
+            prefill_seconds,
+            decode_seconds,
+        })
+        .collect())
+}
+
+/// The last position's logits of each sequence.
+fn rows_of<B: Backend>(logits: Tensor<B, 3>, batch: usize) -> Result<Vec<Vec<f32>>> {
+    let [_, t, v] = logits.dims();
+    let flat: Vec<f32> = logits
+        .narrow(1, t - 1, 1)
+        .reshape([batch * v])
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("converted to f32");
+    Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
 }
 
 /// Teacher-forced negative log-likelihood of `answer` after the prompt: the prefill predicts

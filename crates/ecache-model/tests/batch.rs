@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use burn::backend::Flex;
 use burn::tensor::{DType, Distribution, Tensor};
 use ecache_core::{PolicyConfig, PositionMode};
-use ecache_model::{Llava, PromptTokenizer, Session, chat_prompt, splice};
+use ecache_model::{
+    Llava, PromptTokenizer, Sampling, Session, chat_prompt, generate, generate_batch, splice,
+};
 
 type B = Flex;
 
@@ -100,5 +102,94 @@ fn batched_sequences_match_single_runs_under_h2o() {
     assert_ne!(
         batched_positions[0], batched_positions[1],
         "different images, different heavy hitters"
+    );
+}
+
+#[test]
+fn batched_generation_gives_each_prompt_its_own_answer() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-mha");
+    let device = Default::default();
+    let (model, config) = Llava::<B>::load(&dir, &device, DType::F32).unwrap();
+    let tokenizer = PromptTokenizer::load(&dir, config.image_token_id).unwrap();
+    let ids = tokenizer
+        .encode_prompt(&chat_prompt("what colour is the square ?"), true)
+        .unwrap();
+    let policy = ecache_policy_h2o::build(&PolicyConfig::new("h2o", 0.5)).unwrap();
+    let size = config.vision.image_size;
+    let prompts: Vec<_> = (0..3)
+        .map(|_| {
+            let pixels =
+                Tensor::<B, 4>::random([1, 3, size, size], Distribution::Normal(0.0, 1.0), &device);
+            splice(
+                &model,
+                &ids,
+                config.image_token_id,
+                Some(model.image_features(pixels)),
+                &device,
+            )
+        })
+        .collect();
+    let kinds = prompts[0].1.clone();
+    let sampling = Sampling {
+        max_new_tokens: 10,
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: 11,
+    };
+    // Token 5 as EOS makes sequences stop at different steps on some draws.
+    let eos = [5u32];
+    let session = || {
+        Session::new(
+            &model.decoder,
+            &config.text,
+            policy.as_ref(),
+            PositionMode::Absolute,
+            1,
+            &device,
+            DType::F32,
+        )
+    };
+    let mut streamed = vec![Vec::new(); 3];
+    let embeds = Tensor::cat(prompts.iter().map(|p| p.0.clone()).collect(), 0);
+    let mut batched_session = Session::new(
+        &model.decoder,
+        &config.text,
+        policy.as_ref(),
+        PositionMode::Absolute,
+        3,
+        &device,
+        DType::F32,
+    );
+    let batched = generate_batch(
+        &mut batched_session,
+        embeds,
+        &kinds,
+        &sampling,
+        &eos,
+        |b, t| streamed[b].push(t),
+    )
+    .unwrap();
+    let mut distinct = std::collections::BTreeSet::new();
+    for b in 0..3 {
+        let alone = generate(
+            &mut session(),
+            prompts[b].0.clone(),
+            &kinds,
+            &Sampling {
+                seed: sampling.seed + b as u64,
+                ..sampling
+            },
+            &eos,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(batched[b].tokens, alone.tokens, "sequence {b}");
+        assert_eq!(streamed[b], alone.tokens, "sequence {b} streamed");
+        assert_eq!(batched[b].slots_per_layer, alone.slots_per_layer);
+        distinct.insert(alone.tokens.clone());
+    }
+    assert!(
+        distinct.len() > 1,
+        "different images and seeds, different answers"
     );
 }
