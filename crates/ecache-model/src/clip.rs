@@ -7,6 +7,7 @@ use burn::tensor::{Tensor, activation::softmax, backend::Backend};
 
 use crate::config::{Activation, ClipConfig};
 use crate::error::Result;
+use crate::export::Exporter;
 use crate::layers::{Loader, activate};
 
 /// One pre-norm encoder layer.
@@ -40,6 +41,17 @@ impl<B: Backend> ClipLayer<B> {
             heads: c.heads,
             activation: c.activation,
         })
+    }
+
+    fn export(&self, e: &mut Exporter, prefix: &str) {
+        e.layer_norm(&format!("{prefix}.layer_norm1"), &self.layer_norm1);
+        e.linear(&format!("{prefix}.self_attn.q_proj"), &self.q_proj);
+        e.linear(&format!("{prefix}.self_attn.k_proj"), &self.k_proj);
+        e.linear(&format!("{prefix}.self_attn.v_proj"), &self.v_proj);
+        e.linear(&format!("{prefix}.self_attn.out_proj"), &self.out_proj);
+        e.layer_norm(&format!("{prefix}.layer_norm2"), &self.layer_norm2);
+        e.linear(&format!("{prefix}.mlp.fc1"), &self.fc1);
+        e.linear(&format!("{prefix}.mlp.fc2"), &self.fc2);
     }
 
     /// # Shapes
@@ -119,6 +131,40 @@ impl<B: Backend> ClipVision<B> {
             patch: p,
             channels: c.channels,
         })
+    }
+
+    /// Writes the tower's tensors (only the layers it runs: export a model whose feature
+    /// layer is the last one to get a complete checkpoint).
+    pub fn export(&self, e: &mut Exporter) {
+        let [k, h] = self.patch_weight.dims();
+        let p = self.patch;
+        e.tensor(
+            "vision.embeddings.patch_embedding.weight",
+            self.patch_weight
+                .val()
+                .transpose()
+                .reshape([h, self.channels, p, p]),
+        );
+        debug_assert_eq!(k, self.channels * p * p);
+        e.param("vision.embeddings.class_embedding", &self.class_embedding);
+        e.param(
+            "vision.embeddings.position_embedding.weight",
+            &self.position_embedding,
+        );
+        e.layer_norm("vision.pre_layrnorm", &self.pre_layrnorm);
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.export(e, &format!("vision.encoder.layers.{i}"));
+        }
+        // CLIP's post-layernorm is not on LLaVA's path; written as identity so that
+        // transformers finds every tensor it expects.
+        e.tensor(
+            "vision.post_layernorm.weight",
+            Tensor::<B, 1>::ones([h], &self.patch_weight.device()),
+        );
+        e.tensor(
+            "vision.post_layernorm.bias",
+            Tensor::<B, 1>::zeros([h], &self.patch_weight.device()),
+        );
     }
 
     /// Hidden states after the last loaded layer (class token first).

@@ -8,6 +8,7 @@ pub mod clip;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod layers;
 pub mod llama;

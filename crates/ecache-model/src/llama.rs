@@ -8,6 +8,7 @@ use ecache_core::{LayerCache, SlotKind, importance::column_sums};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
+use crate::export::Exporter;
 use crate::layers::{Loader, Rope};
 
 /// One decoder layer.
@@ -60,6 +61,22 @@ impl<B: Backend> LlamaLayer<B> {
         })
     }
 
+    fn export(&self, e: &mut Exporter, i: usize) {
+        let p = format!("decoder.layers.{i}");
+        e.rms_norm(&format!("{p}.input_layernorm"), &self.input_layernorm);
+        e.linear(&format!("{p}.self_attn.q_proj"), &self.q_proj);
+        e.linear(&format!("{p}.self_attn.k_proj"), &self.k_proj);
+        e.linear(&format!("{p}.self_attn.v_proj"), &self.v_proj);
+        e.linear(&format!("{p}.self_attn.o_proj"), &self.o_proj);
+        e.rms_norm(
+            &format!("{p}.post_attention_layernorm"),
+            &self.post_attention_layernorm,
+        );
+        e.linear(&format!("{p}.mlp.gate_proj"), &self.gate_proj);
+        e.linear(&format!("{p}.mlp.up_proj"), &self.up_proj);
+        e.linear(&format!("{p}.mlp.down_proj"), &self.down_proj);
+    }
+
     /// Runs the layer on `t` new tokens per sequence: their keys and values are appended to
     /// `cache` (keys after RoPE) and they attend to every slot the cache holds before them.
     ///
@@ -76,9 +93,40 @@ impl<B: Backend> LlamaLayer<B> {
         kinds: &[SlotKind],
         want_scores: bool,
     ) -> Result<LayerOutput<B>> {
-        let [b, t, hidden] = x.dims();
+        let t = x.dims()[1];
+        let (q, k, v) = self.qkv(x.clone(), rope);
+        cache.append(k, v, slot_positions, kinds)?;
+        let slots = cache.keys().dims()[2];
+        let mask = visibility_mask::<B>(cache, t, slots, &x.device());
+        Ok(self.attend(x, q, cache.keys(), cache.values(), mask, want_scores))
+    }
+
+    /// Runs the layer over whole sequences with a causal mask and no cache: the training
+    /// path, and a reference for the cached one.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, t, hidden]`; `cos`, `sin`: `[batch or 1, 1, t, head_dim]`
+    /// - `mask`: `[1, 1, t, t]`, true where attention is not allowed
+    /// - returns `[batch, t, hidden]`
+    pub fn forward_causal(
+        &self,
+        x: Tensor<B, 3>,
+        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
+        mask: Tensor<B, 4, Bool>,
+    ) -> Tensor<B, 3> {
+        let (q, k, v) = self.qkv(x.clone(), rope);
+        self.attend(x, q, k, v, mask, false).hidden
+    }
+
+    /// Queries, keys (both after RoPE) and values, heads split out.
+    fn qkv(
+        &self,
+        x: Tensor<B, 3>,
+        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = x.dims();
         let d = self.head_dim;
-        let h = self.input_layernorm.forward(x.clone());
+        let h = self.input_layernorm.forward(x);
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
         let q = Rope::apply(
             heads(self.q_proj.forward(h.clone()), self.heads),
@@ -91,14 +139,25 @@ impl<B: Backend> LlamaLayer<B> {
             rope.1,
         );
         let v = heads(self.v_proj.forward(h), self.kv_heads);
-        cache.append(k, v, slot_positions, kinds)?;
+        (q, k, v)
+    }
 
-        let keys = repeat_kv(cache.keys(), self.heads / self.kv_heads);
-        let values = repeat_kv(cache.values(), self.heads / self.kv_heads);
-        let slots = keys.dims()[2];
+    /// Attention of `q` over `keys`/`values` (KV heads), the residual, and the MLP.
+    fn attend(
+        &self,
+        x: Tensor<B, 3>,
+        q: Tensor<B, 4>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        mask: Tensor<B, 4, Bool>,
+        want_scores: bool,
+    ) -> LayerOutput<B> {
+        let [b, t, _] = x.dims();
+        let d = self.head_dim;
+        let keys = repeat_kv(keys, self.heads / self.kv_heads);
+        let values = repeat_kv(values, self.heads / self.kv_heads);
         let dtype = q.dtype();
         let logits = (q.matmul(keys.swap_dims(2, 3)) * (d as f64).powf(-0.5)).cast(DType::F32);
-        let mask = visibility_mask::<B>(cache, t, slots, &x.device());
         let probs = activation::softmax(logits.mask_fill(mask, f32::NEG_INFINITY), 3);
         let scores = want_scores.then(|| column_sums(probs.clone()));
         let attn = probs
@@ -109,12 +168,10 @@ impl<B: Backend> LlamaLayer<B> {
         let x = x + self.o_proj.forward(attn);
         let h = self.post_attention_layernorm.forward(x.clone());
         let mlp = activation::silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
-        let hidden_out = x + self.down_proj.forward(mlp);
-        debug_assert_eq!(hidden_out.dims()[2], hidden);
-        Ok(LayerOutput {
-            hidden: hidden_out,
+        LayerOutput {
+            hidden: x + self.down_proj.forward(mlp),
             scores,
-        })
+        }
     }
 }
 
@@ -183,6 +240,16 @@ impl<B: Backend> LlamaDecoder<B> {
         })
     }
 
+    /// Writes the decoder's tensors (the LM head always, tied or not).
+    pub fn export(&self, e: &mut Exporter) {
+        e.param("decoder.embed_tokens.weight", &self.embed_tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.export(e, i);
+        }
+        e.rms_norm("decoder.norm", &self.norm);
+        e.linear("lm_head", &self.lm_head);
+    }
+
     /// Token embeddings.
     ///
     /// # Shapes
@@ -202,6 +269,24 @@ impl<B: Backend> LlamaDecoder<B> {
     /// - `x`: `[batch, t, hidden]` -> logits `[batch, t, vocab]`
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.lm_head.forward(self.norm.forward(x))
+    }
+
+    /// Logits of every position of whole sequences under a causal mask, at positions
+    /// `0..t` (no cache, no policy): the training forward.
+    ///
+    /// # Shapes
+    /// - `embeds`: `[batch, t, hidden]` -> `[batch, t, vocab]`
+    pub fn forward_causal(&self, embeds: Tensor<B, 3>, rope: &Rope) -> Tensor<B, 3> {
+        let [_, t, _] = embeds.dims();
+        let device = embeds.device();
+        let (cos, sin) = rope.tables::<B>(&[(0..t).collect()], &device, embeds.dtype());
+        let causal: Vec<bool> = (0..t).flat_map(|i| (0..t).map(move |j| j > i)).collect();
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(causal, [1, 1, t, t]), &device);
+        let mut x = embeds;
+        for layer in &self.layers {
+            x = layer.forward_causal(x, (&cos, &sin), mask.clone());
+        }
+        self.head(x)
     }
 
     /// Number of layers.

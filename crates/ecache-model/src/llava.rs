@@ -10,6 +10,7 @@ use burn::tensor::{DType, Tensor, backend::Backend};
 use crate::clip::ClipVision;
 use crate::config::{Activation, FeatureStrategy, LlavaConfig};
 use crate::error::Result;
+use crate::export::Exporter;
 use crate::layers::{Loader, activate};
 use crate::llama::LlamaDecoder;
 use crate::weights::Checkpoint;
@@ -52,6 +53,15 @@ impl<B: Backend> Llava<B> {
         Ok((model, config))
     }
 
+    /// A model of `config` with freshly initialised weights (see [`Checkpoint::random`]),
+    /// created on `device` in `dtype`; `seed` seeds the backend's generator first.
+    pub fn init(config: &LlavaConfig, device: &B::Device, dtype: DType, seed: u64) -> Self {
+        B::seed(device, seed);
+        let mut checkpoint = Checkpoint::random(0.02);
+        Self::from_checkpoint(config, &mut checkpoint, device, dtype)
+            .expect("a random checkpoint has every tensor")
+    }
+
     /// Builds the model from an opened checkpoint (tensors are taken from it).
     pub fn from_checkpoint(
         config: &LlavaConfig,
@@ -82,6 +92,16 @@ impl<B: Backend> Llava<B> {
             decoder,
             drop_class_token: config.feature_strategy == FeatureStrategy::Default,
         })
+    }
+
+    /// All tensors under their published llava-hf names; `save` them as `model.safetensors`.
+    pub fn export(&self) -> Exporter {
+        let mut e = Exporter::default();
+        self.vision.export(&mut e);
+        e.linear("projector.linear_1", &self.projector.linear_1);
+        e.linear("projector.linear_2", &self.projector.linear_2);
+        self.decoder.export(&mut e);
+        e
     }
 
     /// Projected image features, one row per image token.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Distribution, Tensor, TensorData, backend::Backend};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors, tensor::TensorInfo};
 
@@ -55,6 +55,8 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap, usize)>,
     entries: BTreeMap<String, Entry>,
     taken: BTreeSet<String>,
+    /// Set for [`Checkpoint::random`]: the standard deviation of initial weights.
+    random_std: Option<f64>,
 }
 
 impl Checkpoint {
@@ -73,6 +75,7 @@ impl Checkpoint {
             )));
         };
         let mut checkpoint = Checkpoint {
+            random_std: None,
             files: Vec::new(),
             entries: BTreeMap::new(),
             taken: BTreeSet::new(),
@@ -122,6 +125,37 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// A checkpoint with no files that hands out freshly initialised tensors, created on the
+    /// device in the requested dtype (seed the backend first for reproducible weights):
+    /// norm weights are ones, biases zeros, everything else normal with `std` (GPT-2 and
+    /// LLaMA's `initializer_range`). Loading through it builds a random model of any config
+    /// with the same code that loads a real one.
+    pub fn random(std: f64) -> Self {
+        Self {
+            files: Vec::new(),
+            entries: BTreeMap::new(),
+            taken: BTreeSet::new(),
+            random_std: Some(std),
+        }
+    }
+
+    fn random_tensor<B: Backend, const D: usize>(
+        std: f64,
+        canonical: &str,
+        shape: [usize; D],
+        device: &B::Device,
+        dtype: DType,
+    ) -> Tensor<B, D> {
+        let leaf = canonical.rsplit('.').nth(1).unwrap_or("");
+        if canonical.ends_with(".bias") {
+            Tensor::zeros(shape, (device, dtype))
+        } else if leaf.contains("norm") || leaf.contains("layrnorm") {
+            Tensor::ones(shape, (device, dtype))
+        } else {
+            Tensor::random(shape, Distribution::Normal(0.0, std), (device, dtype))
+        }
+    }
+
     /// Whether the checkpoint has a tensor under this canonical name.
     pub fn contains(&self, canonical: &str) -> bool {
         self.entries.contains_key(canonical)
@@ -167,6 +201,9 @@ impl Checkpoint {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Tensor<B, D>> {
+        if let Some(std) = self.random_std {
+            return Ok(Self::random_tensor(std, canonical, shape, device, dtype));
+        }
         let data = self.take_data(canonical, &shape)?;
         Ok(Tensor::from_data(data, (device, dtype)))
     }
@@ -180,6 +217,15 @@ impl Checkpoint {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Tensor<B, 2>> {
+        if let Some(std) = self.random_std {
+            return Ok(Self::random_tensor(
+                std,
+                canonical,
+                [d_in, d_out],
+                device,
+                dtype,
+            ));
+        }
         let data = self.take_data(canonical, &[d_out, d_in])?;
         let values: Vec<f32> = data.into_vec().expect("decoded as f32");
         let mut transposed = vec![0.0f32; values.len()];
