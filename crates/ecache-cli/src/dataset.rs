@@ -17,6 +17,10 @@ pub struct Item {
     pub image: PathBuf,
     pub question: String,
     pub answer: String,
+    /// Optional task kind: `short` items count toward exact-match accuracy and
+    /// `description` items toward ROUGE-L against the reference.
+    #[serde(default)]
+    pub kind: Option<String>,
 }
 
 /// Reads a dataset; image paths become relative to the dataset's folder. A malformed line

@@ -1,13 +1,15 @@
-//! `ecache eval ppl|rouge`: the paper's quality protocol over a dataset, for lists of
-//! policies and budgets in one run. Image features are computed once per item and shared by
-//! every policy.
+//! `ecache eval ppl|rouge|all`: the paper's quality protocol over a dataset, for lists of
+//! policies and budgets in one run. Items with prompts of equal length run as one batch
+//! (each sequence keeps its own caches); image features are computed once per item and
+//! shared by every policy; the full cache's greedy outputs are the ROUGE-L references.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, backend::Backend};
 use ecache_core::{CachePolicy, PolicyConfig, RunConfig};
-use ecache_model::{Sampling, Session, answer_nll, chat_prompt, generate, splice};
+use ecache_model::{Sampling, Session, answer_nll_batch, chat_prompt, generate_batch, splice};
 use serde::Serialize;
 
 use crate::BadInput;
@@ -16,38 +18,63 @@ use crate::dataset::Item;
 use crate::generate::{image_features, load_model};
 use crate::rouge::rouge_l;
 
-/// Which metric to compute.
+/// Which metrics to compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
     /// Teacher-forced perplexity of the reference answers.
     Ppl,
-    /// ROUGE-L F1 of each policy's greedy output against the full cache's.
+    /// Greedy outputs: ROUGE-L against the full cache's, and against the references.
     Rouge,
+    /// Both.
+    All,
+}
+
+impl Metric {
+    fn ppl(self) -> bool {
+        self != Metric::Rouge
+    }
+    fn generates(self) -> bool {
+        self != Metric::Ppl
+    }
 }
 
 /// One evaluation run.
 pub struct EvalRequest {
     pub model_dir: PathBuf,
     pub items: Vec<Item>,
-    /// One entry per (policy, budget) to evaluate.
+    /// One entry per (policy, budget, parameters) to evaluate.
     pub runs: Vec<PolicyConfig>,
     pub config: RunConfig,
     pub metric: Metric,
     pub pad_to_square: bool,
+    /// Most sequences per batch.
+    pub batch: usize,
 }
 
-/// Results of one (policy, budget).
+/// Results of one (policy, budget, parameters).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EvalRow {
     pub policy: String,
     pub budget: f64,
+    /// The policy's parameters, `key=value` joined by spaces (empty for defaults).
+    pub params: String,
     pub items: usize,
-    /// Answer tokens scored (PPL) or tokens generated (ROUGE).
-    pub tokens: usize,
+    /// Answer tokens scored for PPL.
+    pub scored_tokens: usize,
+    /// Tokens generated greedily.
+    pub generated_tokens: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ppl: Option<f64>,
+    /// ROUGE-L F1 against the full cache's greedy output.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rouge_l: Option<f64>,
+    /// Share of `short` items (all items when none has a kind) answered exactly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact: Option<f64>,
+    /// ROUGE-L F1 against the reference answer over `description` items (all items when
+    /// none has a kind).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rouge_truth: Option<f64>,
 }
 
 /// The (policy, budget) grid: `full` once at budget 1; `[policy.params]` of the config go
@@ -97,6 +124,25 @@ impl BackendJob for Job<'_> {
     }
 }
 
+/// Whitespace-normalised, lower-case text for exact matching.
+pub fn normalise(text: &str) -> String {
+    text.split_whitespace()
+        .map(str::to_lowercase)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Running sums of one run's metrics.
+#[derive(Default, Clone)]
+struct Sums {
+    nll: f64,
+    scored: usize,
+    generated: usize,
+    rouge: f64,
+    exact: f64,
+    truth: f64,
+}
+
 fn run_on<B: Backend>(
     request: &EvalRequest,
     policies: &[Box<dyn CachePolicy>],
@@ -106,6 +152,9 @@ fn run_on<B: Backend>(
     let dir = &request.model_dir;
     let dtype = dtype(request.config.model.dtype);
     let (model, config, tokenizer) = load_model::<B>(dir, device, dtype)?;
+    // Every input is checked before any computation.
+    let mut prompts = Vec::with_capacity(request.items.len());
+    let mut answers = Vec::with_capacity(request.items.len());
     for item in &request.items {
         if !item.image.exists() {
             return Err(BadInput(format!(
@@ -115,7 +164,16 @@ fn run_on<B: Backend>(
             ))
             .into());
         }
+        prompts.push(
+            tokenizer
+                .encode_prompt(&chat_prompt(&item.question), true)
+                .map_err(|e| BadInput(format!("item {:?}: {e}", item.question)))?,
+        );
+        answers.push(tokenizer.encode_answer(&item.answer)?);
     }
+    let kinded = request.items.iter().any(|i| i.kind.is_some());
+    let counts_exact = |i: &Item| !kinded || i.kind.as_deref() == Some("short");
+    let counts_truth = |i: &Item| !kinded || i.kind.as_deref() == Some("description");
     let g = &request.config.generation;
     let greedy = Sampling {
         max_new_tokens: g.max_new_tokens,
@@ -124,112 +182,169 @@ fn run_on<B: Backend>(
         seed: g.seed,
     };
     let positions = request.config.policy.positions;
-    let mut nll = vec![0.0f64; policies.len()];
-    let mut tokens = vec![0usize; policies.len()];
-    let mut rouge = vec![0.0f64; policies.len()];
+    let eos = &config.text.eos_token_ids;
+    let mut sums = vec![Sums::default(); policies.len()];
     let progress = indicatif::ProgressBar::new((request.items.len() * policies.len()) as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    for item in &request.items {
-        let features = image_features(
-            &model,
-            dir,
-            &item.image,
-            request.pad_to_square,
-            device,
-            dtype,
-        )?;
-        let ids = tokenizer
-            .encode_prompt(&chat_prompt(&item.question), true)
-            .map_err(|e| BadInput(e.to_string()))?;
-        let prompt = || {
-            splice(
+    let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, p) in prompts.iter().enumerate() {
+        by_length.entry(p.len()).or_default().push(i);
+    }
+    let chunks: Vec<&[usize]> = by_length
+        .values()
+        .flat_map(|v| v.chunks(request.batch.max(1)))
+        .collect();
+    for chunk in chunks {
+        let b = chunk.len();
+        let mut parts = Vec::with_capacity(b);
+        let mut kinds = Vec::new();
+        for &i in chunk {
+            let item = &request.items[i];
+            let features = image_features(
                 &model,
-                &ids,
-                config.image_token_id,
-                Some(features.clone()),
+                dir,
+                &item.image,
+                request.pad_to_square,
                 device,
-            )
-        };
+                dtype,
+            )?;
+            let (embeds, k) = splice(
+                &model,
+                &prompts[i],
+                config.image_token_id,
+                Some(features),
+                device,
+            );
+            parts.push(embeds);
+            kinds = k;
+        }
+        let embeds = Tensor::cat(parts, 0);
         let session = |policy| {
             Session::new(
                 &model.decoder,
                 &config.text,
                 policy,
                 positions,
-                1,
+                b,
                 device,
                 dtype,
             )
         };
-        let eos = &config.text.eos_token_ids;
-        let reference = match request.metric {
-            Metric::Rouge => {
-                let (embeds, kinds) = prompt();
-                let out = generate(&mut session(full), embeds, &kinds, &greedy, eos, |_| {})?;
-                Some(tokenizer.decode(&out.tokens)?)
-            }
-            Metric::Ppl => None,
+        let decode = |ids: &[u32]| tokenizer.decode(ids);
+        let reference: Option<Vec<String>> = if request.metric.generates() {
+            let out = generate_batch(
+                &mut session(full),
+                embeds.clone(),
+                &kinds,
+                &greedy,
+                eos,
+                |_, _| {},
+            )?;
+            Some(
+                out.iter()
+                    .map(|g| decode(&g.tokens))
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
         };
-        let answer = tokenizer.encode_answer(&item.answer)?;
-        for (i, policy) in policies.iter().enumerate() {
-            progress.set_message(policy.name().to_string());
-            let (embeds, kinds) = prompt();
-            match &reference {
-                None => {
-                    let values =
-                        answer_nll(&mut session(policy.as_ref()), embeds, &kinds, &answer)?;
-                    nll[i] += values.iter().sum::<f64>();
-                    tokens[i] += values.len();
-                }
-                Some(reference) => {
-                    let out = generate(
-                        &mut session(policy.as_ref()),
-                        embeds,
-                        &kinds,
-                        &greedy,
-                        eos,
-                        |_| {},
-                    )?;
-                    rouge[i] += rouge_l(&tokenizer.decode(&out.tokens)?, reference);
-                    tokens[i] += out.tokens.len();
+        let chunk_answers: Vec<Vec<u32>> = chunk.iter().map(|&i| answers[i].clone()).collect();
+        for (r, policy) in policies.iter().enumerate() {
+            progress.set_message(format!("{} {}", policy.name(), request.runs[r].budget));
+            let s = &mut sums[r];
+            if request.metric.ppl() {
+                let nll = answer_nll_batch(
+                    &mut session(policy.as_ref()),
+                    embeds.clone(),
+                    &kinds,
+                    &chunk_answers,
+                )?;
+                for values in nll {
+                    s.nll += values.iter().sum::<f64>();
+                    s.scored += values.len();
                 }
             }
-            progress.inc(1);
+            if let Some(reference) = &reference {
+                let out = generate_batch(
+                    &mut session(policy.as_ref()),
+                    embeds.clone(),
+                    &kinds,
+                    &greedy,
+                    eos,
+                    |_, _| {},
+                )?;
+                for (k, (g, reference)) in out.iter().zip(reference).enumerate() {
+                    let item = &request.items[chunk[k]];
+                    let text = decode(&g.tokens)?;
+                    s.generated += g.tokens.len();
+                    s.rouge += rouge_l(&text, reference);
+                    if counts_exact(item) {
+                        s.exact += (normalise(&text) == normalise(&item.answer)) as u8 as f64;
+                    }
+                    if counts_truth(item) {
+                        s.truth += rouge_l(&text, &item.answer);
+                    }
+                }
+            }
+            progress.inc(b as u64);
         }
     }
     progress.finish_and_clear();
     let n = request.items.len();
+    let n_exact = request.items.iter().filter(|i| counts_exact(i)).count();
+    let n_truth = request.items.iter().filter(|i| counts_truth(i)).count();
+    let share = |x: f64, count: usize| (count > 0).then(|| x / count as f64);
+    let generates = request.metric.generates();
     Ok(request
         .runs
         .iter()
-        .enumerate()
-        .map(|(i, run)| EvalRow {
+        .zip(&sums)
+        .map(|(run, s)| EvalRow {
             policy: run.name.clone(),
             budget: run.budget,
+            params: params_label(run),
             items: n,
-            tokens: tokens[i],
-            ppl: (request.metric == Metric::Ppl).then(|| (nll[i] / tokens[i].max(1) as f64).exp()),
-            rouge_l: (request.metric == Metric::Rouge).then(|| rouge[i] / n as f64),
+            scored_tokens: s.scored,
+            generated_tokens: s.generated,
+            ppl: request
+                .metric
+                .ppl()
+                .then(|| (s.nll / s.scored.max(1) as f64).exp()),
+            rouge_l: generates.then(|| s.rouge / n as f64),
+            exact: generates.then(|| share(s.exact, n_exact)).flatten(),
+            rouge_truth: generates.then(|| share(s.truth, n_truth)).flatten(),
         })
         .collect())
 }
 
+/// `key=value` pairs of a run's parameters, sorted.
+pub fn params_label(run: &PolicyConfig) -> String {
+    run.params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"')))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A markdown table of the rows.
 pub fn table(rows: &[EvalRow]) -> String {
-    let mut out =
-        String::from("| policy | budget | PPL | ROUGE-L | tokens |\n|---|---:|---:|---:|---:|\n");
+    let mut out = String::from(
+        "| policy | budget | params | PPL | ROUGE-L vs full | exact | ROUGE-L vs reference |\n|---|---:|---|---:|---:|---:|---:|\n",
+    );
     let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
     for r in rows {
         out += &format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
             r.policy,
             r.budget,
+            r.params,
             fmt(r.ppl),
             fmt(r.rouge_l),
-            r.tokens
+            fmt(r.exact),
+            fmt(r.rouge_truth),
         );
     }
     out

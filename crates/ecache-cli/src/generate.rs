@@ -10,8 +10,8 @@ use ecache_core::{CachePolicy, RunConfig};
 
 use crate::backend::{BackendJob, dtype, on_backend};
 use ecache_model::{
-    ImageProcessor, Llava, LlavaConfig, PromptTokenizer, Sampling, Session, chat_prompt, generate,
-    splice,
+    Generation, ImageProcessor, Llava, LlavaConfig, PromptTokenizer, Sampling, Session,
+    chat_prompt, generate, splice,
 };
 
 use crate::BadInput;
@@ -25,20 +25,33 @@ pub struct GenerateRequest {
     pub pad_to_square: bool,
 }
 
-/// Runs the request on the configured backend.
-pub fn run(request: &GenerateRequest, policy: &dyn CachePolicy) -> Result<()> {
-    on_backend(request.config.model.backend, Job { request, policy })
+/// Runs the request on the configured backend; with `full`, the same prompt is answered
+/// again under the full cache and the memory each used is compared.
+pub fn run(
+    request: &GenerateRequest,
+    policy: &dyn CachePolicy,
+    full: Option<&dyn CachePolicy>,
+) -> Result<()> {
+    on_backend(
+        request.config.model.backend,
+        Job {
+            request,
+            policy,
+            full,
+        },
+    )
 }
 
 struct Job<'a> {
     request: &'a GenerateRequest,
     policy: &'a dyn CachePolicy,
+    full: Option<&'a dyn CachePolicy>,
 }
 
 impl BackendJob for Job<'_> {
     type Output = ();
     fn run<B: Backend>(self, device: &B::Device) -> Result<()> {
-        run_on::<B>(self.request, self.policy, device)
+        run_on::<B>(self.request, self.policy, self.full, device)
     }
 }
 
@@ -68,6 +81,7 @@ pub fn load_model<B: Backend>(
 fn run_on<B: Backend>(
     request: &GenerateRequest,
     policy: &dyn CachePolicy,
+    full: Option<&dyn CachePolicy>,
     device: &B::Device,
 ) -> Result<()> {
     let dir = &request.model_dir;
@@ -96,37 +110,67 @@ fn run_on<B: Backend>(
         top_p: g.top_p,
         seed: g.seed,
     };
-    let mut session = Session::new(
-        &model.decoder,
-        &config.text,
-        policy,
-        request.config.policy.positions,
-        1,
-        device,
-        dtype,
-    );
-    let mut printed = String::new();
-    let mut tokens = Vec::new();
-    let mut stdout = std::io::stdout();
-    let result = generate(
-        &mut session,
-        embeds,
-        &kinds,
-        &sampling,
-        &config.text.eos_token_ids,
-        |t| {
-            tokens.push(t);
-            if let Ok(text) = tokenizer.decode(&tokens) {
-                if let Some(new) = text.strip_prefix(printed.as_str()) {
-                    let _ = write!(stdout, "{new}");
-                    let _ = stdout.flush();
+    if full.is_some() {
+        if let Some(image) = &request.image {
+            println!("image:    {}", image.display());
+        }
+        println!("question: {}", request.prompt);
+    }
+    let answer = |policy: &dyn CachePolicy, budget: f64| -> Result<Generation> {
+        let mut session = Session::new(
+            &model.decoder,
+            &config.text,
+            policy,
+            request.config.policy.positions,
+            1,
+            device,
+            dtype,
+        );
+        if full.is_some() {
+            print!("{} (budget {budget}): ", policy.name());
+        }
+        let mut printed = String::new();
+        let mut tokens = Vec::new();
+        let mut stdout = std::io::stdout();
+        let result = generate(
+            &mut session,
+            embeds.clone(),
+            &kinds,
+            &sampling,
+            &config.text.eos_token_ids,
+            |t| {
+                tokens.push(t);
+                if let Ok(text) = tokenizer.decode(&tokens) {
+                    if let Some(new) = text.strip_prefix(printed.as_str()) {
+                        let _ = write!(stdout, "{new}");
+                        let _ = stdout.flush();
+                    }
+                    printed = text;
                 }
-                printed = text;
-            }
-        },
-    )
-    .map_err(|e| BadInput(e.to_string()))?;
-    println!();
+            },
+        )
+        .map_err(|e| BadInput(e.to_string()))?;
+        println!();
+        println!("{}", summary(policy.name(), budget, &result));
+        Ok(result)
+    };
+    let ours = answer(policy, request.config.policy.budget)?;
+    if let Some(full) = full {
+        let reference = answer(full, 1.0)?;
+        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "memory: {} holds {:.3} MiB of KV cache, the full cache {:.3} MiB: {:.0}% saved",
+            policy.name(),
+            mib(ours.kv_bytes),
+            mib(reference.kv_bytes),
+            100.0 * (1.0 - ours.kv_bytes as f64 / reference.kv_bytes.max(1) as f64)
+        );
+    }
+    Ok(())
+}
+
+/// The one-line account of a generation.
+fn summary(policy: &str, budget: f64, result: &Generation) -> String {
     let slots = &result.slots_per_layer;
     let (lo, hi) = (
         slots.iter().min().unwrap_or(&0),
@@ -137,10 +181,8 @@ fn run_on<B: Backend>(
     } else {
         0.0
     };
-    println!(
-        "[{} budget {}] prompt tokens {} (image {}), new tokens {}, slots per layer {}{}, KV {:.2} MiB, prefill {:.2} s, {:.1} tokens/s",
-        policy.name(),
-        request.config.policy.budget,
+    format!(
+        "[{policy} budget {budget}] prompt tokens {} (image {}), new tokens {}, slots per layer {}{}, KV {:.2} MiB, prefill {:.2} s, {:.1} tokens/s",
         result.prompt_tokens,
         result.image_tokens,
         result.tokens.len(),
@@ -153,8 +195,7 @@ fn run_on<B: Backend>(
         result.kv_bytes as f64 / (1024.0 * 1024.0),
         result.prefill_seconds,
         per_second,
-    );
-    Ok(())
+    )
 }
 
 /// Preprocesses an image file and runs the vision tower and projector.

@@ -5,9 +5,11 @@
 
 pub mod backend;
 pub mod dataset;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod policies;
+pub mod report;
 pub mod rouge;
 pub mod trace;
 

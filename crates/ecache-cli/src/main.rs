@@ -31,6 +31,100 @@ enum Command {
     Eval(EvalArgs),
     /// List the registered policies and what each needs.
     Policies,
+    /// Train the embedded demo model again from its seed (burn autodiff, CPU).
+    TrainDemo(TrainDemoArgs),
+    /// The quality study on the demo model: every policy and budget over held-out scenes.
+    Study(StudyArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainDemoArgs {
+    /// Where to write the model directory.
+    #[arg(long, default_value = "models/ecache-demo")]
+    out: PathBuf,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct StudyArgs {
+    /// The model (default: the embedded demo model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where to write the held-out data, results.json, results.md and the plots.
+    #[arg(long, default_value = "results/demo")]
+    out: PathBuf,
+    /// Held-out scenes (one description and one short question each).
+    #[arg(long, default_value_t = 200)]
+    scenes: usize,
+    /// Seed of the held-out scenes (the demo model's training seed).
+    #[arg(long, default_value_t = 2024)]
+    seed: u64,
+    #[arg(long, value_delimiter = ',', default_value = "full,local,h2o,elastic")]
+    policies: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3,0.5,0.7,0.9")]
+    budgets: Vec<f64>,
+    /// Sweep Elastic Cache's sinks, offset and merge mode at --sweep-budget instead.
+    #[arg(long)]
+    elastic_sweep: bool,
+    #[arg(long, default_value_t = 0.2)]
+    sweep_budget: f64,
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    sinks: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "0,4,8,24")]
+    offsets: Vec<usize>,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// flex | ndarray | cuda
+    #[arg(long)]
+    backend: Option<String>,
+}
+
+fn train_demo_command(args: TrainDemoArgs) -> Result<()> {
+    let defaults = ecache_demo::train::TrainOptions::default();
+    let options = ecache_demo::train::TrainOptions {
+        steps: args.steps.unwrap_or(defaults.steps),
+        batch: args.batch.unwrap_or(defaults.batch),
+        seed: args.seed.unwrap_or(defaults.seed),
+        ..defaults
+    };
+    if options.steps == 0 || options.batch == 0 {
+        return Err(BadInput("--steps and --batch must be at least 1".into()).into());
+    }
+    ecache_cli::demo::train_command(&args.out, &options)
+}
+
+fn study_command(args: StudyArgs) -> Result<()> {
+    let mut config = RunConfig::with_policy(PolicyConfig::new("full", 1.0));
+    if let Some(b) = &args.backend {
+        config.model.backend = parse_value("backend", b)?;
+    }
+    config.generation.max_new_tokens = args.max_new_tokens;
+    config.validate()?;
+    let request = ecache_cli::demo::StudyRequest {
+        model_dir: args.model.unwrap_or_else(ecache_cli::demo::model_dir),
+        out: args.out,
+        scenes: args.scenes,
+        seed: args.seed,
+        config,
+        batch: args.batch,
+    };
+    if args.elastic_sweep {
+        ecache_cli::demo::elastic_sweep_command(
+            &request,
+            args.sweep_budget,
+            &args.sinks,
+            &args.offsets,
+        )
+    } else {
+        ecache_cli::demo::study_command(&request, &args.policies, &args.budgets)
+    }
 }
 
 #[derive(clap::Args)]
@@ -54,7 +148,10 @@ struct GenerateArgs {
     image: Option<PathBuf>,
     /// A question (wrapped in the chat format) or a full prompt with `<image>`.
     #[arg(long)]
-    prompt: String,
+    prompt: Option<String>,
+    /// Answer again under the full cache and compare the memory used.
+    #[arg(long)]
+    compare_full: bool,
     #[command(flatten)]
     policy: PolicyArgs,
     #[arg(long)]
@@ -122,11 +219,13 @@ struct PolicyArgs {
 enum MetricArg {
     Ppl,
     Rouge,
+    All,
 }
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// ppl: teacher-forced perplexity of the answers; rouge: ROUGE-L against the full cache.
+    /// ppl: teacher-forced perplexity of the answers; rouge: greedy outputs scored by ROUGE-L
+    /// against the full cache's and against the references, and exact match; all: both.
     #[arg(value_enum)]
     metric: MetricArg,
     #[command(flatten)]
@@ -150,6 +249,9 @@ struct EvalArgs {
     /// Length of the greedy outputs compared by ROUGE-L.
     #[arg(long)]
     max_new_tokens: Option<usize>,
+    /// Most sequences per batch (items with prompts of equal length are batched).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
 }
 
 fn eval_command(args: EvalArgs) -> Result<()> {
@@ -200,6 +302,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
     let metric = match args.metric {
         MetricArg::Ppl => Metric::Ppl,
         MetricArg::Rouge => Metric::Rouge,
+        MetricArg::All => Metric::All,
     };
     let request = EvalRequest {
         model_dir,
@@ -208,6 +311,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         config,
         metric,
         pad_to_square: args.model.pad_to_square,
+        batch: args.batch,
     };
     let rows = ecache_cli::eval::run(&request, &built, full.as_ref())?;
     print!("{}", table(&rows));
@@ -248,22 +352,38 @@ fn parse_value<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Resul
 
 fn generate_command(args: GenerateArgs) -> Result<()> {
     let mut config = run_config(&args.policy, "elastic", 0.2)?;
+    // With no model anywhere, the embedded demo model answers about its bundled scene.
+    let demo = args.model.model.is_none() && config.model.path.is_none();
+    if demo {
+        config.model.path = Some(ecache_cli::demo::model_dir());
+    }
     let model_dir = args.model.apply(&mut config)?;
+    let (image, prompt) = match (args.image, args.prompt) {
+        (image, Some(prompt)) => (image, prompt),
+        (image, None) if demo => (
+            Some(image.unwrap_or_else(|| model_dir.join("scene.png"))),
+            ecache_demo::language::DESCRIBE.to_string(),
+        ),
+        (_, None) => return Err(BadInput("give --prompt TEXT".into()).into()),
+    };
     let g = &mut config.generation;
     g.max_new_tokens = args.max_new_tokens.unwrap_or(g.max_new_tokens);
     g.temperature = args.temperature.unwrap_or(g.temperature);
     g.top_p = args.top_p.unwrap_or(g.top_p);
     g.seed = args.seed.unwrap_or(g.seed);
     config.validate()?;
-    let policy = builtin_registry()?.build(&config.policy)?;
+    let registry = builtin_registry()?;
+    let policy = registry.build(&config.policy)?;
+    let full = registry.build(&PolicyConfig::new("full", 1.0))?;
     let request = ecache_cli::generate::GenerateRequest {
         model_dir,
-        image: args.image,
-        prompt: args.prompt,
+        image,
+        prompt,
         config,
         pad_to_square: args.model.pad_to_square,
     };
-    ecache_cli::generate::run(&request, policy.as_ref())
+    let compare = (demo || args.compare_full).then_some(full.as_ref());
+    ecache_cli::generate::run(&request, policy.as_ref(), compare)
 }
 
 fn trace_command(args: TraceArgs) -> Result<()> {
@@ -307,6 +427,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate_command(args),
         Command::Eval(args) => eval_command(args),
         Command::Policies => policies_command(),
+        Command::TrainDemo(args) => train_demo_command(args),
+        Command::Study(args) => study_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

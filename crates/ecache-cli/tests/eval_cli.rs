@@ -69,7 +69,7 @@ fn full_cache_perplexity_is_transformers_perplexity() {
     // from PIL's by up to one uint8 step, which moves this tiny model's PPL by about 2e-4.
     assert!(((ppl - want) / want).abs() < 1e-3, "{ppl} vs {want}");
     assert_eq!(
-        rows[0]["tokens"],
+        rows[0]["scored_tokens"],
         serde_json::json!(e["answer_ids"].as_array().unwrap().len())
     );
     for row in &rows[1..] {
@@ -104,7 +104,7 @@ fn rouge_of_the_full_cache_is_one_and_bad_datasets_are_named() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("| full | 1 | - | 1.0000 |"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("| full | 1 |  | - | 1.0000 |"));
 
     std::fs::write(
         dir.join("bad.jsonl"),
@@ -127,4 +127,67 @@ fn rouge_of_the_full_cache_is_one_and_bad_datasets_are_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("nope.png"), "{err}");
+}
+
+#[test]
+fn all_metrics_do_not_depend_on_batching() {
+    let dir = scratch();
+    let e = expected();
+    let q = e["question"].as_str().unwrap();
+    let lines: Vec<String> = [
+        (q, e["answer"].as_str().unwrap(), "description"),
+        (q, "a b c", "short"),
+        ("what is it ?", "nothing", "short"),
+    ]
+    .iter()
+    .map(|(q, a, k)| {
+        serde_json::json!({"image": "image.png", "question": q, "answer": a, "kind": k}).to_string()
+    })
+    .collect();
+    std::fs::write(dir.join("kinds.jsonl"), lines.join("\n")).unwrap();
+    let run = |batch: &str| {
+        let output = dir.join(format!("all-{batch}.json"));
+        let out = eval(&[
+            "all",
+            "--dataset",
+            dir.join("kinds.jsonl").to_str().unwrap(),
+            "--policies",
+            "full,elastic,h2o",
+            "--budgets",
+            "0.3",
+            "--max-new-tokens",
+            "5",
+            "--batch",
+            batch,
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
+        rows
+    };
+    let one = run("1");
+    let many = run("3");
+    let rows = one.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for key in ["ppl", "rouge_l", "exact", "rouge_truth"] {
+        assert!(rows.iter().all(|r| r[key].is_number()), "{key}: {one}");
+    }
+    assert_eq!(
+        rows[0]["rouge_l"].as_f64().unwrap(),
+        1.0,
+        "full against itself"
+    );
+    for (a, b) in rows.iter().zip(many.as_array().unwrap()) {
+        for key in ["ppl", "rouge_l", "exact", "rouge_truth"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-6 * x.abs().max(1.0), "{key}: {x} vs {y}");
+        }
+        assert_eq!(a["generated_tokens"], b["generated_tokens"]);
+    }
 }

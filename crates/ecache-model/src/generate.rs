@@ -123,16 +123,6 @@ pub struct Generation {
     pub decode_seconds: f64,
 }
 
-fn last_row<B: Backend>(logits: Tensor<B, 3>) -> Result<Vec<f32>> {
-    let [_, t, v] = logits.dims();
-    let row = logits.narrow(1, t - 1, 1).reshape([v]);
-    Ok(row
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .expect("converted to f32"))
-}
-
 /// Generates for one sequence: prefill the prompt, then sample until EOS or the budget.
 /// `on_token` sees each new token as it is chosen.
 pub fn generate<B: Backend>(
@@ -240,24 +230,56 @@ pub fn answer_nll<B: Backend>(
     kinds: &[SlotKind],
     answer: &[u32],
 ) -> Result<Vec<f64>> {
-    let mut row = last_row(session.prefill(embeds, kinds)?)?;
-    let mut nll = Vec::with_capacity(answer.len());
-    for (i, &a) in answer.iter().enumerate() {
-        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let log_sum = row
-            .iter()
-            .map(|&x| (x as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max;
-        nll.push(log_sum - row[a as usize] as f64);
-        if i + 1 < answer.len() {
-            row = session
-                .step(&[a])?
+    let mut all = answer_nll_batch(session, embeds, kinds, &[answer.to_vec()])?;
+    Ok(all.remove(0))
+}
+
+/// [`answer_nll`] for a batch of equal-length prompts with answers of any lengths. A
+/// sequence whose answer has ended is fed its last token until the longest answer ends;
+/// its caches are its own, so this does not change its scores.
+///
+/// # Shapes
+/// - `embeds`: `[batch, prompt, hidden]`; `answers`: one per sequence
+pub fn answer_nll_batch<B: Backend>(
+    session: &mut Session<'_, B>,
+    embeds: Tensor<B, 3>,
+    kinds: &[SlotKind],
+    answers: &[Vec<u32>],
+) -> Result<Vec<Vec<f64>>> {
+    let batch = answers.len();
+    let mut rows = rows_of(session.prefill(embeds, kinds)?, batch)?;
+    let longest = answers.iter().map(Vec::len).max().unwrap_or(0);
+    let mut nll: Vec<Vec<f64>> = answers
+        .iter()
+        .map(|a| Vec::with_capacity(a.len()))
+        .collect();
+    for i in 0..longest {
+        for (b, answer) in answers.iter().enumerate() {
+            if let Some(&a) = answer.get(i) {
+                let row = &rows[b];
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let log_sum = row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln()
+                    + max;
+                nll[b].push(log_sum - row[a as usize] as f64);
+            }
+        }
+        if i + 1 < longest {
+            let feed: Vec<u32> = answers
+                .iter()
+                .map(|a| a.get(i).or(a.last()).copied().unwrap_or(0))
+                .collect();
+            let logits = session.step(&feed)?;
+            let v = logits.dims()[1];
+            let flat: Vec<f32> = logits
                 .into_data()
                 .convert::<f32>()
                 .into_vec()
                 .expect("converted to f32");
+            rows = flat.chunks(v).map(<[f32]>::to_vec).collect();
         }
     }
     Ok(nll)

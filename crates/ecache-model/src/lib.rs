@@ -20,7 +20,7 @@ pub mod weights;
 pub use config::LlavaConfig;
 pub use engine::Session;
 pub use error::{ModelError, Result};
-pub use generate::{Generation, Sampling, answer_nll, generate, generate_batch};
+pub use generate::{Generation, Sampling, answer_nll, answer_nll_batch, generate, generate_batch};
 pub use llava::Llava;
 pub use preprocess::ImageProcessor;
 pub use prompt::{PromptTokenizer, chat_prompt, splice};

@@ -56,9 +56,19 @@ impl<B: Backend> Llava<B> {
     /// A model of `config` with freshly initialised weights (see [`Checkpoint::random`]),
     /// created on `device` in `dtype`; `seed` seeds the backend's generator first.
     pub fn init(config: &LlavaConfig, device: &B::Device, dtype: DType, seed: u64) -> Self {
+        Self::init_from(config, Checkpoint::random(0.02), device, dtype, seed)
+    }
+
+    /// [`Llava::init`] from a random checkpoint of one's own settings.
+    pub fn init_from(
+        config: &LlavaConfig,
+        mut random: Checkpoint,
+        device: &B::Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Self {
         B::seed(device, seed);
-        let mut checkpoint = Checkpoint::random(0.02);
-        Self::from_checkpoint(config, &mut checkpoint, device, dtype)
+        Self::from_checkpoint(config, &mut random, device, dtype)
             .expect("a random checkpoint has every tensor")
     }
 

@@ -57,6 +57,8 @@ pub struct Checkpoint {
     taken: BTreeSet<String>,
     /// Set for [`Checkpoint::random`]: the standard deviation of initial weights.
     random_std: Option<f64>,
+    /// Per-tensor standard deviations overriding `random_std` (name fragment, std).
+    random_overrides: Vec<(String, f64)>,
 }
 
 impl Checkpoint {
@@ -76,6 +78,7 @@ impl Checkpoint {
         };
         let mut checkpoint = Checkpoint {
             random_std: None,
+            random_overrides: Vec::new(),
             files: Vec::new(),
             entries: BTreeMap::new(),
             taken: BTreeSet::new(),
@@ -136,7 +139,26 @@ impl Checkpoint {
             entries: BTreeMap::new(),
             taken: BTreeSet::new(),
             random_std: Some(std),
+            random_overrides: Vec::new(),
         }
+    }
+
+    /// Gives the random tensors whose canonical name contains `fragment` another standard
+    /// deviation (for example larger vision position embeddings, so that image tokens say
+    /// clearly where they are from the first step of training).
+    pub fn with_std(mut self, fragment: &str, std: f64) -> Self {
+        self.random_overrides.push((fragment.to_string(), std));
+        self
+    }
+
+    fn std_for(&self, canonical: &str) -> Option<f64> {
+        let base = self.random_std?;
+        Some(
+            self.random_overrides
+                .iter()
+                .find(|(f, _)| canonical.contains(f.as_str()))
+                .map_or(base, |(_, s)| *s),
+        )
     }
 
     fn random_tensor<B: Backend, const D: usize>(
@@ -201,7 +223,7 @@ impl Checkpoint {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Tensor<B, D>> {
-        if let Some(std) = self.random_std {
+        if let Some(std) = self.std_for(canonical) {
             return Ok(Self::random_tensor(std, canonical, shape, device, dtype));
         }
         let data = self.take_data(canonical, &shape)?;
@@ -217,7 +239,7 @@ impl Checkpoint {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Tensor<B, 2>> {
-        if let Some(std) = self.random_std {
+        if let Some(std) = self.std_for(canonical) {
             return Ok(Self::random_tensor(
                 std,
                 canonical,

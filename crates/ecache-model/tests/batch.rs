@@ -7,7 +7,8 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Distribution, Tensor};
 use ecache_core::{PolicyConfig, PositionMode};
 use ecache_model::{
-    Llava, PromptTokenizer, Sampling, Session, chat_prompt, generate, generate_batch, splice,
+    Llava, PromptTokenizer, Sampling, Session, answer_nll, answer_nll_batch, chat_prompt, generate,
+    generate_batch, splice,
 };
 
 type B = Flex;
@@ -192,4 +193,25 @@ fn batched_generation_gives_each_prompt_its_own_answer() {
         distinct.len() > 1,
         "different images and seeds, different answers"
     );
+
+    // Teacher forcing of ragged answers in one batch scores each as it scores alone.
+    let answers = vec![vec![7u32, 9, 11, 4, 8], vec![12u32], vec![6u32, 6, 30]];
+    let embeds = Tensor::cat(prompts.iter().map(|p| p.0.clone()).collect(), 0);
+    let mut batched_session = Session::new(
+        &model.decoder,
+        &config.text,
+        policy.as_ref(),
+        PositionMode::Absolute,
+        3,
+        &device,
+        DType::F32,
+    );
+    let batched = answer_nll_batch(&mut batched_session, embeds, &kinds, &answers).unwrap();
+    for b in 0..3 {
+        let alone = answer_nll(&mut session(), prompts[b].0.clone(), &kinds, &answers[b]).unwrap();
+        assert_eq!(batched[b].len(), answers[b].len());
+        for (x, y) in batched[b].iter().zip(&alone) {
+            assert!((x - y).abs() < 1e-4, "sequence {b}: {x} vs {y}");
+        }
+    }
 }

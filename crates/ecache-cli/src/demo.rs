@@ -1,0 +1,189 @@
+//! The embedded demo: where its model lives, training it again, writing held-out scenes,
+//! and the quality study of the policies on it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use ecache_core::{PolicyConfig, RunConfig};
+use ecache_demo::model_dir::DemoShape;
+use ecache_demo::train::{TrainOptions, train};
+
+use crate::BadInput;
+use crate::eval::{EvalRequest, EvalRow, Metric, grid, run};
+use crate::policies::builtin_registry;
+use crate::report::write_study;
+
+/// The demo model committed with the project (`models/ecache-demo`).
+pub fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/ecache-demo")
+}
+
+/// Trains the demo model into `out` and writes `training.json` (the log and the held-out
+/// check) beside the weights; a bundled scene is written as `scene.png`.
+pub fn train_command(out: &Path, options: &TrainOptions) -> Result<()> {
+    let shape = DemoShape::default();
+    println!(
+        "training the demo model ({} image tokens) for {} steps of {} sequences, seed {}",
+        shape.image_tokens(),
+        options.steps,
+        options.batch,
+        options.seed
+    );
+    let (check, log) = train(out, &shape, options, 25, 250, |p| {
+        println!(
+            "step {:>5}  loss {:.4}  lr {:.2e}  {:>6.0} s{}",
+            p.step,
+            p.loss,
+            p.lr,
+            p.seconds,
+            p.check
+                .map(|c| format!(
+                    "  held-out: short exact {:.3}, description exact {:.3}, tokens {:.3}",
+                    c.short_exact, c.description_exact, c.description_token_accuracy
+                ))
+                .unwrap_or_default()
+        );
+    })?;
+    write_bundled_scene(out, options.seed)?;
+    let json = serde_json::json!({
+        "seed": options.seed,
+        "steps": options.steps,
+        "batch": options.batch,
+        "peak_lr": options.peak_lr,
+        "warmup": options.warmup,
+        "description_share": options.description_share,
+        "held_out_teacher_forced": {
+            "short_exact": check.short_exact,
+            "description_exact": check.description_exact,
+            "description_token_accuracy": check.description_token_accuracy,
+        },
+        "log": log.iter().map(|p| serde_json::json!({"step": p.step, "loss": p.loss, "seconds": p.seconds})).collect::<Vec<_>>(),
+    });
+    crate::eval::write_atomically(
+        &out.join("training.json"),
+        &(serde_json::to_string_pretty(&json)? + "\n"),
+    )?;
+    println!("held-out (teacher-forced, greedy-equivalent): {check:?}");
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// The scene `ecache generate` answers about by default: the first held-out scene.
+pub fn write_bundled_scene(dir: &Path, seed: u64) -> Result<()> {
+    let mut rng = ecache_demo::train::held_out_rng(seed.wrapping_add(1));
+    let scene = ecache_demo::scene::Scene::generate(&mut rng);
+    let path = dir.join("scene.png");
+    scene
+        .render()
+        .save(&path)
+        .map_err(|e| BadInput(format!("cannot write {}: {e}", path.display())))?;
+    Ok(())
+}
+
+/// What a study evaluates.
+pub struct StudyRequest {
+    pub model_dir: PathBuf,
+    pub out: PathBuf,
+    pub scenes: usize,
+    pub seed: u64,
+    pub config: RunConfig,
+    pub batch: usize,
+}
+
+fn held_out(request: &StudyRequest) -> Result<Vec<crate::dataset::Item>> {
+    let data = request.out.join("data");
+    let path = ecache_demo::dataset::write_held_out(&data, request.scenes, request.seed)?;
+    crate::dataset::read(&path)
+}
+
+fn evaluate(request: &StudyRequest, runs: Vec<PolicyConfig>) -> Result<Vec<EvalRow>> {
+    let registry = builtin_registry()?;
+    let built = runs
+        .iter()
+        .map(|r| registry.build(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let full = registry.build(&PolicyConfig::new("full", 1.0))?;
+    let eval = EvalRequest {
+        model_dir: request.model_dir.clone(),
+        items: held_out(request)?,
+        runs,
+        config: request.config.clone(),
+        metric: Metric::All,
+        pad_to_square: false,
+        batch: request.batch,
+    };
+    run(&eval, &built, full.as_ref())
+}
+
+/// Every policy at every budget: PPL, ROUGE-L against the full cache, task accuracy.
+pub fn study_command(request: &StudyRequest, policies: &[String], budgets: &[f64]) -> Result<()> {
+    let runs = grid(&request.config, policies, budgets);
+    let start = std::time::Instant::now();
+    let rows = evaluate(request, runs)?;
+    let preamble = format!(
+        "{} held-out scenes, one description and one short question each; greedy outputs of at most {} tokens; {:.0} s.",
+        request.scenes,
+        request.config.generation.max_new_tokens,
+        start.elapsed().as_secs_f64()
+    );
+    write_study(
+        &request.out,
+        "Policies on the demo model",
+        "budget (fraction of slots kept)",
+        &rows,
+        |r| r.budget,
+        |r| r.policy.clone(),
+        &preamble,
+    )?;
+    print!("{}", crate::eval::table(&rows));
+    println!("{preamble}\nwrote {}", request.out.display());
+    Ok(())
+}
+
+/// Elastic Cache's own knobs at one budget: offset (x axis) for each sinks and merge mode.
+pub fn elastic_sweep_command(
+    request: &StudyRequest,
+    budget: f64,
+    sinks: &[usize],
+    offsets: &[usize],
+) -> Result<()> {
+    let mut runs = Vec::new();
+    for merge in ["mean", "weighted"] {
+        for &s in sinks {
+            for &o in offsets {
+                let mut run = PolicyConfig::new("elastic", budget);
+                run.positions = request.config.policy.positions;
+                run.set_param("sinks", &s.to_string())?;
+                run.set_param("offset", &o.to_string())?;
+                run.set_param("merge", merge)?;
+                runs.push(run);
+            }
+        }
+    }
+    let start = std::time::Instant::now();
+    let rows = evaluate(request, runs)?;
+    let preamble = format!(
+        "Elastic Cache at budget {budget}: offset (x axis) for each number of sinks and merge mode; {} held-out scenes; {:.0} s.",
+        request.scenes,
+        start.elapsed().as_secs_f64()
+    );
+    let param = |r: &EvalRow, key: &str| {
+        r.params
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap_or("")
+            .to_string()
+    };
+    write_study(
+        &request.out,
+        "Elastic Cache knobs on the demo model",
+        "offset (slots between the truncation point and the compressed length)",
+        &rows,
+        |r| param(r, "offset").parse().unwrap_or(0.0),
+        |r| format!("sinks={} merge={}", param(r, "sinks"), param(r, "merge")),
+        &preamble,
+    )?;
+    print!("{}", crate::eval::table(&rows));
+    println!("{preamble}\nwrote {}", request.out.display());
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! What the demo task says: scene descriptions (long answers), short questions about one
+//! object or a count, the closed vocabulary, and the word-level `tokenizer.json`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use ecache_model::generate::SeededRng;
+use tokenizers::models::wordlevel::WordLevel;
+use tokenizers::pre_tokenizers::whitespace::Whitespace;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::DemoError;
+use crate::scene::{CELLS, COLOURS, SHAPES, SIZES, Scene};
+
+/// Special tokens, in id order; `<image>` is id 3 (the config's `image_token_index`).
+pub const SPECIAL: [&str; 5] = ["<unk>", "<s>", "</s>", "<image>", "<pad>"];
+/// Ids of the special tokens.
+pub const BOS: u32 = 1;
+pub const EOS: u32 = 2;
+pub const IMAGE: u32 = 3;
+pub const PAD: u32 = 4;
+
+/// The instruction that asks for a description.
+pub const DESCRIBE: &str = "describe the image in detail .";
+
+const NUMBERS: [&str; 6] = ["zero", "one", "two", "three", "four", "five"];
+
+/// What a question asks about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The whole scene, tens of words.
+    Description,
+    /// One word or two.
+    Short,
+}
+
+/// A question, its reference answer, and its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qa {
+    pub question: String,
+    pub answer: String,
+    pub kind: Kind,
+}
+
+/// "there are three objects . top left : a large red circle . center : ..."
+pub fn describe(scene: &Scene) -> String {
+    let mut out = format!("there are {} objects .", NUMBERS[scene.objects.len()]);
+    for o in &scene.objects {
+        out += &format!(" {} : a {} .", CELLS[o.cell], o.noun_phrase());
+    }
+    out
+}
+
+/// The description request.
+pub fn description(scene: &Scene) -> Qa {
+    Qa {
+        question: DESCRIBE.into(),
+        answer: describe(scene),
+        kind: Kind::Description,
+    }
+}
+
+/// A short question drawn uniformly from six templates.
+pub fn short_question(scene: &Scene, rng: &mut SeededRng) -> Qa {
+    let pick = |rng: &mut SeededRng, n: usize| ((rng.next_f64() * n as f64) as usize).min(n - 1);
+    let object = scene.objects[pick(rng, scene.objects.len())];
+    let at = CELLS[object.cell];
+    let (question, answer) = match pick(rng, 6) {
+        0 => (
+            "how many objects are there ?".to_string(),
+            NUMBERS[scene.objects.len()].to_string(),
+        ),
+        1 => (
+            format!("what colour is the object at the {at} ?"),
+            COLOURS[object.colour].0.to_string(),
+        ),
+        2 => (
+            format!("what shape is the object at the {at} ?"),
+            SHAPES[object.shape].to_string(),
+        ),
+        3 => (
+            format!("what size is the object at the {at} ?"),
+            SIZES[object.size].to_string(),
+        ),
+        4 => (
+            format!(
+                "where is the {} {} ?",
+                COLOURS[object.colour].0, SHAPES[object.shape]
+            ),
+            at.to_string(),
+        ),
+        _ => {
+            let colour = pick(rng, COLOURS.len());
+            let n = scene.objects.iter().filter(|o| o.colour == colour).count();
+            (
+                format!("how many {} objects are there ?", COLOURS[colour].0),
+                NUMBERS[n].to_string(),
+            )
+        }
+    };
+    Qa {
+        question,
+        answer,
+        kind: Kind::Short,
+    }
+}
+
+/// Every word the task uses, special tokens first, then the chat format's words, then the
+/// task's words in a fixed order.
+pub fn vocabulary() -> Vec<String> {
+    let mut words: Vec<String> = SPECIAL.iter().map(|s| s.to_string()).collect();
+    let mut seen: BTreeSet<String> = words.iter().cloned().collect();
+    let mut text = String::from("USER : ASSISTANT : ");
+    text += &format!("{DESCRIBE} there are objects a . : ? ");
+    text += "how many what colour shape size is the object at where ";
+    text += &NUMBERS.join(" ");
+    for list in [&SHAPES[..], &SIZES[..], &CELLS[..]] {
+        text += " ";
+        text += &list.join(" ");
+    }
+    for (c, _) in COLOURS {
+        text += " ";
+        text += c;
+    }
+    for w in text.split_whitespace() {
+        if seen.insert(w.to_string()) {
+            words.push(w.to_string());
+        }
+    }
+    words
+}
+
+/// Builds and writes the word-level `tokenizer.json`: whitespace and punctuation split,
+/// BOS prepended, `<image>` and the other specials never split.
+pub fn write_tokenizer(path: &Path) -> Result<(), DemoError> {
+    let vocab: HashMap<String, u32> = vocabulary()
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| (w, i as u32))
+        .collect();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("<unk>".into())
+        .build()
+        .map_err(|e| DemoError::Tokenizer(e.to_string()))?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(Whitespace {}));
+    let template = TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .and_then(|b| b.try_pair("<s> $A $B"))
+        .map_err(|e| DemoError::Tokenizer(e.to_string()))?
+        .special_tokens(vec![("<s>", BOS)])
+        .build()
+        .map_err(|e| DemoError::Tokenizer(e.to_string()))?;
+    tokenizer.with_post_processor(Some(template));
+    let specials: Vec<AddedToken> = SPECIAL
+        .iter()
+        .map(|s| AddedToken::from(s.to_string(), true))
+        .collect();
+    tokenizer.add_special_tokens(&specials);
+    tokenizer
+        .save(path, true)
+        .map_err(|e| DemoError::Tokenizer(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ecache_model::{PromptTokenizer, chat_prompt};
+
+    #[test]
+    fn every_question_and_answer_encodes_without_unknown_words() {
+        let dir = std::env::temp_dir().join(format!("ecache-demo-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_tokenizer(&dir.join("tokenizer.json")).unwrap();
+        let tok = PromptTokenizer::load(&dir, IMAGE).unwrap();
+        let mut rng = SeededRng::new(1);
+        let mut answers = BTreeSet::new();
+        for _ in 0..300 {
+            let scene = Scene::generate(&mut rng);
+            for qa in [description(&scene), short_question(&scene, &mut rng)] {
+                let ids = tok.encode_prompt(&chat_prompt(&qa.question), true).unwrap();
+                assert_eq!(ids[0], BOS);
+                assert_eq!(ids.iter().filter(|&&i| i == IMAGE).count(), 1);
+                let answer = tok.encode_answer(&qa.answer).unwrap();
+                assert!(!ids.contains(&0) && !answer.contains(&0), "{qa:?}");
+                assert_eq!(tok.decode(&answer).unwrap(), qa.answer, "decodes back");
+                if qa.kind == Kind::Short {
+                    answers.insert(qa.answer.clone());
+                }
+            }
+        }
+        assert!(answers.len() > 20, "short answers vary: {answers:?}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn descriptions_name_every_object_in_reading_order() {
+        let mut rng = SeededRng::new(2);
+        let scene = Scene::generate(&mut rng);
+        let text = describe(&scene);
+        let words = text.split_whitespace().count();
+        assert!(words >= 4 + 6 * scene.objects.len(), "{text}");
+        let mut from = 0;
+        for o in &scene.objects {
+            let at = text[from..].find(&o.noun_phrase()).expect("object named") + from;
+            from = at;
+        }
+    }
+}

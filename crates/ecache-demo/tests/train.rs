@@ -1,0 +1,50 @@
+//! Training a very small demo model for a few steps: the loss must fall well below its
+//! starting value, and the directory it writes must load through the checkpoint path.
+
+use burn::backend::Flex;
+use burn::tensor::DType;
+use ecache_demo::model_dir::DemoShape;
+use ecache_demo::train::{TrainOptions, train};
+use ecache_model::{ImageProcessor, Llava, PromptTokenizer};
+
+#[test]
+fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
+    let dir = std::env::temp_dir().join(format!("ecache-train-test-{}", std::process::id()));
+    let shape = DemoShape {
+        vision_hidden: 32,
+        vision_layers: 1,
+        vision_heads: 2,
+        patch: 24,
+        text_hidden: 64,
+        text_layers: 1,
+        text_heads: 2,
+        text_kv_heads: 1,
+        text_intermediate: 128,
+    };
+    let options = TrainOptions {
+        steps: 40,
+        batch: 8,
+        peak_lr: 3e-3,
+        warmup: 5,
+        seed: 1,
+        description_share: 0.5,
+    };
+    let (check, log) = train(&dir, &shape, &options, 5, 20, |_| {}).unwrap();
+    let first = log.first().unwrap().loss;
+    let last = log.last().unwrap().loss;
+    // ln(vocabulary) is about 4; the answer templates alone are worth far more than half.
+    assert!(first > 3.0, "{first}");
+    assert!(last < 0.6 * first, "loss {first} -> {last}");
+    assert!(
+        log.iter().any(|p| p.check.is_some()),
+        "a checkpoint was reported"
+    );
+    assert!((0.0..=1.0).contains(&check.description_token_accuracy));
+    assert!(check.description_token_accuracy > 0.3, "{check:?}");
+    let device = Default::default();
+    let (_, config) = Llava::<Flex>::load(&dir, &device, DType::F32).unwrap();
+    assert_eq!(config.image_tokens(), shape.image_tokens());
+    PromptTokenizer::load(&dir, config.image_token_id).unwrap();
+    ImageProcessor::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
