@@ -90,13 +90,28 @@ pub struct StudyRequest {
     pub batch: usize,
 }
 
-fn held_out(request: &StudyRequest) -> Result<Vec<crate::dataset::Item>> {
+/// The held-out items; with `mismatched`, every item is shown the next scene's picture
+/// (the image-blind control: a model that reads the picture must fail it).
+fn held_out(request: &StudyRequest, mismatched: bool) -> Result<Vec<crate::dataset::Item>> {
     let data = request.out.join("data");
     let path = ecache_demo::dataset::write_held_out(&data, request.scenes, request.seed)?;
-    crate::dataset::read(&path)
+    let mut items = crate::dataset::read(&path)?;
+    if mismatched {
+        let images: Vec<PathBuf> = items.iter().map(|i| i.image.clone()).collect();
+        let n = images.len();
+        for (i, item) in items.iter_mut().enumerate() {
+            // Two items per scene: two ahead is the next scene.
+            item.image = images[(i + 2) % n].clone();
+        }
+    }
+    Ok(items)
 }
 
-fn evaluate(request: &StudyRequest, runs: Vec<PolicyConfig>) -> Result<Vec<EvalRow>> {
+fn evaluate(
+    request: &StudyRequest,
+    runs: Vec<PolicyConfig>,
+    mismatched: bool,
+) -> Result<Vec<EvalRow>> {
     let registry = builtin_registry()?;
     let built = runs
         .iter()
@@ -105,7 +120,7 @@ fn evaluate(request: &StudyRequest, runs: Vec<PolicyConfig>) -> Result<Vec<EvalR
     let full = registry.build(&PolicyConfig::new("full", 1.0))?;
     let eval = EvalRequest {
         model_dir: request.model_dir.clone(),
-        items: held_out(request)?,
+        items: held_out(request, mismatched)?,
         runs,
         config: request.config.clone(),
         metric: Metric::All,
@@ -119,12 +134,17 @@ fn evaluate(request: &StudyRequest, runs: Vec<PolicyConfig>) -> Result<Vec<EvalR
 pub fn study_command(request: &StudyRequest, policies: &[String], budgets: &[f64]) -> Result<()> {
     let runs = grid(&request.config, policies, budgets);
     let start = std::time::Instant::now();
-    let rows = evaluate(request, runs)?;
+    let rows = evaluate(request, runs, false)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let blind = evaluate(request, vec![PolicyConfig::new("full", 1.0)], true)?;
+    let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
     let preamble = format!(
-        "{} held-out scenes, one description and one short question each; greedy outputs of at most {} tokens; {:.0} s.",
+        "{} held-out scenes, one description and one short question each; greedy outputs of at most {} tokens; the sweep took {seconds:.0} s.\n\nImage-blind control (full cache, each question shown the next scene's picture): PPL {}, exact {}, description ROUGE-L against the reference {}.",
         request.scenes,
         request.config.generation.max_new_tokens,
-        start.elapsed().as_secs_f64()
+        fmt(blind[0].ppl),
+        fmt(blind[0].exact),
+        fmt(blind[0].rouge_truth),
     );
     write_study(
         &request.out,
@@ -161,7 +181,7 @@ pub fn elastic_sweep_command(
         }
     }
     let start = std::time::Instant::now();
-    let rows = evaluate(request, runs)?;
+    let rows = evaluate(request, runs, false)?;
     let preamble = format!(
         "Elastic Cache at budget {budget}: offset (x axis) for each number of sinks and merge mode; {} held-out scenes; {:.0} s.",
         request.scenes,

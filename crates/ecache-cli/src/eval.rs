@@ -75,6 +75,12 @@ pub struct EvalRow {
     /// none has a kind).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rouge_truth: Option<f64>,
+    /// Share of the prompt's image slots still held after the prefill, and at the end of
+    /// the greedy generations, averaged over layers and items.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_kept_after_prefill: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_kept_at_end: Option<f64>,
 }
 
 /// The (policy, budget) grid: `full` once at budget 1; `[policy.params]` of the config go
@@ -141,6 +147,8 @@ struct Sums {
     rouge: f64,
     exact: f64,
     truth: f64,
+    image_prefill: f64,
+    image_end: f64,
 }
 
 fn run_on<B: Backend>(
@@ -280,6 +288,12 @@ fn run_on<B: Backend>(
                     let item = &request.items[chunk[k]];
                     let text = decode(&g.tokens)?;
                     s.generated += g.tokens.len();
+                    let share = |slots: &[usize]| {
+                        slots.iter().sum::<usize>() as f64
+                            / (slots.len() * g.image_tokens).max(1) as f64
+                    };
+                    s.image_prefill += share(&g.image_slots_after_prefill);
+                    s.image_end += share(&g.image_slots_at_end);
                     s.rouge += rouge_l(&text, reference);
                     if counts_exact(item) {
                         s.exact += (normalise(&text) == normalise(&item.answer)) as u8 as f64;
@@ -316,6 +330,8 @@ fn run_on<B: Backend>(
             rouge_l: generates.then(|| s.rouge / n as f64),
             exact: generates.then(|| share(s.exact, n_exact)).flatten(),
             rouge_truth: generates.then(|| share(s.truth, n_truth)).flatten(),
+            image_kept_after_prefill: generates.then(|| s.image_prefill / n as f64),
+            image_kept_at_end: generates.then(|| s.image_end / n as f64),
         })
         .collect())
 }
@@ -332,12 +348,12 @@ pub fn params_label(run: &PolicyConfig) -> String {
 /// A markdown table of the rows.
 pub fn table(rows: &[EvalRow]) -> String {
     let mut out = String::from(
-        "| policy | budget | params | PPL | ROUGE-L vs full | exact | ROUGE-L vs reference |\n|---|---:|---|---:|---:|---:|---:|\n",
+        "| policy | budget | params | PPL | ROUGE-L vs full | exact | ROUGE-L vs reference | image slots kept (prefill / end) |\n|---|---:|---|---:|---:|---:|---:|---:|\n",
     );
     let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
     for r in rows {
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.policy,
             r.budget,
             r.params,
@@ -345,6 +361,10 @@ pub fn table(rows: &[EvalRow]) -> String {
             fmt(r.rouge_l),
             fmt(r.exact),
             fmt(r.rouge_truth),
+            match (r.image_kept_after_prefill, r.image_kept_at_end) {
+                (Some(a), Some(b)) => format!("{a:.3} / {b:.3}"),
+                _ => "-".into(),
+            },
         );
     }
     out

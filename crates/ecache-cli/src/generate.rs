@@ -158,12 +158,16 @@ fn run_on<B: Backend>(
     if let Some(full) = full {
         let reference = answer(full, 1.0)?;
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+        // Compare at the same number of tokens: the two answers may differ in length.
+        let per_slot = reference.kv_bytes as f64 / reference.slots_per_layer[0].max(1) as f64;
+        let seen = ours.prompt_tokens + ours.tokens.len().saturating_sub(1);
+        let full_bytes = per_slot * seen as f64;
         println!(
-            "memory: {} holds {:.3} MiB of KV cache, the full cache {:.3} MiB: {:.0}% saved",
+            "memory: after the same {seen} tokens, {} holds {:.3} MiB of KV cache and the full cache {:.3} MiB: {:.0}% saved",
             policy.name(),
             mib(ours.kv_bytes),
-            mib(reference.kv_bytes),
-            100.0 * (1.0 - ours.kv_bytes as f64 / reference.kv_bytes.max(1) as f64)
+            full_bytes / (1024.0 * 1024.0),
+            100.0 * (1.0 - ours.kv_bytes as f64 / full_bytes.max(1.0))
         );
     }
     Ok(())

@@ -55,9 +55,10 @@ struct StudyArgs {
     /// The model (default: the embedded demo model).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Where to write the held-out data, results.json, results.md and the plots.
-    #[arg(long, default_value = "results/demo")]
-    out: PathBuf,
+    /// Where to write the held-out data, results.json, results.md and the plots (default
+    /// results/demo, or results/demo-elastic for --elastic-sweep).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Held-out scenes (one description and one short question each).
     #[arg(long, default_value_t = 200)]
     scenes: usize,
@@ -109,7 +110,13 @@ fn study_command(args: StudyArgs) -> Result<()> {
     config.validate()?;
     let request = ecache_cli::demo::StudyRequest {
         model_dir: args.model.unwrap_or_else(ecache_cli::demo::model_dir),
-        out: args.out,
+        out: args.out.unwrap_or_else(|| {
+            PathBuf::from(if args.elastic_sweep {
+                "results/demo-elastic"
+            } else {
+                "results/demo"
+            })
+        }),
         scenes: args.scenes,
         seed: args.seed,
         config,

@@ -28,6 +28,7 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
         warmup: 5,
         seed: 1,
         description_share: 0.5,
+        probe_weight: 1.0,
     };
     let (check, log) = train(&dir, &shape, &options, 5, 20, |_| {}).unwrap();
     let first = log.first().unwrap().loss;

@@ -115,6 +115,10 @@ pub struct Generation {
     pub image_tokens: usize,
     /// Slots each layer holds at the end.
     pub slots_per_layer: Vec<usize>,
+    /// Image slots each layer holds right after the prefill (after the policy's prefill
+    /// decision), and at the end.
+    pub image_slots_after_prefill: Vec<usize>,
+    pub image_slots_at_end: Vec<usize>,
     /// KV bytes held at the end, all layers (this sequence's share in a batch).
     pub kv_bytes: usize,
     /// Seconds spent in prefill.
@@ -159,6 +163,7 @@ pub fn generate_batch<B: Backend>(
     let start = Instant::now();
     let mut rows = rows_of(session.prefill(embeds, kinds)?, batch)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
+    let after_prefill = image_slots(session, batch)?;
     let start = Instant::now();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); batch];
     let mut done = vec![sampling.max_new_tokens == 0; batch];
@@ -193,6 +198,7 @@ pub fn generate_batch<B: Backend>(
     }
     let decode_seconds = start.elapsed().as_secs_f64();
     let kv_bytes = session.kv_bytes() / batch.max(1);
+    let at_end = image_slots(session, batch)?;
     Ok(tokens
         .into_iter()
         .enumerate()
@@ -201,11 +207,32 @@ pub fn generate_batch<B: Backend>(
             prompt_tokens: kinds.len(),
             image_tokens: kinds.iter().filter(|k| **k == SlotKind::Image).count(),
             slots_per_layer: session.caches().iter().map(|c| c.len(b)).collect(),
+            image_slots_after_prefill: after_prefill[b].clone(),
+            image_slots_at_end: at_end[b].clone(),
             kv_bytes,
             prefill_seconds,
             decode_seconds,
         })
         .collect())
+}
+
+/// Image slots per sequence and layer.
+fn image_slots<B: Backend>(session: &Session<'_, B>, batch: usize) -> Result<Vec<Vec<usize>>> {
+    (0..batch)
+        .map(|b| {
+            session
+                .caches()
+                .iter()
+                .map(|c| {
+                    Ok(c.table(b)?
+                        .kinds()
+                        .iter()
+                        .filter(|k| **k == SlotKind::Image)
+                        .count())
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The last position's logits of each sequence.
