@@ -131,7 +131,11 @@ pub fn line_plot(
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(if y_label.contains("lower is better") {
+            SeriesLabelPosition::UpperRight
+        } else {
+            SeriesLabelPosition::LowerRight
+        })
         .draw()
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
