@@ -1,4 +1,6 @@
-//! A tiny model on short questions only, to see whether answers come to depend on the image.
+//! Trains a small demo model (64 wide) to see how soon answers come to depend on the image:
+//! `cargo run --release -p ecache-demo --example small_run -- STEPS LR DESCRIPTION_SHARE
+//! VISION_LAYERS PATCH [PROBE_WEIGHT]` (docs/demo.md's small-model experiments).
 use ecache_demo::model_dir::DemoShape;
 use ecache_demo::train::{TrainOptions, train};
 fn main() {

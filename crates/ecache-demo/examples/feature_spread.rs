@@ -1,3 +1,7 @@
+//! How much a demo model's image features differ between two scenes and between two
+//! tokens of one scene: the collapse diagnostic of docs/demo.md.
+//! `cargo run --release -p ecache-demo --example feature_spread -- MODEL_DIR [fresh]`
+//! (`fresh`: a newly initialised model of the same config instead of the weights).
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 use ecache_demo::scene::Scene;
