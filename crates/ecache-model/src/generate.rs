@@ -167,6 +167,7 @@ pub fn generate_batch<B: Backend>(
     let start = Instant::now();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); batch];
     let mut done = vec![sampling.max_new_tokens == 0; batch];
+    let mut finals: Vec<Option<(Vec<usize>, Vec<usize>)>> = vec![None; batch];
     loop {
         let mut feed = Vec::with_capacity(batch);
         for b in 0..batch {
@@ -182,6 +183,14 @@ pub fn generate_batch<B: Backend>(
             tokens[b].push(next);
             on_token(b, next);
             done[b] = eos.contains(&next) || tokens[b].len() == sampling.max_new_tokens;
+            if done[b] {
+                // What this sequence holds when it stops (later feeds only keep the batch
+                // in step), as a run of its own would end.
+                finals[b] = Some((
+                    session.caches().iter().map(|c| c.len(b)).collect(),
+                    image_slots(session, batch)?.swap_remove(b),
+                ));
+            }
             feed.push(next);
         }
         if done.iter().all(|d| *d) {
@@ -202,13 +211,22 @@ pub fn generate_batch<B: Backend>(
     Ok(tokens
         .into_iter()
         .enumerate()
-        .map(|(b, tokens)| Generation {
+        .map(|(b, tokens)| {
+            let (slots, images) = finals[b].take().unwrap_or_else(|| {
+                (
+                    session.caches().iter().map(|c| c.len(b)).collect(),
+                    at_end[b].clone(),
+                )
+            });
+            (b, tokens, slots, images)
+        })
+        .map(|(b, tokens, slots, images)| Generation {
             tokens,
             prompt_tokens: kinds.len(),
             image_tokens: kinds.iter().filter(|k| **k == SlotKind::Image).count(),
-            slots_per_layer: session.caches().iter().map(|c| c.len(b)).collect(),
+            slots_per_layer: slots,
             image_slots_after_prefill: after_prefill[b].clone(),
-            image_slots_at_end: at_end[b].clone(),
+            image_slots_at_end: images,
             kv_bytes,
             prefill_seconds,
             decode_seconds,

@@ -117,10 +117,17 @@ fn batched_generation_gives_each_prompt_its_own_answer() {
         .unwrap();
     let policy = ecache_policy_h2o::build(&PolicyConfig::new("h2o", 0.5)).unwrap();
     let size = config.vision.image_size;
+    // Seeded pixels: which sequence stops when must not vary between runs.
+    let mut rng = ecache_model::generate::SeededRng::new(21);
     let prompts: Vec<_> = (0..3)
         .map(|_| {
-            let pixels =
-                Tensor::<B, 4>::random([1, 3, size, size], Distribution::Normal(0.0, 1.0), &device);
+            let values: Vec<f32> = (0..3 * size * size)
+                .map(|_| (rng.next_f64() * 4.0 - 2.0) as f32)
+                .collect();
+            let pixels = Tensor::<B, 4>::from_data(
+                burn::tensor::TensorData::new(values, [1, 3, size, size]),
+                &device,
+            );
             splice(
                 &model,
                 &ids,
@@ -170,6 +177,12 @@ fn batched_generation_gives_each_prompt_its_own_answer() {
         |b, t| streamed[b].push(t),
     )
     .unwrap();
+    let lengths: Vec<usize> = batched.iter().map(|g| g.tokens.len()).collect();
+    assert!(
+        lengths.iter().any(|&l| l < sampling.max_new_tokens)
+            && lengths.iter().any(|&l| l != lengths[0]),
+        "some sequences stop before others: {lengths:?}"
+    );
     let mut distinct = std::collections::BTreeSet::new();
     for b in 0..3 {
         let alone = generate(
