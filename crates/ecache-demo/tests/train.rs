@@ -33,6 +33,7 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
     let (check, log) = train(&dir, &shape, &options, 5, 20, |_| {}).unwrap();
     let first = log.first().unwrap().loss;
     let last = log.last().unwrap().loss;
+    eprintln!("loss {first} -> {last}, {check:?}");
     // ln(vocabulary) is about 4; the answer templates alone are worth far more than half.
     assert!(first > 3.0, "{first}");
     assert!(last < 0.6 * first, "loss {first} -> {last}");
