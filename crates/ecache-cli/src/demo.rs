@@ -9,6 +9,7 @@ use ecache_demo::model_dir::DemoShape;
 use ecache_demo::train::{TrainOptions, train};
 
 use crate::BadInput;
+use crate::dataset::Item;
 use crate::eval::{EvalRequest, EvalRow, Metric, grid, run};
 use crate::policies::builtin_registry;
 use crate::report::write_study;
@@ -90,27 +91,32 @@ pub struct StudyRequest {
     pub batch: usize,
 }
 
-/// The held-out items; with `mismatched`, every item is shown the next scene's picture
-/// (the image-blind control: a model that reads the picture must fail it).
-fn held_out(request: &StudyRequest, mismatched: bool) -> Result<Vec<crate::dataset::Item>> {
+/// Writes the held-out scenes under `OUT/data` and reads them back as items.
+fn held_out(request: &StudyRequest) -> Result<Vec<Item>> {
     let data = request.out.join("data");
     let path = ecache_demo::dataset::write_held_out(&data, request.scenes, request.seed)?;
-    let mut items = crate::dataset::read(&path)?;
-    if mismatched {
-        let images: Vec<PathBuf> = items.iter().map(|i| i.image.clone()).collect();
-        let n = images.len();
-        for (i, item) in items.iter_mut().enumerate() {
+    crate::dataset::read(&path)
+}
+
+/// The same items, each shown the next scene's picture (the image-blind control: a model
+/// that reads the picture must fail it).
+fn mismatched(items: &[Item]) -> Vec<Item> {
+    let n = items.len();
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| Item {
             // Two items per scene: two ahead is the next scene.
-            item.image = images[(i + 2) % n].clone();
-        }
-    }
-    Ok(items)
+            image: items[(i + 2) % n].image.clone(),
+            ..item.clone()
+        })
+        .collect()
 }
 
 fn evaluate(
     request: &StudyRequest,
     runs: Vec<PolicyConfig>,
-    mismatched: bool,
+    items: Vec<Item>,
 ) -> Result<Vec<EvalRow>> {
     let registry = builtin_registry()?;
     let built = runs
@@ -120,7 +126,7 @@ fn evaluate(
     let full = registry.build(&PolicyConfig::new("full", 1.0))?;
     let eval = EvalRequest {
         model_dir: request.model_dir.clone(),
-        items: held_out(request, mismatched)?,
+        items,
         runs,
         config: request.config.clone(),
         metric: Metric::All,
@@ -134,9 +140,14 @@ fn evaluate(
 pub fn study_command(request: &StudyRequest, policies: &[String], budgets: &[f64]) -> Result<()> {
     let runs = grid(&request.config, policies, budgets);
     let start = std::time::Instant::now();
-    let rows = evaluate(request, runs, false)?;
+    let items = held_out(request)?;
+    let rows = evaluate(request, runs, items.clone())?;
     let seconds = start.elapsed().as_secs_f64();
-    let blind = evaluate(request, vec![PolicyConfig::new("full", 1.0)], true)?;
+    let blind = evaluate(
+        request,
+        vec![PolicyConfig::new("full", 1.0)],
+        mismatched(&items),
+    )?;
     let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
     let preamble = format!(
         "{} held-out scenes, one description and one short question each; greedy outputs of at most {} tokens; the sweep took {seconds:.0} s.\n\nImage-blind control (full cache, each question shown the next scene's picture): PPL {}, exact {}, description ROUGE-L against the reference {}.",
@@ -181,7 +192,7 @@ pub fn elastic_sweep_command(
         }
     }
     let start = std::time::Instant::now();
-    let rows = evaluate(request, runs, false)?;
+    let rows = evaluate(request, runs, held_out(request)?)?;
     let preamble = format!(
         "Elastic Cache at budget {budget}: offset (x axis) for each number of sinks and merge mode; {} held-out scenes; {:.0} s.",
         request.scenes,

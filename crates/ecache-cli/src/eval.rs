@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::BadInput;
 use crate::backend::{BackendJob, dtype, on_backend};
 use crate::dataset::Item;
-use crate::generate::{image_features, load_model};
+use crate::generate::{image_features, image_processor, load_model};
 use crate::rouge::rouge_l;
 
 /// Which metrics to compute.
@@ -160,6 +160,7 @@ fn run_on<B: Backend>(
     let dir = &request.model_dir;
     let dtype = dtype(request.config.model.dtype);
     let (model, config, tokenizer) = load_model::<B>(dir, device, dtype)?;
+    let processor = image_processor(dir, request.pad_to_square)?;
     // Every input is checked before any computation.
     let mut prompts = Vec::with_capacity(request.items.len());
     let mut answers = Vec::with_capacity(request.items.len());
@@ -211,14 +212,7 @@ fn run_on<B: Backend>(
         let mut kinds = Vec::new();
         for &i in chunk {
             let item = &request.items[i];
-            let features = image_features(
-                &model,
-                dir,
-                &item.image,
-                request.pad_to_square,
-                device,
-                dtype,
-            )?;
+            let features = image_features(&model, &processor, &item.image, device, dtype)?;
             let (embeds, k) = splice(
                 &model,
                 &prompts[i],

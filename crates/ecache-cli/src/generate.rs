@@ -94,9 +94,8 @@ fn run_on<B: Backend>(
     let features = match &request.image {
         Some(path) => Some(image_features(
             &model,
-            dir,
+            &image_processor(dir, request.pad_to_square)?,
             path,
-            request.pad_to_square,
             device,
             dtype,
         )?),
@@ -202,17 +201,21 @@ fn summary(policy: &str, budget: f64, result: &Generation) -> String {
     )
 }
 
+/// The model directory's image processor, padding to a square or not.
+pub fn image_processor(dir: &Path, pad_to_square: bool) -> Result<ImageProcessor> {
+    let mut processor = ImageProcessor::load(dir).map_err(|e| BadInput(e.to_string()))?;
+    processor.pad_to_square = pad_to_square;
+    Ok(processor)
+}
+
 /// Preprocesses an image file and runs the vision tower and projector.
 pub fn image_features<B: Backend>(
     model: &Llava<B>,
-    dir: &Path,
+    processor: &ImageProcessor,
     image: &Path,
-    pad_to_square: bool,
     device: &B::Device,
     dtype: DType,
 ) -> Result<Tensor<B, 3>> {
-    let mut processor = ImageProcessor::load(dir).map_err(|e| BadInput(e.to_string()))?;
-    processor.pad_to_square = pad_to_square;
     let (pixels, [c, h, w]) = processor.open(image).map_err(|e| BadInput(e.to_string()))?;
     let pixels = Tensor::<B, 4>::from_data(TensorData::new(pixels, [1, c, h, w]), (device, dtype));
     Ok(model.image_features(pixels))

@@ -163,7 +163,9 @@ pub fn generate_batch<B: Backend>(
     let start = Instant::now();
     let mut rows = rows_of(session.prefill(embeds, kinds)?, batch)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
-    let after_prefill = image_slots(session, batch)?;
+    let after_prefill = (0..batch)
+        .map(|b| Ok(held(session, b)?.1))
+        .collect::<Result<Vec<_>>>()?;
     let start = Instant::now();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); batch];
     let mut done = vec![sampling.max_new_tokens == 0; batch];
@@ -186,41 +188,26 @@ pub fn generate_batch<B: Backend>(
             if done[b] {
                 // What this sequence holds when it stops (later feeds only keep the batch
                 // in step), as a run of its own would end.
-                finals[b] = Some((
-                    session.caches().iter().map(|c| c.len(b)).collect(),
-                    image_slots(session, batch)?.swap_remove(b),
-                ));
+                finals[b] = Some(held(session, b)?);
             }
             feed.push(next);
         }
         if done.iter().all(|d| *d) {
             break;
         }
-        let logits = session.step(&feed)?;
-        let v = logits.dims()[1];
-        let flat: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("converted to f32");
-        rows = flat.chunks(v).map(<[f32]>::to_vec).collect();
+        rows = step_rows(session, &feed)?;
     }
     let decode_seconds = start.elapsed().as_secs_f64();
     let kv_bytes = session.kv_bytes() / batch.max(1);
-    let at_end = image_slots(session, batch)?;
-    Ok(tokens
-        .into_iter()
-        .enumerate()
-        .map(|(b, tokens)| {
-            let (slots, images) = finals[b].take().unwrap_or_else(|| {
-                (
-                    session.caches().iter().map(|c| c.len(b)).collect(),
-                    at_end[b].clone(),
-                )
-            });
-            (b, tokens, slots, images)
-        })
-        .map(|(b, tokens, slots, images)| Generation {
+    let mut out = Vec::with_capacity(batch);
+    for (b, tokens) in tokens.into_iter().enumerate() {
+        // Every sequence that generated has its snapshot; with no tokens to generate, the
+        // state after the prefill is the end.
+        let (slots, images) = match finals[b].take() {
+            Some(f) => f,
+            None => held(session, b)?,
+        };
+        out.push(Generation {
             tokens,
             prompt_tokens: kinds.len(),
             image_tokens: kinds.iter().filter(|k| **k == SlotKind::Image).count(),
@@ -230,27 +217,39 @@ pub fn generate_batch<B: Backend>(
             kv_bytes,
             prefill_seconds,
             decode_seconds,
-        })
-        .collect())
+        });
+    }
+    Ok(out)
 }
 
-/// Image slots per sequence and layer.
-fn image_slots<B: Backend>(session: &Session<'_, B>, batch: usize) -> Result<Vec<Vec<usize>>> {
-    (0..batch)
-        .map(|b| {
-            session
-                .caches()
+/// What sequence `b` holds now: slots per layer, and image slots per layer.
+fn held<B: Backend>(session: &Session<'_, B>, b: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+    let mut slots = Vec::new();
+    let mut images = Vec::new();
+    for cache in session.caches() {
+        let table = cache.table(b)?;
+        slots.push(table.len());
+        images.push(
+            table
+                .kinds()
                 .iter()
-                .map(|c| {
-                    Ok(c.table(b)?
-                        .kinds()
-                        .iter()
-                        .filter(|k| **k == SlotKind::Image)
-                        .count())
-                })
-                .collect()
-        })
-        .collect()
+                .filter(|k| **k == SlotKind::Image)
+                .count(),
+        );
+    }
+    Ok((slots, images))
+}
+
+/// Feeds one token per sequence and returns each sequence's next-token logits.
+fn step_rows<B: Backend>(session: &mut Session<'_, B>, feed: &[u32]) -> Result<Vec<Vec<f32>>> {
+    let logits = session.step(feed)?;
+    let v = logits.dims()[1];
+    let flat: Vec<f32> = logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("converted to f32");
+    Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
 }
 
 /// The last position's logits of each sequence.
@@ -317,14 +316,7 @@ pub fn answer_nll_batch<B: Backend>(
                 .iter()
                 .map(|a| a.get(i).or(a.last()).copied().unwrap_or(0))
                 .collect();
-            let logits = session.step(&feed)?;
-            let v = logits.dims()[1];
-            let flat: Vec<f32> = logits
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .expect("converted to f32");
-            rows = flat.chunks(v).map(<[f32]>::to_vec).collect();
+            rows = step_rows(session, &feed)?;
         }
     }
     Ok(nll)
