@@ -418,7 +418,8 @@ pub fn train(
     };
     // PyTorch's epsilon rather than burn's default 1e-5: the vision tower's gradients are
     // small (they reach it through attention averaged over many image tokens, then global
-    // clipping), and with epsilon 1e-5 its Adam steps shrank roughly tenfold.
+    // clipping), and an epsilon of 1e-5 can dominate their Adam denominators
+    // (docs/demo.md gives the measurement, which is suggestive rather than controlled).
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(0.01)
