@@ -26,40 +26,55 @@ pub struct Item {
 /// Reads a dataset; image paths become relative to the dataset's folder. A malformed line
 /// or a missing field is an error naming the file and the line or item.
 pub fn read(path: &Path) -> Result<Vec<Item>> {
+    Ok(read_with(path, false)?.0)
+}
+
+/// Reads a dataset; with `keep_going` a malformed line or item is reported (the returned
+/// messages) and skipped instead of stopping the run. A file that cannot be read, a JSON
+/// array that does not parse, or a dataset left with no items is always an error.
+pub fn read_with(path: &Path, keep_going: bool) -> Result<(Vec<Item>, Vec<String>)> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| BadInput(format!("cannot read dataset {}: {e}", path.display())))?;
-    let items: Vec<Item> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).map_err(|e| {
+    let mut skipped = Vec::new();
+    let mut items = Vec::new();
+    let mut take = |parsed: Result<Item, serde_json::Error>, place: String| -> Result<()> {
+        match parsed {
+            Ok(item) => items.push(item),
+            Err(e) if keep_going => skipped.push(format!("{place}: {e}")),
+            Err(e) => return Err(BadInput(format!("{place}: {e}")).into()),
+        }
+        Ok(())
+    };
+    if text.trim_start().starts_with('[') {
+        let values: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
             BadInput(format!(
                 "dataset {} (JSON array, line {}): {e}",
                 path.display(),
                 e.line()
             ))
-        })?
+        })?;
+        for (n, value) in values.into_iter().enumerate() {
+            let place = format!("dataset {} item {}", path.display(), n + 1);
+            take(serde_json::from_value(value), place)?;
+        }
     } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(n, line)| {
-                serde_json::from_str(line).map_err(|e| {
-                    BadInput(format!("dataset {} line {}: {e}", path.display(), n + 1))
-                })
-            })
-            .collect::<Result<_, _>>()?
-    };
+        for (n, line) in text.lines().enumerate() {
+            if !line.trim().is_empty() {
+                let place = format!("dataset {} line {}", path.display(), n + 1);
+                take(serde_json::from_str(line), place)?;
+            }
+        }
+    }
     if items.is_empty() {
         return Err(BadInput(format!("dataset {} has no items", path.display())).into());
     }
     let base = path.parent().unwrap_or(Path::new("."));
-    Ok(items
-        .into_iter()
-        .map(|mut item| {
-            if item.image.is_relative() {
-                item.image = base.join(&item.image);
-            }
-            item
-        })
-        .collect())
+    for item in &mut items {
+        if item.image.is_relative() {
+            item.image = base.join(&item.image);
+        }
+    }
+    Ok((items, skipped))
 }
 
 #[cfg(test)]
@@ -100,5 +115,27 @@ mod tests {
         assert!(err.contains("line 2") && err.contains("answer"), "{err}");
         let err = read(&write("e.json", "[]")).unwrap_err().to_string();
         assert!(err.contains("no items"), "{err}");
+    }
+
+    #[test]
+    fn keep_going_skips_and_reports_bad_lines() {
+        let good = r#"{"image": "a.png", "question": "q", "answer": "a"}"#;
+        let path = write(
+            "f.jsonl",
+            &format!("{good}\n{{\"image\": \"x\"\n{good}\n{{}}\n"),
+        );
+        let (items, skipped) = read_with(&path, true).unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[0].contains("f.jsonl line 2"), "{skipped:?}");
+        assert!(
+            skipped[1].contains("line 4") && skipped[1].contains("image"),
+            "{skipped:?}"
+        );
+        let path = write("g.json", &format!("[{good}, {{\"image\": 3}}]"));
+        let (items, skipped) = read_with(&path, true).unwrap();
+        assert_eq!(items.len(), 1);
+        assert!(skipped[0].contains("item 2"), "{skipped:?}");
+        assert!(read_with(&path, false).is_err());
     }
 }

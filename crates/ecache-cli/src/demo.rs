@@ -132,6 +132,9 @@ fn evaluate(
         metric: Metric::All,
         pad_to_square: false,
         batch: request.batch,
+        keep_going: false,
+        progress_file: None,
+        stop_after_items: None,
     };
     run(&eval, &built, full.as_ref())
 }

@@ -10,7 +10,7 @@ use anyhow::Result;
 use burn::tensor::{Tensor, backend::Backend};
 use ecache_core::{CachePolicy, PolicyConfig, RunConfig};
 use ecache_model::{Sampling, Session, answer_nll_batch, chat_prompt, generate_batch, splice};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::BadInput;
 use crate::backend::{BackendJob, dtype, on_backend};
@@ -49,6 +49,61 @@ pub struct EvalRequest {
     pub pad_to_square: bool,
     /// Most sequences per batch.
     pub batch: usize,
+    /// Report and skip unusable items instead of stopping before any work.
+    pub keep_going: bool,
+    /// Where finished batches are recorded as the run goes, so that a rerun of an
+    /// interrupted evaluation resumes (see [`Progress`]); `None` keeps nothing.
+    pub progress_file: Option<PathBuf>,
+    /// Stop (as if interrupted) once this many items are done: for testing resumption.
+    pub stop_after_items: Option<usize>,
+}
+
+/// What an interrupted evaluation had finished: the batches done and the metric sums so
+/// far, with a fingerprint of everything that determines them (model, items, runs, metric,
+/// generation settings, batching), so that only the same evaluation resumes from it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Progress {
+    fingerprint: String,
+    done: Vec<usize>,
+    sums: Vec<Sums>,
+}
+
+fn fingerprint(request: &EvalRequest, items: &[&Item]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    request.model_dir.hash(&mut h);
+    for item in items {
+        (&item.image, &item.question, &item.answer, &item.kind).hash(&mut h);
+    }
+    for run in &request.runs {
+        (&run.name, run.budget.to_bits(), params_label(run)).hash(&mut h);
+    }
+    let g = &request.config.generation;
+    format!(
+        "{:016x} {:?} max_new_tokens={} batch={} dtype={:?} backend={:?}",
+        h.finish(),
+        request.metric,
+        g.max_new_tokens,
+        request.batch,
+        request.config.model.dtype,
+        request.config.model.backend
+    )
+}
+
+/// The progress recorded for this very evaluation, if any.
+fn resume_from(request: &EvalRequest, fingerprint: &str) -> Option<Progress> {
+    let path = request.progress_file.as_ref()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str::<Progress>(&text) {
+        Ok(p) if p.fingerprint == fingerprint && p.sums.len() == request.runs.len() => Some(p),
+        _ => {
+            eprintln!(
+                "ignoring {}: it records a different evaluation",
+                path.display()
+            );
+            None
+        }
+    }
 }
 
 /// Results of one (policy, budget, parameters).
@@ -139,7 +194,7 @@ pub fn normalise(text: &str) -> String {
 }
 
 /// Running sums of one run's metrics.
-#[derive(Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Sums {
     nll: f64,
     scored: usize,
@@ -161,24 +216,30 @@ fn run_on<B: Backend>(
     let dtype = dtype(request.config.model.dtype);
     let (model, config, tokenizer) = load_model::<B>(dir, device, dtype)?;
     let processor = image_processor(dir, request.pad_to_square)?;
-    // Every input is checked before any computation.
+    // Every input is checked before any computation; with keep_going a bad item is
+    // reported and skipped instead.
+    let mut items: Vec<&Item> = Vec::with_capacity(request.items.len());
     let mut prompts = Vec::with_capacity(request.items.len());
     let mut answers = Vec::with_capacity(request.items.len());
     for item in &request.items {
-        if !item.image.exists() {
-            return Err(BadInput(format!(
-                "image {} of dataset item {:?} does not exist",
-                item.image.display(),
-                item.question
-            ))
-            .into());
-        }
-        prompts.push(
-            tokenizer
-                .encode_prompt(&chat_prompt(&item.question), true)
-                .map_err(|e| BadInput(format!("item {:?}: {e}", item.question)))?,
+        let checked = check_item(
+            item,
+            &tokenizer,
+            config.image_tokens(),
+            config.text.max_positions,
         );
-        answers.push(tokenizer.encode_answer(&item.answer)?);
+        match checked {
+            Ok((prompt, answer)) => {
+                items.push(item);
+                prompts.push(prompt);
+                answers.push(answer);
+            }
+            Err(problem) if request.keep_going => eprintln!("skipped: {problem}"),
+            Err(problem) => return Err(BadInput(problem).into()),
+        }
+    }
+    if items.is_empty() {
+        return Err(BadInput("no usable dataset items".into()).into());
     }
     let kinded = request.items.iter().any(|i| i.kind.is_some());
     let counts_exact = |i: &Item| !kinded || i.kind.as_deref() == Some("short");
@@ -192,8 +253,15 @@ fn run_on<B: Backend>(
     };
     let positions = request.config.policy.positions;
     let eos = &config.text.eos_token_ids;
+    let fingerprint = fingerprint(request, &items);
+    let mut done = Vec::new();
     let mut sums = vec![Sums::default(); policies.len()];
-    let progress = indicatif::ProgressBar::new((request.items.len() * policies.len()) as u64);
+    if let Some(p) = resume_from(request, &fingerprint) {
+        done = p.done;
+        sums = p.sums;
+    }
+    let mut items_done = 0;
+    let progress = indicatif::ProgressBar::new((items.len() * policies.len()) as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -206,12 +274,27 @@ fn run_on<B: Backend>(
         .values()
         .flat_map(|v| v.chunks(request.batch.max(1)))
         .collect();
-    for chunk in chunks {
+    if !done.is_empty() {
+        let finished: usize = done
+            .iter()
+            .filter_map(|&c| chunks.get(c))
+            .map(|c| c.len())
+            .sum();
+        eprintln!(
+            "resuming: {finished} of {} items already evaluated",
+            items.len()
+        );
+        progress.inc((finished * policies.len()) as u64);
+    }
+    for (c, chunk) in chunks.iter().enumerate() {
+        if done.contains(&c) {
+            continue;
+        }
         let b = chunk.len();
         let mut parts = Vec::with_capacity(b);
         let mut kinds = Vec::new();
-        for &i in chunk {
-            let item = &request.items[i];
+        for &i in chunk.iter() {
+            let item = items[i];
             let features = image_features(&model, &processor, &item.image, device, dtype)?;
             let (embeds, k) = splice(
                 &model,
@@ -279,7 +362,7 @@ fn run_on<B: Backend>(
                     |_, _| {},
                 )?;
                 for (k, (g, reference)) in out.iter().zip(reference).enumerate() {
-                    let item = &request.items[chunk[k]];
+                    let item = items[chunk[k]];
                     let text = decode(&g.tokens)?;
                     s.generated += g.tokens.len();
                     let share = |slots: &[usize]| {
@@ -299,11 +382,25 @@ fn run_on<B: Backend>(
             }
             progress.inc(b as u64);
         }
+        done.push(c);
+        if let Some(path) = &request.progress_file {
+            let record = Progress {
+                fingerprint: fingerprint.clone(),
+                done: done.clone(),
+                sums: sums.clone(),
+            };
+            write_atomically(path, &serde_json::to_string(&record)?)?;
+        }
+        items_done += b;
+        if request.stop_after_items.is_some_and(|n| items_done >= n) {
+            progress.finish_and_clear();
+            anyhow::bail!("stopped after {items_done} items (--stop-after-items)");
+        }
     }
     progress.finish_and_clear();
-    let n = request.items.len();
-    let n_exact = request.items.iter().filter(|i| counts_exact(i)).count();
-    let n_truth = request.items.iter().filter(|i| counts_truth(i)).count();
+    let n = items.len();
+    let n_exact = items.iter().filter(|i| counts_exact(i)).count();
+    let n_truth = items.iter().filter(|i| counts_truth(i)).count();
     let share = |x: f64, count: usize| (count > 0).then(|| x / count as f64);
     let generates = request.metric.generates();
     Ok(request
@@ -328,6 +425,36 @@ fn run_on<B: Backend>(
             image_kept_at_end: generates.then(|| s.image_end / n as f64),
         })
         .collect())
+}
+
+/// An item's prompt and answer tokens, or what is wrong with it (its image is missing, its
+/// question or answer does not encode, or the prompt exceeds the model's context).
+fn check_item(
+    item: &Item,
+    tokenizer: &ecache_model::PromptTokenizer,
+    image_tokens: usize,
+    context: usize,
+) -> Result<(Vec<u32>, Vec<u32>), String> {
+    let name = format!("item {:?}", item.question);
+    if !item.image.exists() {
+        return Err(format!(
+            "image {} of dataset {name} does not exist",
+            item.image.display()
+        ));
+    }
+    let prompt = tokenizer
+        .encode_prompt(&chat_prompt(&item.question), true)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let answer = tokenizer
+        .encode_answer(&item.answer)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let total = prompt.len() - 1 + image_tokens + answer.len();
+    if total > context {
+        return Err(format!(
+            "{name}: prompt and answer take {total} tokens but the model's context is {context}"
+        ));
+    }
+    Ok((prompt, answer))
 }
 
 /// `key=value` pairs of a run's parameters, sorted.

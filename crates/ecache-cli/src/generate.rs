@@ -91,6 +91,20 @@ fn run_on<B: Backend>(
     let ids = tokenizer
         .encode_prompt(&prompt, request.image.is_some())
         .map_err(|e| BadInput(e.to_string()))?;
+    // Refuse a prompt the model cannot hold before any work is done.
+    let image_tokens = if request.image.is_some() {
+        config.image_tokens()
+    } else {
+        0
+    };
+    let prompt_tokens = ids.len() - usize::from(request.image.is_some()) + image_tokens;
+    if prompt_tokens > config.text.max_positions {
+        return Err(BadInput(format!(
+            "the prompt takes {prompt_tokens} tokens ({image_tokens} of them the image) but the model's context is {} tokens (max_position_embeddings)",
+            config.text.max_positions
+        ))
+        .into());
+    }
     let features = match &request.image {
         Some(path) => Some(image_features(
             &model,

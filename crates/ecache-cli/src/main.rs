@@ -259,6 +259,13 @@ struct EvalArgs {
     /// Most sequences per batch (items with prompts of equal length are batched).
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Report and skip malformed dataset lines and unusable items (missing image, prompt
+    /// too long) instead of stopping before any work.
+    #[arg(long)]
+    keep_going: bool,
+    /// Stop as if interrupted after this many items (tests resumption).
+    #[arg(long, hide = true)]
+    stop_after_items: Option<usize>,
 }
 
 fn eval_command(args: EvalArgs) -> Result<()> {
@@ -301,7 +308,10 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         .dataset
         .clone()
         .ok_or_else(|| BadInput("give --dataset FILE (or [evaluation] dataset)".into()))?;
-    let mut items = ecache_cli::dataset::read(&dataset)?;
+    let (mut items, skipped) = ecache_cli::dataset::read_with(&dataset, args.keep_going)?;
+    for problem in &skipped {
+        eprintln!("skipped: {problem}");
+    }
     if let Some(n) = e.max_items {
         items.truncate(n);
     }
@@ -319,11 +329,18 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         metric,
         pad_to_square: args.model.pad_to_square,
         batch: args.batch,
+        keep_going: args.keep_going,
+        // Beside the results: finished batches, so that a rerun resumes.
+        progress_file: output.as_ref().map(|p| p.with_extension("progress.json")),
+        stop_after_items: args.stop_after_items,
     };
     let rows = ecache_cli::eval::run(&request, &built, full.as_ref())?;
     print!("{}", table(&rows));
     if let Some(path) = output {
         write_atomically(&path, &(serde_json::to_string_pretty(&rows)? + "\n"))?;
+    }
+    if let Some(progress) = &request.progress_file {
+        let _ = std::fs::remove_file(progress);
     }
     Ok(())
 }
@@ -373,6 +390,9 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
         ),
         (_, None) => return Err(BadInput("give --prompt TEXT".into()).into()),
     };
+    if prompt.trim().is_empty() {
+        return Err(BadInput("--prompt: the prompt is empty".into()).into());
+    }
     let g = &mut config.generation;
     g.max_new_tokens = args.max_new_tokens.unwrap_or(g.max_new_tokens);
     g.temperature = args.temperature.unwrap_or(g.temperature);

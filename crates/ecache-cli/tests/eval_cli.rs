@@ -191,3 +191,81 @@ fn all_metrics_do_not_depend_on_batching() {
         assert_eq!(a["generated_tokens"], b["generated_tokens"]);
     }
 }
+
+#[test]
+fn an_interrupted_evaluation_resumes_where_it_stopped() {
+    let dir = scratch().join("resume");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture().join("image.png"), dir.join("image.png")).unwrap();
+    let e = expected();
+    // Five items of three prompt lengths: batches of 1 make five steps to interrupt.
+    let lines: Vec<String> = ["", " please", " now please", "", " please"]
+        .iter()
+        .map(|extra| {
+            serde_json::json!({"image": "image.png",
+                "question": format!("{}{extra}", e["question"].as_str().unwrap()),
+                "answer": e["answer"]})
+            .to_string()
+        })
+        .collect();
+    let dataset = dir.join("ds.jsonl");
+    std::fs::write(&dataset, lines.join("\n")).unwrap();
+    let run = |output: &std::path::Path, extra: &[&str]| {
+        eval(
+            &[
+                &[
+                    "all",
+                    "--dataset",
+                    dataset.to_str().unwrap(),
+                    "--policies",
+                    "full,h2o",
+                    "--budgets",
+                    "0.5",
+                    "--max-new-tokens",
+                    "4",
+                    "--batch",
+                    "1",
+                    "--output",
+                    output.to_str().unwrap(),
+                ][..],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let whole = dir.join("whole.json");
+    assert!(run(&whole, &[]).status.success());
+
+    let resumed = dir.join("resumed.json");
+    let progress = dir.join("resumed.progress.json");
+    let out = run(&resumed, &["--stop-after-items", "2"]);
+    assert!(!out.status.success());
+    assert!(!resumed.exists(), "no results file until the run completes");
+    assert!(progress.exists(), "finished batches are recorded");
+    let out = run(&resumed, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming: 2 of 5 items"), "{stderr}");
+    assert!(
+        !progress.exists(),
+        "the record goes once the results are written"
+    );
+    let read = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(read(&whole), read(&resumed));
+
+    // A record of another evaluation is not resumed from.
+    std::fs::write(
+        &progress,
+        r#"{"fingerprint": "other", "done": [0, 1, 2], "sums": []}"#,
+    )
+    .unwrap();
+    let out = run(&resumed, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("records a different evaluation"),
+        "{stderr}"
+    );
+    assert_eq!(read(&whole), read(&resumed));
+}

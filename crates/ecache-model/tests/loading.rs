@@ -168,3 +168,39 @@ fn truncated_files_and_absent_shards_are_named() {
         other => panic!("{:?}", other.err()),
     }
 }
+
+#[test]
+fn absent_weights_and_tokenizer_are_named() {
+    let dir = scratch("absent-weights");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("model.safetensors"), "{err}");
+
+    let dir = scratch("absent-tokenizer");
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let err = ecache_model::PromptTokenizer::load(&dir, 3)
+        .err()
+        .expect("no tokenizer")
+        .to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+}
+
+#[test]
+fn a_tensor_of_an_unsupported_dtype_is_named() {
+    let dir = scratch("dtype");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let name = "model.multi_modal_projector.linear_2.bias";
+    let views: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let dtype = if n == name { Dtype::I32 } else { v.dtype() };
+            let view = TensorView::new(dtype, v.shape().to_vec(), v.data()).unwrap();
+            (n, view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains(name) && err.contains("I32"), "{err}");
+}
