@@ -37,3 +37,34 @@ fn generate_without_arguments_runs_the_embedded_demo() {
     assert!(full.starts_with("there are"), "{full}");
     assert!(!elastic.is_empty());
 }
+
+/// The answer lines of `ecache generate` on the embedded model with `extra` flags.
+fn answers(extra: &[&str]) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ecache"))
+        .args(["generate", "--max-new-tokens", "24"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter(|l| l.contains("(budget "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_same_seed_repeats_and_greedy_agrees_across_cpu_backends() {
+    let sampled = ["--temperature", "0.9", "--top-p", "0.95", "--seed", "7"];
+    let first = answers(&sampled);
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first, answers(&sampled), "same seed, same tokens");
+    let flex = answers(&["--backend", "flex"]);
+    let ndarray = answers(&["--backend", "ndarray"]);
+    assert_eq!(flex, ndarray, "greedy answers of flex and ndarray");
+}

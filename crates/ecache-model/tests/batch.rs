@@ -1,13 +1,15 @@
 //! A batch of sequences gives each sequence the logits it gets alone, under a policy that
 //! evicts, while their caches are managed independently.
 
+mod common;
+
 use std::path::PathBuf;
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Distribution, Tensor};
-use ecache_core::{PolicyConfig, PositionMode};
+use ecache_core::PolicyConfig;
 use ecache_model::{
-    Llava, PromptTokenizer, Sampling, Session, answer_nll, answer_nll_batch, chat_prompt, generate,
+    Llava, PromptTokenizer, Sampling, answer_nll, answer_nll_batch, chat_prompt, generate,
     generate_batch, splice,
 };
 
@@ -40,15 +42,7 @@ fn batched_sequences_match_single_runs_under_h2o() {
     let kinds = prompts[0].1.clone();
     let feed = [[3u32, 7, 9, 11], [5, 5, 20, 2]];
     let run = |embeds: Tensor<B, 3>, batch: usize, tokens: &dyn Fn(usize) -> Vec<u32>| {
-        let mut session = Session::new(
-            &model.decoder,
-            &config.text,
-            policy.as_ref(),
-            PositionMode::Absolute,
-            batch,
-            &device,
-            DType::F32,
-        );
+        let mut session = common::session(&model, &config, policy.as_ref(), batch);
         let mut rows: Vec<Vec<f32>> = Vec::new();
         let prefill = session.prefill(embeds, &kinds).unwrap();
         let [_, t, v] = prefill.dims();
@@ -146,28 +140,10 @@ fn batched_generation_gives_each_prompt_its_own_answer() {
     };
     // Token 5 as EOS makes sequences stop at different steps on some draws.
     let eos = [5u32];
-    let session = || {
-        Session::new(
-            &model.decoder,
-            &config.text,
-            policy.as_ref(),
-            PositionMode::Absolute,
-            1,
-            &device,
-            DType::F32,
-        )
-    };
+    let session = || common::session(&model, &config, policy.as_ref(), 1);
     let mut streamed = vec![Vec::new(); 3];
     let embeds = Tensor::cat(prompts.iter().map(|p| p.0.clone()).collect(), 0);
-    let mut batched_session = Session::new(
-        &model.decoder,
-        &config.text,
-        policy.as_ref(),
-        PositionMode::Absolute,
-        3,
-        &device,
-        DType::F32,
-    );
+    let mut batched_session = common::session(&model, &config, policy.as_ref(), 3);
     let batched = generate_batch(
         &mut batched_session,
         embeds,
@@ -210,15 +186,7 @@ fn batched_generation_gives_each_prompt_its_own_answer() {
     // Teacher forcing of ragged answers in one batch scores each as it scores alone.
     let answers = vec![vec![7u32, 9, 11, 4, 8], vec![12u32], vec![6u32, 6, 30]];
     let embeds = Tensor::cat(prompts.iter().map(|p| p.0.clone()).collect(), 0);
-    let mut batched_session = Session::new(
-        &model.decoder,
-        &config.text,
-        policy.as_ref(),
-        PositionMode::Absolute,
-        3,
-        &device,
-        DType::F32,
-    );
+    let mut batched_session = common::session(&model, &config, policy.as_ref(), 3);
     let batched = answer_nll_batch(&mut batched_session, embeds, &kinds, &answers).unwrap();
     for b in 0..3 {
         let alone = answer_nll(&mut session(), prompts[b].0.clone(), &kinds, &answers[b]).unwrap();

@@ -1,13 +1,15 @@
 //! The cache-free causal forward (the training path) agrees with the cached prefill, which
 //! the parity tests tie to transformers; random initialisation follows its rules.
 
+mod common;
+
 use std::path::PathBuf;
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Distribution, Tensor};
-use ecache_core::{PolicyConfig, PositionMode};
+use ecache_core::PolicyConfig;
 use ecache_model::layers::Rope;
-use ecache_model::{Llava, LlavaConfig, PromptTokenizer, Session, chat_prompt, splice};
+use ecache_model::{Llava, LlavaConfig, PromptTokenizer, chat_prompt, splice};
 
 type B = Flex;
 
@@ -33,15 +35,7 @@ fn causal_forward_matches_the_cached_prefill_for_a_batch() {
     let rope = Rope::new(config.text.head_dim, config.text.rope_theta);
     let causal = model.decoder.forward_causal(embeds.clone(), &rope);
     let policy = ecache_policy_full::build(&PolicyConfig::new("full", 1.0)).unwrap();
-    let mut session = Session::new(
-        &model.decoder,
-        &config.text,
-        policy.as_ref(),
-        PositionMode::Absolute,
-        2,
-        &device,
-        DType::F32,
-    );
+    let mut session = common::session(&model, &config, policy.as_ref(), 2);
     let cached = session.prefill(embeds, &prompts[0].1).unwrap();
     assert_eq!(causal.dims(), cached.dims());
     let diff: f32 = (causal - cached).abs().max().into_scalar();

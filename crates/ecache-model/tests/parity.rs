@@ -2,6 +2,8 @@
 //! vision features and prompt logits within 1e-4, identical greedy tokens, perplexity
 //! within 1e-5 relative, all in f32 on the CPU backend.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Tensor, TensorData};
@@ -133,7 +135,6 @@ fn argmax(row: &[f32]) -> u32 {
 
 fn check_fixture(name: &str) {
     let l = load(name);
-    let device = Default::default();
 
     let (shape, want) = l.expected.tensor("image_features");
     let got: Vec<f32> = l
@@ -149,15 +150,7 @@ fn check_fixture(name: &str) {
     let policy = full_policy();
     let (embeds, kinds) = prompt(&l);
     assert_eq!(kinds.len(), l.expected.ids("expanded_ids").len());
-    let mut session = Session::new(
-        &l.model.decoder,
-        &l.config.text,
-        policy.as_ref(),
-        PositionMode::Absolute,
-        1,
-        &device,
-        DType::F32,
-    );
+    let mut session = common::session(&l.model, &l.config, policy.as_ref(), 1);
     let logits = session.prefill(embeds, &kinds).unwrap();
     let (_, want) = l.expected.tensor("prompt_logits");
     let got: Vec<f32> = logits.clone().into_data().into_vec().unwrap();
@@ -191,15 +184,7 @@ fn check_fixture(name: &str) {
         .unwrap();
     assert_eq!(answer, l.expected.ids("answer_ids"));
     let (embeds, kinds) = prompt(&l);
-    let mut session = Session::new(
-        &l.model.decoder,
-        &l.config.text,
-        policy.as_ref(),
-        PositionMode::Absolute,
-        1,
-        &device,
-        DType::F32,
-    );
+    let mut session = common::session(&l.model, &l.config, policy.as_ref(), 1);
     let logits: Vec<f32> = session
         .prefill(embeds, &kinds)
         .unwrap()
@@ -237,7 +222,6 @@ fn gqa_sharded_legacy_fixture_matches_transformers() {
 /// modules in tools/make_fixtures.py (two independent implementations).
 fn check_policies(name: &str) {
     let l = load(name);
-    let device = Default::default();
     let budget = l.expected.json["policy_budget"].as_f64().unwrap();
     let answer = l.expected.ids("answer_ids");
     for (policy_name, build) in [
@@ -250,15 +234,7 @@ fn check_policies(name: &str) {
     ] {
         let policy = build(&PolicyConfig::new(policy_name, budget)).unwrap();
         let (embeds, kinds) = prompt(&l);
-        let mut session = Session::new(
-            &l.model.decoder,
-            &l.config.text,
-            policy.as_ref(),
-            PositionMode::Absolute,
-            1,
-            &device,
-            DType::F32,
-        );
+        let mut session = common::session(&l.model, &l.config, policy.as_ref(), 1);
         let nll = ecache_model::answer_nll(&mut session, embeds, &kinds, &answer).unwrap();
         let ppl = (nll.iter().sum::<f64>() / nll.len() as f64).exp();
         let want = l.expected.json["policy_ppl"][policy_name].as_f64().unwrap();
