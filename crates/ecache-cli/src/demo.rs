@@ -39,8 +39,8 @@ pub fn train_command(out: &Path, options: &TrainOptions) -> Result<()> {
             p.seconds,
             p.check
                 .map(|c| format!(
-                    "  held-out: short exact {:.3}, description exact {:.3}, tokens {:.3}",
-                    c.short_exact, c.description_exact, c.description_token_accuracy
+                    "  held-out: short exact {:.3}, description exact {:.3}, tokens {:.3}, by question {:?}",
+                    c.short_exact, c.description_exact, c.description_token_accuracy, c.by_template
                 ))
                 .unwrap_or_default()
         );
@@ -53,10 +53,15 @@ pub fn train_command(out: &Path, options: &TrainOptions) -> Result<()> {
         "peak_lr": options.peak_lr,
         "warmup": options.warmup,
         "description_share": options.description_share,
+        "turns": options.turns,
+        "oracle_steps": options.oracle_steps,
+        "oracle_weight": options.oracle_weight,
+        "probe_weight": options.probe_weight,
         "held_out_teacher_forced": {
             "short_exact": check.short_exact,
             "description_exact": check.description_exact,
             "description_token_accuracy": check.description_token_accuracy,
+            "short_exact_by_question": check.by_template.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
         },
         "log": log.iter().map(|p| serde_json::json!({"step": p.step, "loss": p.loss, "seconds": p.seconds})).collect::<Vec<_>>(),
     });

@@ -106,6 +106,22 @@ pub fn short_question(scene: &Scene, rng: &mut SeededRng) -> Qa {
     }
 }
 
+/// The template a question was drawn from: `describe`, `count`, `colour`, `shape`, `size`,
+/// `where` or `count colour` (for figures per kind of question).
+pub fn template_of(question: &str) -> &'static str {
+    let words: Vec<&str> = question.split_whitespace().take(3).collect();
+    match words.as_slice() {
+        ["describe", ..] => "describe",
+        ["how", "many", "objects"] => "count",
+        ["how", "many", _] => "count colour",
+        ["what", "colour", ..] => "colour",
+        ["what", "shape", ..] => "shape",
+        ["what", "size", ..] => "size",
+        ["where", ..] => "where",
+        _ => "other",
+    }
+}
+
 /// Every word the task uses, special tokens first, then the chat format's words, then the
 /// task's words in a fixed order.
 pub fn vocabulary() -> Vec<String> {

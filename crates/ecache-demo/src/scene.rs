@@ -22,16 +22,18 @@ pub const COLOURS: [(&str, [u8; 3]); 6] = [
 ];
 /// Object sizes.
 pub const SIZES: [&str; 2] = ["small", "large"];
-/// Cell names in reading order.
+/// Cell names in reading order: a row word and a column word each, so that a cell is found
+/// by matching both words (with the bare names "top", "left", "center" a question about
+/// "top" would have had to rule out "top left" and "top right"; docs/demo.md).
 pub const CELLS: [&str; 9] = [
     "top left",
-    "top",
+    "top center",
     "top right",
-    "left",
-    "center",
-    "right",
+    "middle left",
+    "middle center",
+    "middle right",
     "bottom left",
-    "bottom",
+    "bottom center",
     "bottom right",
 ];
 

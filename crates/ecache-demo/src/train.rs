@@ -16,9 +16,9 @@ use ecache_model::layers::Rope;
 use ecache_model::{Checkpoint, ImageProcessor, Llava, LlavaConfig, PromptTokenizer, chat_prompt};
 
 use crate::DemoError;
-use crate::language::{EOS, IMAGE, Kind, PAD, Qa, description, short_question};
+use crate::language::{EOS, IMAGE, Kind, PAD, Qa, description, short_question, template_of};
 use crate::model_dir::{DemoShape, write_descriptors};
-use crate::scene::{COLOURS, SHAPES, SIZES, Scene};
+use crate::scene::{CELLS, COLOURS, SHAPES, SIZES, Scene};
 
 /// Training settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -30,20 +30,30 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Fraction of sequences that are descriptions (the rest are short questions).
     pub description_share: f64,
+    /// Question-answer turns per training sequence (one image, several questions).
+    pub turns: usize,
     /// Weight of the cell probe's loss (see [`CellProbe`]).
     pub probe_weight: f64,
+    /// Steps of the first stage, in which the decoder reads each scene's oracle embeddings
+    /// instead of the tower's features (see [`oracle_embeddings`]).
+    pub oracle_steps: usize,
+    /// Weight of the loss that pulls the projected image features onto the oracle.
+    pub oracle_weight: f64,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
         Self {
-            steps: 1800,
-            batch: 12,
-            peak_lr: 2e-3,
-            warmup: 60,
+            steps: 1600,
+            batch: 8,
+            peak_lr: 1e-3,
+            warmup: 100,
             seed: 2024,
-            description_share: 0.4,
-            probe_weight: 1.0,
+            description_share: 0.5,
+            turns: 4,
+            probe_weight: 0.0,
+            oracle_steps: 600,
+            oracle_weight: 1.0,
         }
     }
 }
@@ -64,15 +74,58 @@ pub fn held_out_rng(seed: u64) -> SeededRng {
     SeededRng::new(seed ^ 0x005E_ED0F_4E1D_0017)
 }
 
-/// One drawn example: the scene, its question and answer.
-pub fn draw(rng: &mut SeededRng, description_share: f64) -> (Scene, Qa) {
+/// One drawn example: a scene and a conversation about it (one turn or several).
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub scene: Scene,
+    pub turns: Vec<Qa>,
+}
+
+/// A single-turn example: the scene and one question with its answer.
+pub fn draw(rng: &mut SeededRng, description_share: f64) -> Example {
+    draw_conversation(rng, 1, description_share)
+}
+
+/// A scene and `turns` distinct questions about it, as in LLaVA's multi-turn instruction
+/// data: with probability `description_share` one of the turns (at a random place) asks for
+/// the description, the others are short questions.
+pub fn draw_conversation(rng: &mut SeededRng, turns: usize, description_share: f64) -> Example {
     let scene = Scene::generate(rng);
-    let qa = if rng.next_f64() < description_share {
-        description(&scene)
+    let describe_at = if rng.next_f64() < description_share {
+        Some(((rng.next_f64() * turns as f64) as usize).min(turns - 1))
     } else {
-        short_question(&scene, rng)
+        None
     };
-    (scene, qa)
+    let mut qas: Vec<Qa> = Vec::with_capacity(turns);
+    for turn in 0..turns {
+        if describe_at == Some(turn) {
+            qas.push(description(&scene));
+            continue;
+        }
+        // A repeated question would let a later turn copy an earlier answer.
+        let mut qa = short_question(&scene, rng);
+        for _ in 0..20 {
+            if !qas.iter().any(|q| q.question == qa.question) {
+                break;
+            }
+            qa = short_question(&scene, rng);
+        }
+        if qas.iter().any(|q| q.question == qa.question) {
+            break;
+        }
+        qas.push(qa);
+    }
+    Example { scene, turns: qas }
+}
+
+/// One answer in a batch: its sequence, the full-sequence positions whose logits predict
+/// its tokens, the tokens (EOS last), and the question's kind.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub sequence: usize,
+    pub positions: Vec<usize>,
+    pub tokens: Vec<u32>,
+    pub kind: Kind,
 }
 
 /// A padded batch on the host.
@@ -86,18 +139,53 @@ pub struct Batch {
     rest_len: usize,
     targets: Vec<i64>,
     weights: Vec<f32>,
-    /// Per sequence: the full-sequence positions whose logits predict answer tokens, and
-    /// those tokens (EOS last).
-    pub answers: Vec<(Vec<usize>, Vec<u32>)>,
-    pub kinds: Vec<Kind>,
+    /// Every answer of every sequence.
+    pub answers: Vec<Answer>,
     /// Per sequence and grid cell: colour, shape and size class (0 for an empty cell).
     cell_targets: Vec<i64>,
+    /// Per sequence, image token and slot: the words whose embeddings sum to the token's
+    /// oracle embedding, and whether the slot is used.
+    oracle_ids: Vec<i64>,
+    oracle_mask: Vec<f32>,
+    image_tokens: usize,
+}
+
+/// Words per image token in the oracle: the cell's name (one or two words) and the
+/// object's colour, shape and size.
+const ORACLE_WORDS: usize = 5;
+
+/// The oracle's words for every image token of `scene`, padded to [`ORACLE_WORDS`].
+fn oracle_words(
+    scene: &Scene,
+    tokenizer: &PromptTokenizer,
+    image_tokens: usize,
+) -> Result<Vec<(i64, f32)>, DemoError> {
+    let grid = (image_tokens as f64).sqrt().round() as usize;
+    let mut per_cell = Vec::with_capacity(9);
+    for (cell, name) in CELLS.iter().enumerate() {
+        let mut words = name.to_string();
+        if let Some(o) = scene.at(cell) {
+            words += " ";
+            words += &o.noun_phrase();
+        }
+        let mut ids: Vec<(i64, f32)> = tokenizer
+            .encode_answer(&words)?
+            .into_iter()
+            .map(|i| (i as i64, 1.0))
+            .collect();
+        ids.resize(ORACLE_WORDS, (PAD as i64, 0.0));
+        per_cell.push(ids);
+    }
+    Ok((0..image_tokens)
+        .flat_map(|t| per_cell[(t / grid) * 3 / grid * 3 + (t % grid) * 3 / grid].clone())
+        .collect())
 }
 
 /// Encodes examples exactly as inference will see them: the chat prompt with BOS and
-/// `<image>`, the answer without specials, then EOS.
+/// `<image>`, the answer without specials, then EOS; later turns follow as `USER: question
+/// ASSISTANT: answer</s>`.
 pub fn make_batch(
-    examples: &[(Scene, Qa)],
+    examples: &[Example],
     tokenizer: &PromptTokenizer,
     processor: &ImageProcessor,
     image_tokens: usize,
@@ -107,21 +195,35 @@ pub fn make_batch(
     let mut prefixes = Vec::new();
     let mut rests = Vec::new();
     let mut answers = Vec::new();
-    for (scene, qa) in examples {
+    let mut oracle = Vec::new();
+    for (sequence, example) in examples.iter().enumerate() {
+        oracle.extend(oracle_words(&example.scene, tokenizer, image_tokens)?);
         let (values, [_, h, _]) =
-            processor.process(&image::DynamicImage::ImageRgb8(scene.render()))?;
+            processor.process(&image::DynamicImage::ImageRgb8(example.scene.render()))?;
         side = h;
         pixels.extend(values);
-        let ids = tokenizer.encode_prompt(&chat_prompt(&qa.question), true)?;
+        let ids = tokenizer.encode_prompt(&chat_prompt(&example.turns[0].question), true)?;
         let at = ids.iter().position(|&i| i == IMAGE).expect("one <image>");
-        let mut answer = tokenizer.encode_answer(&qa.answer)?;
-        answer.push(EOS);
-        let question = &ids[at + 1..];
-        let first = at + image_tokens + question.len() - 1;
-        let positions: Vec<usize> = (first..first + answer.len()).collect();
         prefixes.push(ids[..at].to_vec());
-        rests.push([question, &answer[..]].concat());
-        answers.push((positions, answer));
+        let mut rest: Vec<u32> = ids[at + 1..].to_vec();
+        for (turn, qa) in example.turns.iter().enumerate() {
+            if turn > 0 {
+                let prompt = format!("USER: {} ASSISTANT:", qa.question);
+                rest.extend(tokenizer.encode_answer(&prompt)?);
+            }
+            let mut tokens = tokenizer.encode_answer(&qa.answer)?;
+            tokens.push(EOS);
+            // The logit at the last prompt token predicts the first answer token.
+            let first = at + image_tokens + rest.len() - 1;
+            rest.extend(&tokens);
+            answers.push(Answer {
+                sequence,
+                positions: (first..first + tokens.len()).collect(),
+                tokens,
+                kind: qa.kind,
+            });
+        }
+        rests.push(rest);
     }
     let prefix_len = prefixes[0].len();
     assert!(
@@ -133,10 +235,13 @@ pub fn make_batch(
     let n = examples.len();
     let mut targets = vec![0i64; n * total];
     let mut weights = vec![0f32; n * total];
-    for (b, (positions, tokens)) in answers.iter().enumerate() {
-        for (&p, &t) in positions.iter().zip(tokens) {
-            targets[b * total + p] = t as i64;
-            weights[b * total + p] = 1.0 / tokens.len() as f32;
+    // Each answer weighs the same, however long, and each sequence the same, however many
+    // turns it has.
+    for a in &answers {
+        let turns = examples[a.sequence].turns.len() as f32;
+        for (&p, &t) in a.positions.iter().zip(&a.tokens) {
+            targets[a.sequence * total + p] = t as i64;
+            weights[a.sequence * total + p] = 1.0 / (a.tokens.len() as f32 * turns);
         }
     }
     Ok(Batch {
@@ -157,17 +262,61 @@ pub fn make_batch(
         targets,
         weights,
         answers,
-        kinds: examples.iter().map(|(_, qa)| qa.kind).collect(),
         cell_targets: examples
             .iter()
-            .flat_map(|(scene, _)| {
+            .flat_map(|example| {
+                let scene = &example.scene;
                 (0..9).flat_map(move |cell| match scene.at(cell) {
                     Some(o) => [o.colour as i64 + 1, o.shape as i64 + 1, o.size as i64 + 1],
                     None => [0, 0, 0],
                 })
             })
             .collect(),
+        oracle_ids: oracle.iter().map(|&(i, _)| i).collect(),
+        oracle_mask: oracle.iter().map(|&(_, m)| m).collect(),
+        image_tokens,
     })
+}
+
+/// The oracle embedding of every image token: the sum of the decoder's embeddings of the
+/// words that name the token's grid cell and the object in it (or the cell alone). In the
+/// first training stage the decoder reads these in place of the tower's features, so that it
+/// learns to find and read a cell while its inputs are already in its own word space (as
+/// LLaVA's pretrained language model is); the tower and projector meanwhile learn to produce
+/// them, and the second stage hands the decoder the real features.
+///
+/// # Shapes
+/// - returns `[batch, image_tokens, hidden]`
+pub fn oracle_embeddings<B: Backend>(
+    model: &Llava<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let (n, t) = (batch.size, batch.image_tokens);
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(batch.oracle_ids.clone(), [n, t * ORACLE_WORDS]),
+        device,
+    );
+    let embeds = model.decoder.embed(ids);
+    let hidden = embeds.dims()[2];
+    let mask = Tensor::<B, 4>::from_data(
+        TensorData::new(batch.oracle_mask.clone(), [n, t, ORACLE_WORDS, 1]),
+        device,
+    );
+    (embeds.reshape([n, t, ORACLE_WORDS, hidden]) * mask)
+        .sum_dim(2)
+        .reshape([n, t, hidden])
+}
+
+/// How far the projected features are from the oracle: squared error relative to the
+/// oracle's mean square (the oracle is a target here and gets no gradient).
+///
+/// # Shapes
+/// - `features`, `oracle`: `[batch, image_tokens, hidden]` -> scalar
+pub fn oracle_loss<B: Backend>(features: Tensor<B, 3>, oracle: Tensor<B, 3>) -> Tensor<B, 1> {
+    let oracle = oracle.detach();
+    let scale = oracle.clone().powi_scalar(2).mean().detach();
+    (features - oracle).powi_scalar(2).mean() / scale
 }
 
 /// Logits of every position of the batch's full sequences.
@@ -180,10 +329,11 @@ pub fn batch_logits<B: Backend>(
     rope: &Rope,
     device: &B::Device,
 ) -> Tensor<B, 3> {
-    batch_forward(model, batch, rope, device).0
+    batch_forward(model, batch, rope, device, false).0
 }
 
-/// Logits, and the projected image features they were computed from.
+/// Logits, and the projected image features. With `oracle` the decoder reads the oracle
+/// embeddings (see [`oracle_embeddings`]) in place of the features.
 ///
 /// # Shapes
 /// - returns `[batch, sequence, vocab]` and `[batch, image_tokens, hidden]`
@@ -192,6 +342,7 @@ pub fn batch_forward<B: Backend>(
     batch: &Batch,
     rope: &Rope,
     device: &B::Device,
+    oracle: bool,
 ) -> (Tensor<B, 3>, Tensor<B, 3>) {
     let n = batch.size;
     let pixels = Tensor::<B, 4>::from_data(
@@ -202,10 +353,15 @@ pub fn batch_forward<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), [n, len]), device)
     };
     let features = model.image_features(pixels);
+    let image = if oracle {
+        oracle_embeddings(model, batch, device)
+    } else {
+        features.clone()
+    };
     let embeds = Tensor::cat(
         vec![
             model.decoder.embed(ids(&batch.prefix, batch.prefix_len)),
-            features.clone(),
+            image,
             model.decoder.embed(ids(&batch.rest, batch.rest_len)),
         ],
         1,
@@ -304,11 +460,11 @@ pub fn batch_loss<B: Backend>(
     (picked * weights).sum().neg() / n as f64
 }
 
-/// Per sequence: whether greedy decoding reproduces the answer and EOS exactly (every
+/// Per answer: whether greedy decoding reproduces it and EOS exactly (every
 /// teacher-forced argmax right, which is what greedy decoding then follows), and the share
-/// of answer tokens predicted right.
+/// of its tokens predicted right.
 pub fn answer_accuracy<B: Backend>(logits: Tensor<B, 3>, batch: &Batch) -> Vec<(bool, f64)> {
-    let [n, t, v] = logits.dims();
+    let [n, t, _] = logits.dims();
     let best: Vec<i64> = logits
         .argmax(2)
         .reshape([n * t])
@@ -316,28 +472,34 @@ pub fn answer_accuracy<B: Backend>(logits: Tensor<B, 3>, batch: &Batch) -> Vec<(
         .convert::<i64>()
         .into_vec()
         .expect("ints");
-    let _ = v;
     batch
         .answers
         .iter()
-        .enumerate()
-        .map(|(b, (positions, tokens))| {
-            let right = positions
+        .map(|a| {
+            let right = a
+                .positions
                 .iter()
-                .zip(tokens)
-                .filter(|&(&p, &tok)| best[b * t + p] == tok as i64)
+                .zip(&a.tokens)
+                .filter(|&(&p, &tok)| best[a.sequence * t + p] == tok as i64)
                 .count();
-            (right == tokens.len(), right as f64 / tokens.len() as f64)
+            (
+                right == a.tokens.len(),
+                right as f64 / a.tokens.len() as f64,
+            )
         })
         .collect()
 }
 
 /// Held-out figures under teacher forcing (greedy-equivalent exact match).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct QuickCheck {
     pub short_exact: f64,
     pub description_exact: f64,
     pub description_token_accuracy: f64,
+    /// The same figures with the oracle in place of the image features (first stage only).
+    pub oracle: Option<(f64, f64)>,
+    /// Short-question exact match per question template.
+    pub by_template: Vec<(&'static str, f64)>,
 }
 
 /// Checks `count` held-out examples of each kind.
@@ -350,9 +512,28 @@ pub fn quick_check<B: Backend>(
     count: usize,
     device: &B::Device,
 ) -> Result<QuickCheck, DemoError> {
+    held_out_accuracy(
+        model, config, tokenizer, processor, seed, count, device, false,
+    )
+}
+
+/// The held-out figures of [`quick_check`] (without `oracle`); with `oracle` the decoder
+/// reads the oracle embeddings in place of the image features.
+#[allow(clippy::too_many_arguments)]
+fn held_out_accuracy<B: Backend>(
+    model: &Llava<B>,
+    config: &LlavaConfig,
+    tokenizer: &PromptTokenizer,
+    processor: &ImageProcessor,
+    seed: u64,
+    count: usize,
+    device: &B::Device,
+    oracle: bool,
+) -> Result<QuickCheck, DemoError> {
     let rope = Rope::new(config.text.head_dim, config.text.rope_theta);
     let mut rng = held_out_rng(seed);
     let mut out = QuickCheck::default();
+    let mut templates: std::collections::BTreeMap<&'static str, (f64, f64)> = Default::default();
     for share in [0.0, 1.0] {
         let mut exact = 0.0;
         let mut tokens = 0.0;
@@ -361,9 +542,15 @@ pub fn quick_check<B: Backend>(
                 .map(|_| draw(&mut rng, share))
                 .collect();
             let batch = make_batch(&examples, tokenizer, processor, config.image_tokens())?;
-            for (e, t) in answer_accuracy(batch_logits(model, &batch, &rope, device), &batch) {
+            let logits = batch_forward(model, &batch, &rope, device, oracle).0;
+            let accuracy = answer_accuracy(logits, &batch);
+            for (example, (e, t)) in examples.iter().zip(accuracy) {
                 exact += e as u8 as f64;
                 tokens += t;
+                let entry = templates
+                    .entry(template_of(&example.turns[0].question))
+                    .or_default();
+                *entry = (entry.0 + e as u8 as f64, entry.1 + 1.0);
             }
         }
         if share == 0.0 {
@@ -373,14 +560,21 @@ pub fn quick_check<B: Backend>(
             out.description_token_accuracy = tokens / count as f64;
         }
     }
+    out.by_template = templates
+        .into_iter()
+        .filter(|(name, _)| *name != "describe")
+        .map(|(name, (right, all))| (name, right / all))
+        .collect();
     Ok(out)
 }
 
 /// What training reports as it goes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Progress {
     pub step: usize,
     pub loss: f64,
+    /// Mean relative squared distance of the features from the oracle (0 when not trained).
+    pub oracle_fit: f64,
     pub lr: f64,
     pub seconds: f64,
     /// Held-out figures, at checkpoints.
@@ -429,15 +623,27 @@ pub fn train(
     let start = Instant::now();
     let mut log = Vec::new();
     let mut stretch = 0.0;
+    let mut oracle_stretch = 0.0;
     for step in 0..options.steps {
         let examples: Vec<_> = (0..options.batch)
-            .map(|_| draw(&mut rng, options.description_share))
+            .map(|_| draw_conversation(&mut rng, options.turns, options.description_share))
             .collect();
         let batch = make_batch(&examples, &tokenizer, &processor, config.image_tokens())?;
-        let (logits, features) = batch_forward(&model.llava, &batch, &rope, &device);
+        let reads_oracle = step < options.oracle_steps;
+        let (logits, features) = batch_forward(&model.llava, &batch, &rope, &device, reads_oracle);
         let answer_loss = batch_loss(logits, &batch, &device);
         stretch += answer_loss.clone().into_scalar() as f64;
-        let loss = answer_loss + model.probe.loss(features, &batch, &device) * options.probe_weight;
+        let mut loss = answer_loss;
+        if options.probe_weight > 0.0 {
+            loss =
+                loss + model.probe.loss(features.clone(), &batch, &device) * options.probe_weight;
+        }
+        if options.oracle_weight > 0.0 {
+            let oracle = oracle_embeddings(&model.llava, &batch, &device);
+            let fit = oracle_loss(features, oracle);
+            oracle_stretch += fit.clone().into_scalar() as f64;
+            loss = loss + fit * options.oracle_weight;
+        }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lr = options.lr(step);
         model = optim.step(lr, model, grads);
@@ -446,7 +652,7 @@ pub fn train(
             let check = if (step + 1) % checkpoint_every == 0 && step + 1 < options.steps {
                 let inner = model.valid().llava;
                 inner.export().save(&dir.join("model.safetensors"))?;
-                let check = quick_check(
+                let mut check = quick_check(
                     &inner,
                     &config,
                     &tokenizer,
@@ -455,6 +661,23 @@ pub fn train(
                     64,
                     &device,
                 )?;
+                if step < options.oracle_steps {
+                    let with_oracle = held_out_accuracy(
+                        &inner,
+                        &config,
+                        &tokenizer,
+                        &processor,
+                        options.seed,
+                        64,
+                        &device,
+                        true,
+                    )?;
+                    check.oracle = Some((
+                        with_oracle.short_exact,
+                        with_oracle.description_token_accuracy,
+                    ));
+                    check.by_template = with_oracle.by_template;
+                }
                 Some(check)
             } else {
                 None
@@ -462,12 +685,14 @@ pub fn train(
             let p = Progress {
                 step: step + 1,
                 loss: stretch / done as f64,
+                oracle_fit: oracle_stretch / done as f64,
                 lr,
                 seconds: start.elapsed().as_secs_f64(),
                 check,
             };
             stretch = 0.0;
-            on_progress(p);
+            oracle_stretch = 0.0;
+            on_progress(p.clone());
             log.push(p);
         }
     }

@@ -28,7 +28,11 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
         warmup: 5,
         seed: 1,
         description_share: 0.5,
-        probe_weight: 1.0,
+        turns: 2,
+        probe_weight: 0.0,
+        // Both stages: the oracle for the first half, the tower's features after.
+        oracle_steps: 20,
+        oracle_weight: 1.0,
     };
     let (check, log) = train(&dir, &shape, &options, 5, 20, |_| {}).unwrap();
     let first = log.first().unwrap().loss;
@@ -41,6 +45,10 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
         log.iter().any(|p| p.check.is_some()),
         "a checkpoint was reported"
     );
+    // The tower learns to produce the oracle: its distance shrinks.
+    let fit_first = log.first().unwrap().oracle_fit;
+    let fit_last = log.last().unwrap().oracle_fit;
+    assert!(fit_last < 0.8 * fit_first, "oracle fit {fit_first} -> {fit_last}");
     assert!((0.0..=1.0).contains(&check.description_token_accuracy));
     assert!(check.description_token_accuracy > 0.3, "{check:?}");
     let device = Default::default();
