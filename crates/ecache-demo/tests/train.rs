@@ -48,7 +48,10 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
     // The tower learns to produce the oracle: its distance shrinks.
     let fit_first = log.first().unwrap().oracle_fit;
     let fit_last = log.last().unwrap().oracle_fit;
-    assert!(fit_last < 0.8 * fit_first, "oracle fit {fit_first} -> {fit_last}");
+    assert!(
+        fit_last < 0.8 * fit_first,
+        "oracle fit {fit_first} -> {fit_last}"
+    );
     assert!((0.0..=1.0).contains(&check.description_token_accuracy));
     assert!(check.description_token_accuracy > 0.3, "{check:?}");
     let device = Default::default();
