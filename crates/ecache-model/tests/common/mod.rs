@@ -1,17 +1,17 @@
 //! Setup shared by the model's integration tests.
 
-use burn::backend::Flex;
-use burn::tensor::DType;
+use burn::tensor::{DType, backend::Backend};
 use ecache_core::{CachePolicy, PositionMode};
 use ecache_model::{Llava, LlavaConfig, Session};
 
-/// A session on the CPU in f32 with absolute positions, for `batch` sequences.
-pub fn session<'a>(
-    model: &'a Llava<Flex>,
+/// A session on the backend's default device in f32 with absolute positions, for `batch`
+/// sequences.
+pub fn session<'a, B: Backend>(
+    model: &'a Llava<B>,
     config: &LlavaConfig,
     policy: &'a dyn CachePolicy,
     batch: usize,
-) -> Session<'a, Flex> {
+) -> Session<'a, B> {
     Session::new(
         &model.decoder,
         &config.text,
