@@ -448,7 +448,7 @@ fn check_item(
     let answer = tokenizer
         .encode_answer(&item.answer)
         .map_err(|e| format!("{name}: {e}"))?;
-    let total = prompt.len() - 1 + image_tokens + answer.len();
+    let total = tokenizer.sequence_len(&prompt, image_tokens) + answer.len();
     if total > context {
         return Err(format!(
             "{name}: prompt and answer take {total} tokens but the model's context is {context}"

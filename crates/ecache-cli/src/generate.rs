@@ -97,7 +97,7 @@ fn run_on<B: Backend>(
     } else {
         0
     };
-    let prompt_tokens = ids.len() - usize::from(request.image.is_some()) + image_tokens;
+    let prompt_tokens = tokenizer.sequence_len(&ids, image_tokens);
     if prompt_tokens > config.text.max_positions {
         return Err(BadInput(format!(
             "the prompt takes {prompt_tokens} tokens ({image_tokens} of them the image) but the model's context is {} tokens (max_position_embeddings)",

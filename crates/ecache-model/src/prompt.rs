@@ -60,6 +60,13 @@ impl PromptTokenizer {
         }
     }
 
+    /// How many positions the encoded prompt `ids` takes once each `<image>` token is
+    /// replaced by the image's `image_tokens` features.
+    pub fn sequence_len(&self, ids: &[u32], image_tokens: usize) -> usize {
+        let images = ids.iter().filter(|&&i| i == self.image_token_id).count();
+        ids.len() - images + images * image_tokens
+    }
+
     /// Encodes answer text without special tokens.
     pub fn encode_answer(&self, text: &str) -> Result<Vec<u32>> {
         self.encode(text, false)
