@@ -4,6 +4,7 @@
 //! commands' input and output formats. No numerics live here.
 
 pub mod backend;
+pub mod bench;
 pub mod dataset;
 pub mod demo;
 pub mod eval;

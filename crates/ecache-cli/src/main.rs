@@ -35,6 +35,84 @@ enum Command {
     TrainDemo(TrainDemoArgs),
     /// The quality study on the demo model: every policy and budget over held-out scenes.
     Study(StudyArgs),
+    /// Time prefill and decode on random weights of a named shape, every policy against
+    /// the full cache in the same run (the paper's latency protocol).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// llava-1.5-7b | llava-1.5-13b | llava-mid | a config.json or model directory.
+    #[arg(long, default_value = "llava-1.5-7b")]
+    shape: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Prompt tokens, the image's included.
+    #[arg(long, default_value_t = 900)]
+    prompt_len: usize,
+    /// Decode steps after the prefill.
+    #[arg(long, default_value_t = 512)]
+    gen_len: usize,
+    /// Policies to time besides the full cache (default: --policy, else elastic).
+    #[arg(long, value_delimiter = ',')]
+    policies: Vec<String>,
+    /// Budgets for every policy but full (default: --budget, else 0.2).
+    #[arg(long, value_delimiter = ',')]
+    budgets: Vec<f64>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// flex | ndarray | cuda.
+    #[arg(long)]
+    backend: Option<String>,
+    /// f32 | f16 | bf16: the weights are created directly in it.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Untimed passes of the whole protocol with the full cache first (kernel tuning).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the figures as JSON here as well.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+fn bench_command(args: BenchArgs) -> Result<()> {
+    use ecache_cli::bench::{BenchRequest, resolve_shape, table, write};
+    let mut config = run_config(&args.policy, "elastic", 0.2)?;
+    if let Some(b) = &args.backend {
+        config.model.backend = parse_value("backend", b)?;
+    }
+    if let Some(d) = &args.dtype {
+        config.model.dtype = parse_value("dtype", d)?;
+    }
+    config.validate()?;
+    let policies = if args.policies.is_empty() {
+        vec![config.policy.name.clone()]
+    } else {
+        args.policies.clone()
+    };
+    let budgets = if args.budgets.is_empty() {
+        vec![config.policy.budget]
+    } else {
+        args.budgets.clone()
+    };
+    let runs = ecache_cli::eval::grid(&config, &policies, &budgets);
+    let request = BenchRequest {
+        shape_name: args.shape.clone(),
+        config: resolve_shape(&args.shape)?,
+        batch: args.batch,
+        prompt_len: args.prompt_len,
+        gen_len: args.gen_len,
+        runs,
+        dtype: ecache_cli::backend::dtype(config.model.dtype),
+        warmup: args.warmup,
+        seed: args.seed,
+    };
+    ecache_cli::bench::check_request(&request)?;
+    let report = ecache_cli::backend::on_backend(config.model.backend, request)?;
+    print!("{}", table(&report));
+    write(&report, args.output.as_ref())
 }
 
 #[derive(clap::Args)]
@@ -456,6 +534,7 @@ fn main() -> ExitCode {
         Command::Policies => policies_command(),
         Command::TrainDemo(args) => train_demo_command(args),
         Command::Study(args) => study_command(args),
+        Command::Bench(args) => bench_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

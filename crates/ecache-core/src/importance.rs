@@ -61,6 +61,15 @@ impl<B: Backend> ImportanceAccumulator<B> {
         self.sums.as_ref()
     }
 
+    /// The accumulated sums on the device (zeros when no block was added).
+    ///
+    /// # Shapes
+    /// - returns `[batch, keys]`
+    pub fn into_sums(self, batch: usize, keys: usize, device: &B::Device) -> Tensor<B, 2> {
+        self.sums
+            .unwrap_or_else(|| Tensor::zeros([batch, keys], device))
+    }
+
     /// One host row per sequence, cut to that sequence's length `lens[b]`.
     pub fn into_rows(self, lens: &[usize]) -> Result<Vec<Vec<f32>>> {
         let Some(sums) = self.sums else {

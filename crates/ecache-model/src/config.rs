@@ -216,10 +216,15 @@ impl LlavaConfig {
     /// Reads and validates `config.json`.
     pub fn from_path(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let hf: HfLlavaConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates the text of a `config.json`; `source` names it in errors.
+    pub fn from_json(text: &str, source: &str) -> Result<Self> {
+        let hf: HfLlavaConfig =
+            serde_json::from_str(text).map_err(|e| ModelError::Config(format!("{source}: {e}")))?;
         Self::try_from(hf).map_err(|e| match e {
-            ModelError::Config(m) => ModelError::Config(format!("{}: {m}", path.display())),
+            ModelError::Config(m) => ModelError::Config(format!("{source}: {m}")),
             other => other,
         })
     }

@@ -80,7 +80,33 @@ impl<'a, B: Backend> Session<'a, B> {
     /// - `embeds`: `[batch, T, hidden]`; `kinds`: `T` slot kinds
     /// - returns `[batch, T, vocab]`
     pub fn prefill(&mut self, embeds: Tensor<B, 3>, kinds: &[SlotKind]) -> Result<Tensor<B, 3>> {
+        let hidden = self.prefill_hidden(embeds, kinds)?;
+        Ok(self.decoder.head(hidden))
+    }
+
+    /// Runs the prompt like [`Session::prefill`] but returns only the last position's
+    /// logits, the one generation needs: the LM head runs on one position, not `T`.
+    ///
+    /// # Shapes
+    /// - `embeds`: `[batch, T, hidden]`; `kinds`: `T` slot kinds
+    /// - returns `[batch, vocab]`
+    pub fn prefill_last(
+        &mut self,
+        embeds: Tensor<B, 3>,
+        kinds: &[SlotKind],
+    ) -> Result<Tensor<B, 2>> {
+        let hidden = self.prefill_hidden(embeds, kinds)?;
+        let [b, t, _] = hidden.dims();
+        let logits = self.decoder.head(hidden.narrow(1, t - 1, 1));
+        let v = logits.dims()[2];
+        Ok(logits.reshape([b, v]))
+    }
+
+    fn prefill_hidden(&mut self, embeds: Tensor<B, 3>, kinds: &[SlotKind]) -> Result<Tensor<B, 3>> {
         let [batch, t, _] = embeds.dims();
+        if t == 0 {
+            return Err(ModelError::Prompt("the prompt is empty".into()));
+        }
         if self.tokens_seen.iter().any(|&n| n > 0) {
             return Err(ModelError::Prompt(
                 "prefill called twice on one session".into(),
@@ -95,8 +121,7 @@ impl<'a, B: Backend> Session<'a, B> {
         let positions: Vec<Vec<usize>> = vec![(0..t).collect(); batch];
         let rope_positions = positions.clone();
         self.prompt_len = vec![t; batch];
-        let hidden = self.run_layers(embeds, &positions, &rope_positions, kinds, Phase::Prefill)?;
-        Ok(self.decoder.head(hidden))
+        self.run_layers(embeds, &positions, &rope_positions, kinds, Phase::Prefill)
     }
 
     /// Feeds one token per sequence and returns the next-token logits.

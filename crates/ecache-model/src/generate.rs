@@ -161,7 +161,7 @@ pub fn generate_batch<B: Backend>(
         .map(|b| SeededRng::new(sampling.seed.wrapping_add(b)))
         .collect();
     let start = Instant::now();
-    let mut rows = rows_of(session.prefill(embeds, kinds)?, batch)?;
+    let mut rows = rows_of(session.prefill_last(embeds, kinds)?)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let after_prefill = (0..batch)
         .map(|b| Ok(held(session, b)?.1))
@@ -242,22 +242,16 @@ fn held<B: Backend>(session: &Session<'_, B>, b: usize) -> Result<(Vec<usize>, V
 
 /// Feeds one token per sequence and returns each sequence's next-token logits.
 fn step_rows<B: Backend>(session: &mut Session<'_, B>, feed: &[u32]) -> Result<Vec<Vec<f32>>> {
-    let logits = session.step(feed)?;
-    let v = logits.dims()[1];
-    let flat: Vec<f32> = logits
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .expect("converted to f32");
-    Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+    rows_of(session.step(feed)?)
 }
 
-/// The last position's logits of each sequence.
-fn rows_of<B: Backend>(logits: Tensor<B, 3>, batch: usize) -> Result<Vec<Vec<f32>>> {
-    let [_, t, v] = logits.dims();
+/// One host row of logits per sequence.
+///
+/// # Shapes
+/// - `logits`: `[batch, vocab]`
+fn rows_of<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
+    let v = logits.dims()[1];
     let flat: Vec<f32> = logits
-        .narrow(1, t - 1, 1)
-        .reshape([batch * v])
         .into_data()
         .convert::<f32>()
         .into_vec()
@@ -290,8 +284,14 @@ pub fn answer_nll_batch<B: Backend>(
     kinds: &[SlotKind],
     answers: &[Vec<u32>],
 ) -> Result<Vec<Vec<f64>>> {
-    let batch = answers.len();
-    let mut rows = rows_of(session.prefill(embeds, kinds)?, batch)?;
+    if embeds.dims()[0] != answers.len() {
+        return Err(crate::ModelError::Prompt(format!(
+            "{} answers for a batch of {} prompts",
+            answers.len(),
+            embeds.dims()[0]
+        )));
+    }
+    let mut rows = rows_of(session.prefill_last(embeds, kinds)?)?;
     let longest = answers.iter().map(Vec::len).max().unwrap_or(0);
     let mut nll: Vec<Vec<f64>> = answers
         .iter()

@@ -3,8 +3,10 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData, activation, backend::Backend};
-use ecache_core::{LayerCache, SlotKind, importance::column_sums};
+use ecache_core::{ImportanceAccumulator, LayerCache, SlotKind};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
@@ -96,9 +98,23 @@ impl<B: Backend> LlamaLayer<B> {
         let t = x.dims()[1];
         let (q, k, v) = self.qkv(x.clone(), rope);
         cache.append(k, v, slot_positions, kinds)?;
-        let slots = cache.keys().dims()[2];
-        let mask = visibility_mask::<B>(cache, t, slots, &x.device());
-        Ok(self.attend(x, q, cache.keys(), cache.values(), mask, want_scores))
+        let visibility = Visibility::of(cache, t);
+        let (keys, values) = (cache.keys(), cache.values());
+        if want_scores {
+            let mask = visibility.mask::<B>(cache, t, &x.device());
+            let (attn, scores) =
+                self.attention_with_scores(q, keys, values, mask, SCORE_BLOCK_ELEMENTS)?;
+            Ok(LayerOutput {
+                hidden: self.finish(x, attn),
+                scores: Some(scores),
+            })
+        } else {
+            let attn = self.attention_fused(q, keys, values, visibility, cache);
+            Ok(LayerOutput {
+                hidden: self.finish(x, attn),
+                scores: None,
+            })
+        }
     }
 
     /// Runs the layer over whole sequences with a causal mask and no cache: the training
@@ -115,7 +131,8 @@ impl<B: Backend> LlamaLayer<B> {
         mask: Tensor<B, 4, Bool>,
     ) -> Tensor<B, 3> {
         let (q, k, v) = self.qkv(x.clone(), rope);
-        self.attend(x, q, k, v, mask, false).hidden
+        let (attn, _) = self.attention_explicit(q, k, v, mask, false);
+        self.finish(x, attn)
     }
 
     /// Queries, keys (both after RoPE) and values, heads split out.
@@ -142,36 +159,178 @@ impl<B: Backend> LlamaLayer<B> {
         (q, k, v)
     }
 
-    /// Attention of `q` over `keys`/`values` (KV heads), the residual, and the MLP.
-    fn attend(
+    /// Attention through the backend's fused kernel (flash-style on `flex`): no
+    /// probabilities are materialised beyond what the kernel needs.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, heads, t, d]`; `keys`, `values`: `[batch, kv_heads, slots, d]`
+    /// - returns `[batch, heads, t, d]`
+    fn attention_fused(
         &self,
-        x: Tensor<B, 3>,
+        q: Tensor<B, 4>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        visibility: Visibility,
+        cache: &LayerCache<B>,
+    ) -> Tensor<B, 4> {
+        let rep = self.heads / self.kv_heads;
+        let [b, h, t, _] = q.dims();
+        let slots = keys.dims()[2];
+        let (mask, is_causal) = match visibility {
+            Visibility::All => (None, false),
+            Visibility::Causal => (None, true),
+            Visibility::Ragged => {
+                let mask = visibility.mask::<B>(cache, t, &q.device());
+                (Some(mask.expand([b, h, t, slots])), false)
+            }
+        };
+        let options = AttentionModuleOptions {
+            scale: Some((self.head_dim as f64).powf(-0.5)),
+            softcap: None,
+            is_causal,
+        };
+        attention(
+            q,
+            repeat_kv(keys, rep),
+            repeat_kv(values, rep),
+            mask,
+            None,
+            options,
+        )
+    }
+
+    /// Attention with the head-mean column sums of its probabilities (the policy's
+    /// importance or decode row), computed over blocks of query rows so that a prefill
+    /// holds at most `block_elements` probabilities at once (or one query row's).
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, heads, t, d]`; `keys`, `values`: `[batch, kv_heads, slots, d]`
+    /// - `mask`: `[batch, 1, t, slots]`, true where attention is not allowed
+    /// - returns `[batch, heads, t, d]` and scores `[batch, slots]`
+    fn attention_with_scores(
+        &self,
         q: Tensor<B, 4>,
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
         mask: Tensor<B, 4, Bool>,
-        want_scores: bool,
-    ) -> LayerOutput<B> {
-        let [b, t, _] = x.dims();
+        block_elements: usize,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 2>)> {
+        let [b, h, t, _] = q.dims();
+        let slots = keys.dims()[2];
+        let q_device = q.device();
+        let rows = (block_elements / (b * h * slots).max(1)).clamp(1, t);
+        let rep = self.heads / self.kv_heads;
+        let (keys, values) = (repeat_kv(keys, rep), repeat_kv(values, rep));
+        let mut importance = ImportanceAccumulator::new();
+        let mut blocks = Vec::with_capacity(t.div_ceil(rows));
+        for start in (0..t).step_by(rows) {
+            let n = rows.min(t - start);
+            let (attn, probs) = self.attention_explicit(
+                q.clone().narrow(2, start, n),
+                keys.clone(),
+                values.clone(),
+                mask.clone().narrow(2, start, n),
+                true,
+            );
+            importance.add_block(probs.expect("asked for"))?;
+            blocks.push(attn);
+        }
+        let scores = importance.into_sums(b, slots, &q_device);
+        Ok((Tensor::cat(blocks, 2), scores))
+    }
+
+    /// Softmax attention written out in f32, and its probabilities when `keep_probs`: the
+    /// training path, and the scored path's inner step.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, heads, t, d]`; `keys`, `values`: `[batch, kv_heads or heads, slots, d]`
+    /// - `mask`: `[batch or 1, 1, t, slots]`, true where attention is not allowed
+    /// - returns `[batch, heads, t, d]` and, if `keep_probs`, `[batch, heads, t, slots]`
+    fn attention_explicit(
+        &self,
+        q: Tensor<B, 4>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        mask: Tensor<B, 4, Bool>,
+        keep_probs: bool,
+    ) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
         let d = self.head_dim;
-        let keys = repeat_kv(keys, self.heads / self.kv_heads);
-        let values = repeat_kv(values, self.heads / self.kv_heads);
+        let heads = q.dims()[1];
+        let keys = repeat_kv(keys.clone(), heads / keys.dims()[1]);
+        let values = repeat_kv(values.clone(), heads / values.dims()[1]);
         let dtype = q.dtype();
         let logits = (q.matmul(keys.swap_dims(2, 3)) * (d as f64).powf(-0.5)).cast(DType::F32);
         let probs = activation::softmax(logits.mask_fill(mask, f32::NEG_INFINITY), 3);
-        let scores = want_scores.then(|| column_sums(probs.clone()));
-        let attn = probs
-            .cast(dtype)
-            .matmul(values)
+        let kept = keep_probs.then(|| probs.clone());
+        (probs.cast(dtype).matmul(values), kept)
+    }
+
+    /// The attention output projection, the residual, and the MLP.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, t, hidden]`; `attn`: `[batch, heads, t, d]` -> `[batch, t, hidden]`
+    fn finish(&self, x: Tensor<B, 3>, attn: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let attn = attn
             .swap_dims(1, 2)
-            .reshape([b, t, self.heads * d]);
+            .reshape([b, t, self.heads * self.head_dim]);
         let x = x + self.o_proj.forward(attn);
         let h = self.post_attention_layernorm.forward(x.clone());
         let mlp = activation::silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
-        LayerOutput {
-            hidden: x + self.down_proj.forward(mlp),
-            scores,
+        x + self.down_proj.forward(mlp)
+    }
+}
+
+/// Most attention probabilities the scored path holds at once (16 Mi f32, 64 MiB).
+pub const SCORE_BLOCK_ELEMENTS: usize = 1 << 24;
+
+/// Which cache slots the `t` new tokens may see, by the cheapest description that holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Visibility {
+    /// Every slot (one new token per sequence, all sequences the same length).
+    All,
+    /// The cache holds exactly the new tokens of every sequence: a causal mask.
+    Causal,
+    /// Anything else (sequences of different lengths): an explicit mask.
+    Ragged,
+}
+
+impl Visibility {
+    fn of<B: Backend>(cache: &LayerCache<B>, t: usize) -> Self {
+        let batch = cache.shape().batch;
+        let len = cache.len(0);
+        if (1..batch).any(|b| cache.len(b) != len) {
+            Visibility::Ragged
+        } else if t == 1 {
+            Visibility::All
+        } else if len == t {
+            Visibility::Causal
+        } else {
+            Visibility::Ragged
         }
+    }
+
+    /// True where attention is *not* allowed: the `t` new tokens of sequence `b` sit at
+    /// cache indices `len_b - t ..len_b`, and token `i` sees slots `0..=len_b - t + i`.
+    ///
+    /// # Shapes
+    /// - returns `[batch, 1, t, max_len]`
+    fn mask<B: Backend>(
+        self,
+        cache: &LayerCache<B>,
+        t: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 4, Bool> {
+        let batch = cache.shape().batch;
+        let slots = cache.max_len();
+        let mut hidden = Vec::with_capacity(batch * t * slots);
+        for b in 0..batch {
+            let first = cache.len(b) - t;
+            for i in 0..t {
+                hidden.extend((0..slots).map(|j| j > first + i));
+            }
+        }
+        Tensor::from_data(TensorData::new(hidden, [batch, 1, t, slots]), device)
     }
 }
 
@@ -185,25 +344,6 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
     x.unsqueeze_dim::<5>(2)
         .repeat_dim(2, rep)
         .reshape([b, h * rep, s, d])
-}
-
-/// True where attention is *not* allowed: the `t` new tokens of sequence `b` sit at cache
-/// indices `len_b - t ..len_b`, and token `i` sees slots `0..=len_b - t + i`.
-fn visibility_mask<B: Backend>(
-    cache: &LayerCache<B>,
-    t: usize,
-    slots: usize,
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
-    let batch = cache.shape().batch;
-    let mut hidden = Vec::with_capacity(batch * t * slots);
-    for b in 0..batch {
-        let first = cache.len(b) - t;
-        for i in 0..t {
-            hidden.extend((0..slots).map(|j| j > first + i));
-        }
-    }
-    Tensor::from_data(TensorData::new(hidden, [batch, 1, t, slots]), device)
 }
 
 /// The decoder: embeddings, layers, final norm and LM head.
@@ -238,6 +378,25 @@ impl<B: Backend> LlamaDecoder<B> {
             norm,
             lm_head,
         })
+    }
+
+    /// A decoder of `config` with freshly initialised weights (normal, std 0.02), created
+    /// directly on `device` in `dtype`; `seed` seeds the backend's generator first. For
+    /// benchmarks at published shapes without a checkpoint.
+    pub fn init(config: &LlamaConfig, device: &B::Device, dtype: DType, seed: u64) -> Self {
+        B::seed(device, seed);
+        let mut random = crate::weights::Checkpoint::random(0.02);
+        let mut loader = Loader {
+            checkpoint: &mut random,
+            device,
+            dtype,
+        };
+        Self::load(config, &mut loader).expect("a random checkpoint has every tensor")
+    }
+
+    /// The decoder layers.
+    pub fn layers(&self) -> &[LlamaLayer<B>] {
+        &self.layers
     }
 
     /// Writes the decoder's tensors (the LM head always, tied or not).
@@ -294,3 +453,7 @@ impl<B: Backend> LlamaDecoder<B> {
         self.layers.len()
     }
 }
+
+#[cfg(test)]
+#[path = "llama_tests.rs"]
+mod tests;

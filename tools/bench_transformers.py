@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""The baseline for `ecache bench`: the same protocol in PyTorch transformers.
+
+Builds a LlamaForCausalLM of the same text config with random weights (created in the
+target dtype), then times what `ecache bench` times: the prefill of `--batch` prompts of
+`--prompt-len` random tokens, and `--gen-len` greedy decode steps with transformers' own
+KV cache (`DynamicCache`, the full cache). Prints a table row and writes JSON with the same
+field names as `ecache bench --output`.
+
+    python3 tools/bench_transformers.py --shape crates/ecache-cli/shapes/llava-mid.json \
+        --batch 1 --prompt-len 900 --gen-len 64 --dtype f32 --threads 2 --output t.json
+
+`--shape` takes the same config.json files as `ecache bench` (a LLaVA config: its
+text_config is used; a model directory: its config.json). `--compress F` also times decode
+after keeping only a fraction F of the prompt's cache (the first and last slots), which
+shows how much a smaller cache alone speeds transformers' decode.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+SHAPES = os.path.join(os.path.dirname(__file__), "..", "crates", "ecache-cli", "shapes")
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def text_config(shape):
+    path = shape
+    if not os.path.exists(path):
+        path = os.path.join(SHAPES, f"{shape}.json")
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    config = json.load(open(path))
+    return LlamaConfig(**config.get("text_config", config))
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(model, ids, gen_len, device, keep=None):
+    """Prefill, then gen_len greedy steps; returns (prefill s, decode s, kv bytes)."""
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        cache = DynamicCache()
+        # As generate() does: the LM head only on the last position.
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        if keep is not None:
+            # Keep `keep` prompt slots per layer: the first 4 and the most recent ones.
+            for layer in cache.layers:
+                for name in ("keys", "values"):
+                    t = getattr(layer, name)
+                    kept = torch.cat([t[:, :, :4], t[:, :, -(keep - 4):]], dim=2)
+                    setattr(layer, name, kept.contiguous())
+        next_ids.cpu()
+        sync(device)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        position = ids.shape[1]
+        for _ in range(gen_len):
+            positions = torch.full((ids.shape[0], 1), position, device=ids.device)
+            out = model(
+                input_ids=next_ids,
+                past_key_values=cache,
+                position_ids=positions,
+                cache_position=torch.tensor([cache.get_seq_length()], device=ids.device),
+                use_cache=True,
+            )
+            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            next_ids.cpu()
+            position += 1
+        sync(device)
+        decode = time.perf_counter() - start
+    kv = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
+    return prefill, decode, kv
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llava-1.5-7b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=900)
+    p.add_argument("--gen-len", type=int, default=512)
+    p.add_argument("--dtype", default="f32", choices=DTYPES)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--attn", default="eager", help="eager | sdpa")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compress", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    config = text_config(a.shape)
+    config._attn_implementation = a.attn
+    with torch.device(a.device):
+        torch.set_default_dtype(DTYPES[a.dtype])
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.randint(0, config.vocab_size, (a.batch, a.prompt_len), device=a.device)
+    for _ in range(a.warmup):
+        run(model, ids, a.gen_len, a.device)
+    rows = []
+    for label, keep in [("full", None)] + (
+        [(f"keep {a.compress}", max(8, int(a.prompt_len * a.compress)))] if a.compress else []
+    ):
+        prefill, decode, kv = run(model, ids, a.gen_len, a.device, keep)
+        rows.append(
+            {
+                "policy": label,
+                "prefill_seconds": prefill,
+                "decode_seconds": decode,
+                "decode_tokens_per_second": a.batch * a.gen_len / decode,
+                "ms_per_step": decode * 1e3 / a.gen_len,
+                "kv_bytes_end": kv,
+            }
+        )
+    report = {
+        "engine": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}",
+        "shape": a.shape,
+        "device": a.device,
+        "threads": torch.get_num_threads(),
+        "attention": a.attn,
+        "dtype": a.dtype,
+        "batch": a.batch,
+        "prompt_len": a.prompt_len,
+        "gen_len": a.gen_len,
+        "parameters": sum(t.numel() for t in model.parameters()),
+        "rows": rows,
+    }
+    print(f"{report['engine']} on {a.device} ({report['threads']} threads), {a.shape} {a.dtype}")
+    print("| policy | prefill s | decode tok/s | ms/step | KV MiB at end |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['policy']} | {r['prefill_seconds']:.3f} | {r['decode_tokens_per_second']:.2f} "
+            f"| {r['ms_per_step']:.2f} | {r['kv_bytes_end'] / 1048576:.1f} |"
+        )
+    if a.output:
+        tmp = a.output + ".tmp"
+        json.dump(report, open(tmp, "w"), indent=2)
+        os.replace(tmp, a.output)
+
+
+if __name__ == "__main__":
+    main()
