@@ -310,9 +310,9 @@ fn peak_rss() -> Option<u64> {
 /// A markdown table of the report.
 pub fn table(report: &BenchReport) -> String {
     let mut out = format!(
-        "shape {} ({:.2} B decoder parameters), {} {}, batch {}, prompt {} ({} image tokens), {} decode steps\n\n",
+        "shape {} ({:.1} M decoder parameters), {} {}, batch {}, prompt {} ({} image tokens), {} decode steps\n\n",
         report.shape,
-        report.parameters as f64 / 1e9,
+        report.parameters as f64 / 1e6,
         report.backend,
         report.dtype,
         report.batch,

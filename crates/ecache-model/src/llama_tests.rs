@@ -78,10 +78,21 @@ fn check_paths(
     assert_eq!(visibility, expected);
     let device = Default::default();
     let mask = visibility.mask::<B>(cache, t, &device);
-    let (explicit, probs) =
-        layer.attention_explicit(q.clone(), cache.keys(), cache.values(), mask.clone(), true);
+    let (explicit, probs) = layer.attention_explicit(
+        q.clone(),
+        cache.keys(),
+        cache.values(),
+        Some(mask.clone()),
+        true,
+    );
     let fused = layer.attention_fused(q.clone(), cache.keys(), cache.values(), visibility, cache);
     assert!(max_diff(fused, explicit.clone()) < 1e-5);
+    if visibility == Visibility::All {
+        // The decode path drops the mask when every slot is visible.
+        let (unmasked, _) =
+            layer.attention_explicit(q.clone(), cache.keys(), cache.values(), None, false);
+        assert!(max_diff(unmasked, explicit.clone()) < 1e-6);
+    }
     let (whole, scores) = layer
         .attention_with_scores(
             q.clone(),
