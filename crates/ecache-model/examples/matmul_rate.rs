@@ -1,5 +1,7 @@
 //! The CPU backend's matrix-multiply rate at the prefill's shapes (llava-mid: 900 tokens,
-//! hidden 1024, intermediate 2816), to tell how much of a prefill is the backend's GEMM.
+//! hidden 1024, intermediate 2816), to tell how much of a prefill is the backend's GEMM;
+//! and a decode-shaped projection for 8 sequences, as burn's `Linear` runs it on a 3-D
+//! input (the weight broadcast over the batch) and as one `[8, in]` product.
 //!
 //! Run: `cargo run --release -p ecache-model --example matmul_rate`.
 
@@ -35,4 +37,27 @@ fn main() {
             seconds * 1e3
         );
     }
+    let (batch, k, n) = (8, 4096, 11008);
+    let w = Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+    let x = Tensor::<Flex, 3>::random([batch, 1, k], Distribution::Normal(0.0, 1.0), &device);
+    let time = |f: &dyn Fn() -> f32| {
+        f();
+        let start = Instant::now();
+        for _ in 0..5 {
+            f();
+        }
+        start.elapsed().as_secs_f64() / 5.0 * 1e3
+    };
+    let broadcast = time(&|| {
+        let y = x.clone().matmul(w.clone().unsqueeze::<3>());
+        y.slice([0..1, 0..1, 0..1]).into_scalar()
+    });
+    let flat = time(&|| {
+        let y = x.clone().reshape([batch, k]).matmul(w.clone());
+        y.slice([0..1, 0..1]).into_scalar()
+    });
+    println!(
+        "decode projection, {batch} sequences, [{k} x {n}] f32: weight broadcast over the batch {broadcast:.1} ms, one [{batch} x {k}] product {flat:.1} ms ({:.1}x)",
+        broadcast / flat
+    );
 }
