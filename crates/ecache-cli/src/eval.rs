@@ -139,8 +139,21 @@ pub struct EvalRow {
 }
 
 /// The (policy, budget) grid: `full` once at budget 1; `[policy.params]` of the config go
-/// to the policy of the same name only.
+/// to the policy of the same name only. No policies means the config's policy, no budgets
+/// the config's budget.
 pub fn grid(config: &RunConfig, policies: &[String], budgets: &[f64]) -> Vec<PolicyConfig> {
+    let own_policy = [config.policy.name.clone()];
+    let own_budget = [config.policy.budget];
+    let policies = if policies.is_empty() {
+        &own_policy[..]
+    } else {
+        policies
+    };
+    let budgets = if budgets.is_empty() {
+        &own_budget[..]
+    } else {
+        budgets
+    };
     let mut runs = Vec::new();
     for name in policies {
         let budgets: &[f64] = if name == "full" { &[1.0] } else { budgets };

@@ -61,12 +61,9 @@ struct BenchArgs {
     budgets: Vec<f64>,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// flex | ndarray | cuda.
-    #[arg(long)]
-    backend: Option<String>,
-    /// f32 | f16 | bf16: the weights are created directly in it.
-    #[arg(long)]
-    dtype: Option<String>,
+    /// Backend and dtype; the random weights are created directly in that dtype.
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Untimed passes of the whole protocol with the full cache first (kernel tuning).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -80,24 +77,9 @@ struct BenchArgs {
 fn bench_command(args: BenchArgs) -> Result<()> {
     use ecache_cli::bench::{BenchRequest, resolve_shape, table, write};
     let mut config = run_config(&args.policy, "elastic", 0.2)?;
-    if let Some(b) = &args.backend {
-        config.model.backend = parse_value("backend", b)?;
-    }
-    if let Some(d) = &args.dtype {
-        config.model.dtype = parse_value("dtype", d)?;
-    }
+    args.device.apply(&mut config)?;
     config.validate()?;
-    let policies = if args.policies.is_empty() {
-        vec![config.policy.name.clone()]
-    } else {
-        args.policies.clone()
-    };
-    let budgets = if args.budgets.is_empty() {
-        vec![config.policy.budget]
-    } else {
-        args.budgets.clone()
-    };
-    let runs = ecache_cli::eval::grid(&config, &policies, &budgets);
+    let runs = ecache_cli::eval::grid(&config, &args.policies, &args.budgets);
     let request = BenchRequest {
         shape_name: args.shape.clone(),
         config: resolve_shape(&args.shape)?,
@@ -109,7 +91,6 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         warmup: args.warmup,
         seed: args.seed,
     };
-    ecache_cli::bench::check_request(&request)?;
     let report = ecache_cli::backend::on_backend(config.model.backend, request)?;
     print!("{}", table(&report));
     write(&report, args.output.as_ref())
@@ -255,26 +236,41 @@ struct ModelArgs {
     /// A Hugging Face LLaVA directory (config.json, weights, tokenizer.json, preprocessor_config.json).
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Pad images to a square with the mean colour first (LLaVA-1.5 evaluation setting).
+    #[arg(long)]
+    pad_to_square: bool,
+}
+
+/// Backend and precision, shared by the commands that run a model.
+#[derive(clap::Args)]
+struct DeviceArgs {
     /// flex | ndarray | cuda (overrides the config's).
     #[arg(long)]
     backend: Option<String>,
     /// f32 | f16 | bf16 (overrides the config's).
     #[arg(long)]
     dtype: Option<String>,
-    /// Pad images to a square with the mean colour first (LLaVA-1.5 evaluation setting).
-    #[arg(long)]
-    pad_to_square: bool,
 }
 
-impl ModelArgs {
-    /// Applies the overrides to the config's [model] section and returns the model directory.
-    fn apply(&self, config: &mut RunConfig) -> Result<PathBuf> {
+impl DeviceArgs {
+    /// Applies the overrides to the config's [model] section.
+    fn apply(&self, config: &mut RunConfig) -> Result<()> {
         if let Some(b) = &self.backend {
             config.model.backend = parse_value("backend", b)?;
         }
         if let Some(d) = &self.dtype {
             config.model.dtype = parse_value("dtype", d)?;
         }
+        Ok(())
+    }
+}
+
+impl ModelArgs {
+    /// Applies the overrides to the config's [model] section and returns the model directory.
+    fn apply(&self, config: &mut RunConfig) -> Result<PathBuf> {
+        self.device.apply(config)?;
         Ok(self
             .model
             .clone()
@@ -365,18 +361,8 @@ fn eval_command(args: EvalArgs) -> Result<()> {
     e.output = args.output.clone().or(e.output.take());
     config.validate()?;
     let e = &config.evaluation;
-    let policies = if e.policies.is_empty() {
-        vec![config.policy.name.clone()]
-    } else {
-        e.policies.clone()
-    };
-    let budgets = if e.budgets.is_empty() {
-        vec![config.policy.budget]
-    } else {
-        e.budgets.clone()
-    };
     let registry = builtin_registry()?;
-    let runs = grid(&config, &policies, &budgets);
+    let runs = grid(&config, &e.policies, &e.budgets);
     let built = runs
         .iter()
         .map(|r| registry.build(r))

@@ -100,32 +100,31 @@ impl<B: Backend> LlamaLayer<B> {
         cache.append(k, v, slot_positions, kinds)?;
         let visibility = Visibility::of(cache, t);
         let (keys, values) = (cache.keys(), cache.values());
-        if want_scores {
-            let mask = visibility.mask::<B>(cache, t, &x.device());
+        let (attn, scores) = if want_scores {
+            let mask = Visibility::mask::<B>(cache, t, &x.device());
             let (attn, scores) =
                 self.attention_with_scores(q, keys, values, mask, SCORE_BLOCK_ELEMENTS)?;
-            Ok(LayerOutput {
-                hidden: self.finish(x, attn),
-                scores: Some(scores),
-            })
+            (attn, Some(scores))
         } else if t == 1 {
             // Decode: one query row per head. Written out, it is faster than burn-flex's
             // fused kernel here (benches/decode_layer.rs: 56 vs 73 ms per 7B layer step
             // with 1,024 slots) and its probabilities are only what attention needs.
             let mask = (visibility == Visibility::Ragged)
-                .then(|| visibility.mask::<B>(cache, t, &x.device()));
-            let (attn, _) = self.attention_explicit(q, keys, values, mask, false);
-            Ok(LayerOutput {
-                hidden: self.finish(x, attn),
-                scores: None,
-            })
+                .then(|| Visibility::mask::<B>(cache, t, &x.device()));
+            (
+                self.attention_explicit(q, keys, values, mask, false).0,
+                None,
+            )
         } else {
-            let attn = self.attention_fused(q, keys, values, visibility, cache);
-            Ok(LayerOutput {
-                hidden: self.finish(x, attn),
-                scores: None,
-            })
-        }
+            (
+                self.attention_fused(q, keys, values, visibility, cache),
+                None,
+            )
+        };
+        Ok(LayerOutput {
+            hidden: self.finish(x, attn),
+            scores,
+        })
     }
 
     /// Runs the layer over whole sequences with a causal mask and no cache: the training
@@ -191,7 +190,7 @@ impl<B: Backend> LlamaLayer<B> {
             Visibility::All => (None, false),
             Visibility::Causal => (None, true),
             Visibility::Ragged => {
-                let mask = visibility.mask::<B>(cache, t, &q.device());
+                let mask = Visibility::mask::<B>(cache, t, &q.device());
                 (Some(mask.expand([b, h, t, slots])), false)
             }
         };
@@ -267,9 +266,8 @@ impl<B: Backend> LlamaLayer<B> {
         keep_probs: bool,
     ) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
         let d = self.head_dim;
-        let heads = q.dims()[1];
-        let keys = repeat_kv(keys.clone(), heads / keys.dims()[1]);
-        let values = repeat_kv(values.clone(), heads / values.dims()[1]);
+        let rep = q.dims()[1] / keys.dims()[1];
+        let (keys, values) = (repeat_kv(keys, rep), repeat_kv(values, rep));
         let dtype = q.dtype();
         let logits = (q.matmul(keys.swap_dims(2, 3)) * (d as f64).powf(-0.5)).cast(DType::F32);
         let logits = match mask {
@@ -331,12 +329,7 @@ impl Visibility {
     ///
     /// # Shapes
     /// - returns `[batch, 1, t, max_len]`
-    fn mask<B: Backend>(
-        self,
-        cache: &LayerCache<B>,
-        t: usize,
-        device: &B::Device,
-    ) -> Tensor<B, 4, Bool> {
+    fn mask<B: Backend>(cache: &LayerCache<B>, t: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
         let batch = cache.shape().batch;
         let slots = cache.max_len();
         let mut hidden = Vec::with_capacity(batch * t * slots);

@@ -77,7 +77,7 @@ fn check_paths(
     let visibility = Visibility::of(cache, t);
     assert_eq!(visibility, expected);
     let device = Default::default();
-    let mask = visibility.mask::<B>(cache, t, &device);
+    let mask = Visibility::mask::<B>(cache, t, &device);
     let (explicit, probs) = layer.attention_explicit(
         q.clone(),
         cache.keys(),
