@@ -57,6 +57,8 @@ pub fn train_command(out: &Path, options: &TrainOptions) -> Result<()> {
         "oracle_steps": options.oracle_steps,
         "oracle_weight": options.oracle_weight,
         "probe_weight": options.probe_weight,
+        "focus_weight": options.focus_weight,
+        "focus_layer": options.focus_layer,
         "held_out_teacher_forced": {
             "short_exact": check.short_exact,
             "description_exact": check.description_exact,

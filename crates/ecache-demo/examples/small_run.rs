@@ -2,7 +2,7 @@
 //! `cargo run --release -p ecache-demo --example small_run -- STEPS LR DESCRIPTION_SHARE
 //! VISION_LAYERS PATCH [PROBE_WEIGHT]` (docs/demo.md's small-model experiments). The
 //! environment sets the rest: TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, TEXT_FFN (decoder
-//! shape), BATCH, TURNS, ORACLE_STEPS and ORACLE_WEIGHT.
+//! shape), BATCH, TURNS, ORACLE_STEPS, ORACLE_WEIGHT, FOCUS_WEIGHT and FOCUS_LAYER.
 use ecache_demo::model_dir::DemoShape;
 use ecache_demo::train::{TrainOptions, train};
 fn env(name: &str, default: f64) -> f64 {
@@ -36,6 +36,8 @@ fn main() {
         turns: env("TURNS", 1.0) as usize,
         oracle_steps: env("ORACLE_STEPS", 0.0) as usize,
         oracle_weight: env("ORACLE_WEIGHT", 0.0),
+        focus_weight: env("FOCUS_WEIGHT", 0.0),
+        focus_layer: env("FOCUS_LAYER", 1.0) as usize,
     };
     train(
         std::path::Path::new("/tmp/probe"),
@@ -45,8 +47,8 @@ fn main() {
         100,
         |p| {
             println!(
-                "step {} loss {:.4} fit {:.3} {:.0}s {:?}",
-                p.step, p.loss, p.oracle_fit, p.seconds, p.check
+                "step {} loss {:.4} fit {:.3} focus {:.3} {:.0}s {:?}",
+                p.step, p.loss, p.oracle_fit, p.focus, p.seconds, p.check
             )
         },
     )

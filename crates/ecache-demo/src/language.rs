@@ -41,6 +41,10 @@ pub struct Qa {
     pub question: String,
     pub answer: String,
     pub kind: Kind,
+    /// For answer tokens that name something about one object: (the token's index in the
+    /// answer, the object's grid cell). Training scaffolding: it says where the model
+    /// should look when predicting that token (see `train::focus_loss`).
+    pub focus: Vec<(usize, usize)>,
 }
 
 /// "there are three objects . top left : a large red circle . center : ..."
@@ -54,10 +58,20 @@ pub fn describe(scene: &Scene) -> String {
 
 /// The description request.
 pub fn description(scene: &Scene) -> Qa {
+    // "there are N objects ." then per object "CELL : a SIZE COLOUR SHAPE .": the size,
+    // colour and shape words are read from the object's cell.
+    let mut focus = Vec::new();
+    let mut word = 5;
+    for o in &scene.objects {
+        word += CELLS[o.cell].split_whitespace().count() + 2;
+        focus.extend((word..word + 3).map(|i| (i, o.cell)));
+        word += 4;
+    }
     Qa {
         question: DESCRIBE.into(),
         answer: describe(scene),
         kind: Kind::Description,
+        focus,
     }
 }
 
@@ -66,7 +80,15 @@ pub fn short_question(scene: &Scene, rng: &mut SeededRng) -> Qa {
     let pick = |rng: &mut SeededRng, n: usize| ((rng.next_f64() * n as f64) as usize).min(n - 1);
     let object = scene.objects[pick(rng, scene.objects.len())];
     let at = CELLS[object.cell];
-    let (question, answer) = match pick(rng, 6) {
+    let question_kind = pick(rng, 6);
+    let focus = match question_kind {
+        1..=3 => vec![(0, object.cell)],
+        4 => (0..at.split_whitespace().count())
+            .map(|i| (i, object.cell))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (question, answer) = match question_kind {
         0 => (
             "how many objects are there ?".to_string(),
             NUMBERS[scene.objects.len()].to_string(),
@@ -103,6 +125,7 @@ pub fn short_question(scene: &Scene, rng: &mut SeededRng) -> Qa {
         question,
         answer,
         kind: Kind::Short,
+        focus,
     }
 }
 
@@ -209,6 +232,37 @@ mod tests {
         }
         assert!(answers.len() > 20, "short answers vary: {answers:?}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn focus_points_at_the_attribute_words_of_the_object_in_that_cell() {
+        let mut rng = SeededRng::new(3);
+        for _ in 0..50 {
+            let scene = Scene::generate(&mut rng);
+            let mut qas = vec![description(&scene)];
+            qas.extend((0..6).map(|_| short_question(&scene, &mut rng)));
+            for qa in qas {
+                let words: Vec<&str> = qa.answer.split_whitespace().collect();
+                for &(i, cell) in &qa.focus {
+                    let o = scene.at(cell).expect("an object in the focused cell");
+                    let attributes = [SIZES[o.size], COLOURS[o.colour].0, SHAPES[o.shape]];
+                    let named = attributes.contains(&words[i])
+                        || CELLS[cell].split_whitespace().any(|w| w == words[i]);
+                    assert!(
+                        named,
+                        "{:?} word {i} ({}) about {}",
+                        qa, words[i], CELLS[cell]
+                    );
+                }
+                let expected = match template_of(&qa.question) {
+                    "describe" => 3 * scene.objects.len(),
+                    "colour" | "shape" | "size" => 1,
+                    "where" => words.len(),
+                    _ => 0,
+                };
+                assert_eq!(qa.focus.len(), expected, "{qa:?}");
+            }
+        }
     }
 
     #[test]

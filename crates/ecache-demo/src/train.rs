@@ -39,6 +39,10 @@ pub struct TrainOptions {
     pub oracle_steps: usize,
     /// Weight of the loss that pulls the projected image features onto the oracle.
     pub oracle_weight: f64,
+    /// Weight of the focus loss (see [`focus_loss`]); 0 turns it off.
+    pub focus_weight: f64,
+    /// The decoder layer whose first head the focus loss supervises.
+    pub focus_layer: usize,
 }
 
 impl Default for TrainOptions {
@@ -54,6 +58,8 @@ impl Default for TrainOptions {
             probe_weight: 0.0,
             oracle_steps: 600,
             oracle_weight: 1.0,
+            focus_weight: 0.0,
+            focus_layer: 1,
         }
     }
 }
@@ -148,6 +154,11 @@ pub struct Batch {
     oracle_ids: Vec<i64>,
     oracle_mask: Vec<f32>,
     image_tokens: usize,
+    /// Per sequence, position and image token: 1 where the token lies in the cell the
+    /// position's prediction is about (see [`Qa::focus`]), else 0; `[n, total, image_tokens]`.
+    focus_cells: Vec<f32>,
+    /// Per sequence and position: the weight of its focus term (0 for most positions).
+    focus_weights: Vec<f32>,
 }
 
 /// Words per image token in the oracle: the cell's name (one or two words) and the
@@ -181,6 +192,18 @@ fn oracle_words(
         .collect())
 }
 
+impl Batch {
+    /// Tokens per (padded) sequence: prompt prefix, image tokens and the rest.
+    pub fn sequence_len(&self) -> usize {
+        self.prefix_len + self.image_tokens + self.rest_len
+    }
+
+    /// Position of the first image token.
+    pub fn image_start(&self) -> usize {
+        self.prefix_len
+    }
+}
+
 /// Encodes examples exactly as inference will see them: the chat prompt with BOS and
 /// `<image>`, the answer without specials, then EOS; later turns follow as `USER: question
 /// ASSISTANT: answer</s>`.
@@ -196,6 +219,8 @@ pub fn make_batch(
     let mut rests = Vec::new();
     let mut answers = Vec::new();
     let mut oracle = Vec::new();
+    // (sequence, position, cell, share of its answer's focus)
+    let mut focus: Vec<(usize, usize, usize, f32)> = Vec::new();
     for (sequence, example) in examples.iter().enumerate() {
         oracle.extend(oracle_words(&example.scene, tokenizer, image_tokens)?);
         let (values, [_, h, _]) =
@@ -216,6 +241,12 @@ pub fn make_batch(
             // The logit at the last prompt token predicts the first answer token.
             let first = at + image_tokens + rest.len() - 1;
             rest.extend(&tokens);
+            let share = 1.0 / qa.focus.len().max(1) as f32;
+            focus.extend(
+                qa.focus
+                    .iter()
+                    .map(|&(i, cell)| (sequence, first + i, cell, share)),
+            );
             answers.push(Answer {
                 sequence,
                 positions: (first..first + tokens.len()).collect(),
@@ -243,6 +274,19 @@ pub fn make_batch(
             targets[a.sequence * total + p] = t as i64;
             weights[a.sequence * total + p] = 1.0 / (a.tokens.len() as f32 * turns);
         }
+    }
+    let grid = (image_tokens as f64).sqrt().round() as usize;
+    let cell_of = |t: usize| (t / grid) * 3 / grid * 3 + (t % grid) * 3 / grid;
+    let mut focus_cells = vec![0f32; n * total * image_tokens];
+    let mut focus_weights = vec![0f32; n * total];
+    // Each answer that has focus positions weighs the same, however many it has.
+    let focused_answers: f32 = focus.iter().map(|f| f.3).sum();
+    for &(sequence, p, cell, share) in &focus {
+        let row = (sequence * total + p) * image_tokens;
+        for t in (0..image_tokens).filter(|&t| cell_of(t) == cell) {
+            focus_cells[row + t] = 1.0;
+        }
+        focus_weights[sequence * total + p] = share / focused_answers;
     }
     Ok(Batch {
         size: n,
@@ -275,6 +319,8 @@ pub fn make_batch(
         oracle_ids: oracle.iter().map(|&(i, _)| i).collect(),
         oracle_mask: oracle.iter().map(|&(_, m)| m).collect(),
         image_tokens,
+        focus_cells,
+        focus_weights,
     })
 }
 
@@ -332,6 +378,22 @@ pub fn batch_forward<B: Backend>(
     device: &B::Device,
     instead: Option<Tensor<B, 3>>,
 ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let (logits, features, _) = batch_forward_probed(model, batch, rope, device, instead, None);
+    (logits, features)
+}
+
+/// [`batch_forward`], also handing back layer `probe`'s attention probabilities.
+///
+/// # Shapes
+/// - returns as [`batch_forward`] and `[batch, heads, sequence, sequence]`
+pub fn batch_forward_probed<B: Backend>(
+    model: &Llava<B>,
+    batch: &Batch,
+    rope: &Rope,
+    device: &B::Device,
+    instead: Option<Tensor<B, 3>>,
+    probe: Option<usize>,
+) -> (Tensor<B, 3>, Tensor<B, 3>, Option<Tensor<B, 4>>) {
     let n = batch.size;
     let pixels = Tensor::<B, 4>::from_data(
         TensorData::new(batch.pixels.clone(), [n, 3, batch.side, batch.side]),
@@ -350,7 +412,37 @@ pub fn batch_forward<B: Backend>(
         ],
         1,
     );
-    (model.decoder.forward_causal(embeds, rope), features)
+    let (logits, probs) = model.decoder.forward_causal_probs(embeds, rope, probe);
+    (logits, features, probs)
+}
+
+/// The focus loss: at every position whose prediction is about one object (its size,
+/// colour or shape in a description; the answer to a question about one cell or object),
+/// minus the log of the attention mass that the first head of the probed layer puts on the
+/// image tokens of that object's cell, averaged over those positions. Training
+/// scaffolding, like the oracle: it tells the decoder where to look, which plain
+/// next-token loss did not teach it within the training budget (docs/demo.md).
+///
+/// # Shapes
+/// - `probs`: `[batch, heads, sequence, sequence]` -> scalar
+pub fn focus_loss<B: Backend>(
+    probs: Tensor<B, 4>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let [n, _, t, _] = probs.dims();
+    let (from, image) = (batch.prefix_len, batch.image_tokens);
+    let head = probs
+        .slice([0..n, 0..1, 0..t, from..from + image])
+        .reshape([n, t, image]);
+    let cells = Tensor::<B, 3>::from_data(
+        TensorData::new(batch.focus_cells.clone(), [n, t, image]),
+        device,
+    );
+    let weights =
+        Tensor::<B, 2>::from_data(TensorData::new(batch.focus_weights.clone(), [n, t]), device);
+    let mass = (head * cells).sum_dim(2).reshape([n, t]);
+    (mass.add_scalar(1e-6).log() * weights).sum().neg()
 }
 
 /// A training-only probe that reads each grid cell's colour, shape and size (or "empty")
@@ -545,6 +637,8 @@ pub struct Progress {
     pub loss: f64,
     /// Mean relative squared distance of the features from the oracle (0 when not trained).
     pub oracle_fit: f64,
+    /// Mean focus loss over the stretch (0 when it is off).
+    pub focus: f64,
     pub lr: f64,
     pub seconds: f64,
     /// Held-out figures, at checkpoints.
@@ -594,6 +688,7 @@ pub fn train(
     let mut log = Vec::new();
     let mut stretch = 0.0;
     let mut oracle_stretch = 0.0;
+    let mut focus_stretch = 0.0;
     for step in 0..options.steps {
         let examples: Vec<_> = (0..options.batch)
             .map(|_| draw_conversation(&mut rng, options.turns, options.description_share))
@@ -603,10 +698,17 @@ pub fn train(
         let oracle = (reads_oracle || options.oracle_weight > 0.0)
             .then(|| oracle_embeddings(&model.llava, &batch, &device));
         let instead = oracle.clone().filter(|_| reads_oracle);
-        let (logits, features) = batch_forward(&model.llava, &batch, &rope, &device, instead);
+        let probe = (options.focus_weight > 0.0).then_some(options.focus_layer);
+        let (logits, features, probs) =
+            batch_forward_probed(&model.llava, &batch, &rope, &device, instead, probe);
         let answer_loss = batch_loss(logits, &batch, &device);
         stretch += answer_loss.clone().into_scalar() as f64;
         let mut loss = answer_loss;
+        if let Some(probs) = probs {
+            let focus = focus_loss(probs, &batch, &device);
+            focus_stretch += focus.clone().into_scalar() as f64;
+            loss = loss + focus * options.focus_weight;
+        }
         if options.probe_weight > 0.0 {
             loss =
                 loss + model.probe.loss(features.clone(), &batch, &device) * options.probe_weight;
@@ -660,12 +762,14 @@ pub fn train(
                 step: step + 1,
                 loss: stretch / done as f64,
                 oracle_fit: oracle_stretch / done as f64,
+                focus: focus_stretch / done as f64,
                 lr,
                 seconds: start.elapsed().as_secs_f64(),
                 check,
             };
             stretch = 0.0;
             oracle_stretch = 0.0;
+            focus_stretch = 0.0;
             on_progress(p.clone());
             log.push(p);
         }

@@ -33,6 +33,8 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
         // Both stages: the oracle for the first half, the tower's features after.
         oracle_steps: 20,
         oracle_weight: 1.0,
+        focus_weight: 0.5,
+        focus_layer: 0,
     };
     let (check, log) = train(&dir, &shape, &options, 5, 20, |_| {}).unwrap();
     let first = log.first().unwrap().loss;

@@ -140,9 +140,24 @@ impl<B: Backend> LlamaLayer<B> {
         rope: (&Tensor<B, 4>, &Tensor<B, 4>),
         mask: Tensor<B, 4, Bool>,
     ) -> Tensor<B, 3> {
+        self.forward_causal_probs(x, rope, mask, false).0
+    }
+
+    /// [`Self::forward_causal`], also handing back the attention probabilities when
+    /// `keep_probs` (training scaffolding that supervises where a head looks).
+    ///
+    /// # Shapes
+    /// - as [`Self::forward_causal`]; probabilities `[batch, heads, t, t]`
+    pub fn forward_causal_probs(
+        &self,
+        x: Tensor<B, 3>,
+        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
+        mask: Tensor<B, 4, Bool>,
+        keep_probs: bool,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
         let (q, k, v) = self.qkv(x.clone(), rope);
-        let (attn, _) = self.attention_explicit(q, k, v, Some(mask), false);
-        self.finish(x, attn)
+        let (attn, probs) = self.attention_explicit(q, k, v, Some(mask), keep_probs);
+        (self.finish(x, attn), probs)
     }
 
     /// Queries, keys (both after RoPE) and values, heads split out.
@@ -445,16 +460,34 @@ impl<B: Backend> LlamaDecoder<B> {
     /// # Shapes
     /// - `embeds`: `[batch, t, hidden]` -> `[batch, t, vocab]`
     pub fn forward_causal(&self, embeds: Tensor<B, 3>, rope: &Rope) -> Tensor<B, 3> {
+        self.forward_causal_probs(embeds, rope, None).0
+    }
+
+    /// [`Self::forward_causal`], also handing back the attention probabilities of layer
+    /// `probe` when given (training scaffolding that supervises where a head looks).
+    ///
+    /// # Shapes
+    /// - `embeds`: `[batch, t, hidden]` -> `[batch, t, vocab]` and `[batch, heads, t, t]`
+    pub fn forward_causal_probs(
+        &self,
+        embeds: Tensor<B, 3>,
+        rope: &Rope,
+        probe: Option<usize>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
         let [_, t, _] = embeds.dims();
         let device = embeds.device();
         let (cos, sin) = rope.tables::<B>(&[(0..t).collect()], &device, embeds.dtype());
         let causal: Vec<bool> = (0..t).flat_map(|i| (0..t).map(move |j| j > i)).collect();
         let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(causal, [1, 1, t, t]), &device);
         let mut x = embeds;
-        for layer in &self.layers {
-            x = layer.forward_causal(x, (&cos, &sin), mask.clone());
+        let mut kept = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (y, probs) =
+                layer.forward_causal_probs(x, (&cos, &sin), mask.clone(), probe == Some(i));
+            x = y;
+            kept = kept.or(probs);
         }
-        self.head(x)
+        (self.head(x), kept)
     }
 
     /// Number of layers.
