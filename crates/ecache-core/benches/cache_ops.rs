@@ -57,6 +57,35 @@ fn cache(f: &Fixture) -> LayerCache<B> {
     cache
 }
 
+/// A fresh cache of `batch` sequences, each holding an equal share of the fixture's slots.
+fn batch_cache(f: &Fixture, batch: usize) -> LayerCache<B> {
+    let len = f.keys.dims()[2] / batch;
+    let shape = CacheShape {
+        batch,
+        kv_heads: HEADS,
+        head_dim: DIM,
+    };
+    let mut cache = LayerCache::new(shape, len + 1, true, DType::F32, &Default::default());
+    let positions: Vec<usize> = (0..len).collect();
+    let rows = |t: &Tensor<B, 4>| t.clone().reshape([batch, len, HEADS, DIM]).swap_dims(1, 2);
+    cache
+        .append(
+            rows(&f.keys),
+            rows(&f.values),
+            &vec![&positions[..]; batch],
+            &vec![SlotKind::Image; len],
+        )
+        .unwrap();
+    for seq in 0..batch {
+        cache
+            .table_mut(seq)
+            .unwrap()
+            .accumulate(&f.scores[..len])
+            .unwrap();
+    }
+    cache
+}
+
 /// Waits for the backend: reading one element forces every queued operation.
 fn sync(cache: &LayerCache<B>) {
     let _ = cache.keys().narrow(2, 0, 1).into_data();
@@ -150,6 +179,7 @@ fn benches(c: &mut Criterion) {
                 |mut c| {
                     c.apply(0, &plan).unwrap();
                     sync(&c);
+                    c // dropped outside the timing (freeing the buffers is not the op)
                 },
                 BatchSize::LargeInput,
             )
@@ -171,6 +201,7 @@ fn benches(c: &mut Criterion) {
                 |mut c| {
                     c.apply(0, &remove_one).unwrap();
                     sync(&c);
+                    c // dropped outside the timing (freeing the buffers is not the op)
                 },
                 BatchSize::LargeInput,
             )
@@ -184,10 +215,30 @@ fn benches(c: &mut Criterion) {
             |mut c| {
                 c.apply(0, &scattered).unwrap();
                 sync(&c);
+                c
             },
             BatchSize::LargeInput,
         )
     });
+
+    // The same removal in sequence 0 of a batch of four (decode at batch 4 is where the
+    // policies lost to the full cache, docs/performance.md): its cost should be that of
+    // one sequence's rows, not of the whole batch's buffer.
+    let batch4 = fixture(4 * 206);
+    for (name, at) in [("elastic_b0.2_at_181", 181), ("worst_at_1", 1)] {
+        let remove_one = Plan::new(Decision::remove(206, &[at]), 206, "bench", 0).unwrap();
+        group.bench_function(format!("decode_remove_{name}_batch4"), |b| {
+            b.iter_batched(
+                || batch_cache(&batch4, 4),
+                |mut c| {
+                    c.apply(0, &remove_one).unwrap();
+                    sync(&c);
+                    c // dropped outside the timing (freeing the buffers is not the op)
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
 
     // Prefill importance from [1, 32, 1024, 1024] probabilities in blocks of 128 queries.
     let device = Default::default();

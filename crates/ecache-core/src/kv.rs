@@ -361,6 +361,41 @@ mod tests {
         v[..len].to_vec()
     }
 
+    /// The patched burn-flex writes in place only when nothing else holds the buffer: a
+    /// clone taken before a write, and a view of the buffer written back into it (the
+    /// removal's tail shift), must both see the values as they were.
+    #[test]
+    fn in_place_writes_leave_other_handles_of_the_buffer_untouched() {
+        let device = Default::default();
+        let data: Vec<f32> = (0..24).map(|x| x as f32).collect();
+        let buffer =
+            Tensor::<B, 4>::from_data(TensorData::new(data.clone(), [1, 2, 6, 2]), &device);
+        let before = buffer.clone();
+        let tail = buffer.clone().slice([0..1, 0..2, 3..6, 0..2]);
+        let shifted = buffer.slice_assign([0..1, 0..2, 1..4, 0..2], tail.clone());
+        let got: Vec<f32> = shifted.into_data().into_vec().unwrap();
+        let mut want = data.clone();
+        for head in 0..2 {
+            for (to, from) in (1..4).zip(3..6) {
+                for d in 0..2 {
+                    want[head * 12 + to * 2 + d] = data[head * 12 + from * 2 + d];
+                }
+            }
+        }
+        assert_eq!(got, want, "rows 3..6 moved to 1..4 of each head");
+        assert_eq!(
+            before.into_data().into_vec::<f32>().unwrap(),
+            data,
+            "the clone is unchanged"
+        );
+        let tail_now: Vec<f32> = tail.into_data().into_vec().unwrap();
+        assert_eq!(
+            tail_now[..2],
+            data[6..8],
+            "the view still reads the old rows"
+        );
+    }
+
     #[test]
     fn growth_keeps_every_slot() {
         let cache = numbered(2, &[9, 9], 2);
