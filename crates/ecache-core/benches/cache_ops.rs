@@ -35,30 +35,9 @@ fn fixture(len: usize) -> Fixture {
     }
 }
 
-/// A fresh, uniquely owned cache holding the fixture's slots (built outside the timing).
-fn cache(f: &Fixture) -> LayerCache<B> {
-    let len = f.keys.dims()[2];
-    let shape = CacheShape {
-        batch: 1,
-        kv_heads: HEADS,
-        head_dim: DIM,
-    };
-    let mut cache = LayerCache::new(shape, len + 1, true, DType::F32, &Default::default());
-    let positions: Vec<usize> = (0..len).collect();
-    cache
-        .append(
-            f.keys.clone(),
-            f.values.clone(),
-            &[&positions],
-            &vec![SlotKind::Image; len],
-        )
-        .unwrap();
-    cache.table_mut(0).unwrap().accumulate(&f.scores).unwrap();
-    cache
-}
-
-/// A fresh cache of `batch` sequences, each holding an equal share of the fixture's slots.
-fn batch_cache(f: &Fixture, batch: usize) -> LayerCache<B> {
+/// A fresh, uniquely owned cache of `batch` sequences, each holding an equal share of the
+/// fixture's slots (built outside the timing).
+fn cache(f: &Fixture, batch: usize) -> LayerCache<B> {
     let len = f.keys.dims()[2] / batch;
     let shape = CacheShape {
         batch,
@@ -151,7 +130,7 @@ fn benches(c: &mut Criterion) {
 
     group.bench_function("baseline_copy_kv", |b| {
         b.iter_batched(
-            || cache(&full),
+            || cache(&full, 1),
             |cache| {
                 let k = cache.keys() + 0.0;
                 let v = cache.values() + 0.0;
@@ -165,17 +144,17 @@ fn benches(c: &mut Criterion) {
     for budget in [0.2, 0.5] {
         let policy = ElasticPrefill(Budget::new(budget, 1, 1).unwrap());
         group.bench_function(format!("elastic_prefill_decide_b{budget}"), |b| {
-            let c = cache(&full);
+            let c = cache(&full, 1);
             b.iter(|| c.table(0).unwrap().decide(&policy, prefill_ctx()).unwrap())
         });
-        let plan = cache(&full)
+        let plan = cache(&full, 1)
             .table(0)
             .unwrap()
             .decide(&policy, prefill_ctx())
             .unwrap();
         group.bench_function(format!("elastic_prefill_merge_b{budget}"), |b| {
             b.iter_batched(
-                || cache(&full),
+                || cache(&full, 1),
                 |mut c| {
                     c.apply(0, &plan).unwrap();
                     sync(&c);
@@ -197,7 +176,7 @@ fn benches(c: &mut Criterion) {
         let remove_one = Plan::new(Decision::remove(len, &[at]), len, "bench", 0).unwrap();
         group.bench_function(format!("decode_remove_{name}"), |b| {
             b.iter_batched(
-                || cache(fix),
+                || cache(fix, 1),
                 |mut c| {
                     c.apply(0, &remove_one).unwrap();
                     sync(&c);
@@ -211,7 +190,7 @@ fn benches(c: &mut Criterion) {
         Plan::new(Decision::remove(PROMPT, &[1, 500, 900]), PROMPT, "bench", 0).unwrap();
     group.bench_function("decode_remove_three_scattered_1024", |b| {
         b.iter_batched(
-            || cache(&full),
+            || cache(&full, 1),
             |mut c| {
                 c.apply(0, &scattered).unwrap();
                 sync(&c);
@@ -229,7 +208,7 @@ fn benches(c: &mut Criterion) {
         let remove_one = Plan::new(Decision::remove(206, &[at]), 206, "bench", 0).unwrap();
         group.bench_function(format!("decode_remove_{name}_batch4"), |b| {
             b.iter_batched(
-                || batch_cache(&batch4, 4),
+                || cache(&batch4, 4),
                 |mut c| {
                     c.apply(0, &remove_one).unwrap();
                     sync(&c);

@@ -165,13 +165,19 @@ pub struct Batch {
 /// object's colour, shape and size.
 const ORACLE_WORDS: usize = 5;
 
+/// The grid cell (0..9, reading order) that image token `token` of a square grid of
+/// `image_tokens` patches lies in.
+pub fn cell_of_token(token: usize, image_tokens: usize) -> usize {
+    let grid = (image_tokens as f64).sqrt().round() as usize;
+    (token / grid) * 3 / grid * 3 + (token % grid) * 3 / grid
+}
+
 /// The oracle's words for every image token of `scene`, padded to [`ORACLE_WORDS`].
 fn oracle_words(
     scene: &Scene,
     tokenizer: &PromptTokenizer,
     image_tokens: usize,
 ) -> Result<Vec<(i64, f32)>, DemoError> {
-    let grid = (image_tokens as f64).sqrt().round() as usize;
     let mut per_cell = Vec::with_capacity(9);
     for (cell, name) in CELLS.iter().enumerate() {
         let mut words = name.to_string();
@@ -188,7 +194,7 @@ fn oracle_words(
         per_cell.push(ids);
     }
     Ok((0..image_tokens)
-        .flat_map(|t| per_cell[(t / grid) * 3 / grid * 3 + (t % grid) * 3 / grid].clone())
+        .flat_map(|t| per_cell[cell_of_token(t, image_tokens)].clone())
         .collect())
 }
 
@@ -275,15 +281,13 @@ pub fn make_batch(
             weights[a.sequence * total + p] = 1.0 / (a.tokens.len() as f32 * turns);
         }
     }
-    let grid = (image_tokens as f64).sqrt().round() as usize;
-    let cell_of = |t: usize| (t / grid) * 3 / grid * 3 + (t % grid) * 3 / grid;
     let mut focus_cells = vec![0f32; n * total * image_tokens];
     let mut focus_weights = vec![0f32; n * total];
     // Each answer that has focus positions weighs the same, however many it has.
     let focused_answers: f32 = focus.iter().map(|f| f.3).sum();
     for &(sequence, p, cell, share) in &focus {
         let row = (sequence * total + p) * image_tokens;
-        for t in (0..image_tokens).filter(|&t| cell_of(t) == cell) {
+        for t in (0..image_tokens).filter(|&t| cell_of_token(t, image_tokens) == cell) {
             focus_cells[row + t] = 1.0;
         }
         focus_weights[sequence * total + p] = share / focused_answers;
@@ -419,7 +423,8 @@ pub fn batch_forward_probed<B: Backend>(
 /// The focus loss: at every position whose prediction is about one object (its size,
 /// colour or shape in a description; the answer to a question about one cell or object),
 /// minus the log of the attention mass that the first head of the probed layer puts on the
-/// image tokens of that object's cell, averaged over those positions. Training
+/// image tokens of that object's cell; averaged so that every answer with such positions
+/// weighs the same, however many it has. Training
 /// scaffolding, like the oracle: it tells the decoder where to look, which plain
 /// next-token loss did not teach it within the training budget (docs/demo.md).
 ///

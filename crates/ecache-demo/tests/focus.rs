@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, TensorData};
 use ecache_demo::language::short_question;
 use ecache_demo::model_dir::{DemoShape, write_descriptors};
 use ecache_demo::scene::Scene;
-use ecache_demo::train::{Example, focus_loss, make_batch};
+use ecache_demo::train::{Example, cell_of_token, focus_loss, make_batch};
 use ecache_model::generate::SeededRng;
 use ecache_model::{ImageProcessor, PromptTokenizer};
 
@@ -40,8 +40,7 @@ fn one_focused_question(dir: &std::path::Path) -> (ecache_demo::train::Batch, us
 fn focus_loss_is_minus_log_of_the_mass_on_the_asked_cell() {
     let dir = std::env::temp_dir().join(format!("ecache-focus-{}", std::process::id()));
     let (batch, cell, image) = one_focused_question(&dir);
-    let grid = (image as f64).sqrt().round() as usize;
-    let in_cell = |t: usize| (t / grid) * 3 / grid * 3 + (t % grid) * 3 / grid == cell;
+    let in_cell = |t: usize| cell_of_token(t, image) == cell;
     let t = batch.sequence_len();
     let query = batch.answers[0].positions[0];
     let prefix = batch.image_start();

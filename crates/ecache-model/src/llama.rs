@@ -128,27 +128,14 @@ impl<B: Backend> LlamaLayer<B> {
     }
 
     /// Runs the layer over whole sequences with a causal mask and no cache: the training
-    /// path, and a reference for the cached one.
+    /// path, and a reference for the cached one. With `keep_probs` it also hands back the
+    /// attention probabilities (training scaffolding that supervises where a head looks).
     ///
     /// # Shapes
     /// - `x`: `[batch, t, hidden]`; `cos`, `sin`: `[batch or 1, 1, t, head_dim]`
     /// - `mask`: `[1, 1, t, t]`, true where attention is not allowed
-    /// - returns `[batch, t, hidden]`
+    /// - returns `[batch, t, hidden]` and, if kept, `[batch, heads, t, t]`
     pub fn forward_causal(
-        &self,
-        x: Tensor<B, 3>,
-        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
-        mask: Tensor<B, 4, Bool>,
-    ) -> Tensor<B, 3> {
-        self.forward_causal_probs(x, rope, mask, false).0
-    }
-
-    /// [`Self::forward_causal`], also handing back the attention probabilities when
-    /// `keep_probs` (training scaffolding that supervises where a head looks).
-    ///
-    /// # Shapes
-    /// - as [`Self::forward_causal`]; probabilities `[batch, heads, t, t]`
-    pub fn forward_causal_probs(
         &self,
         x: Tensor<B, 3>,
         rope: (&Tensor<B, 4>, &Tensor<B, 4>),
@@ -482,8 +469,7 @@ impl<B: Backend> LlamaDecoder<B> {
         let mut x = embeds;
         let mut kept = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (y, probs) =
-                layer.forward_causal_probs(x, (&cos, &sin), mask.clone(), probe == Some(i));
+            let (y, probs) = layer.forward_causal(x, (&cos, &sin), mask.clone(), probe == Some(i));
             x = y;
             kept = kept.or(probs);
         }
