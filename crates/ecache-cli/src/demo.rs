@@ -59,6 +59,7 @@ pub fn train_command(out: &Path, options: &TrainOptions) -> Result<()> {
         "probe_weight": options.probe_weight,
         "focus_weight": options.focus_weight,
         "focus_layer": options.focus_layer,
+        "question_mix": ecache_demo::language::TEMPLATES.iter().zip(options.question_mix.0).map(|(t, w)| (t.to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(),
         "held_out_teacher_forced": {
             "short_exact": check.short_exact,
             "description_exact": check.description_exact,

@@ -107,6 +107,16 @@ struct TrainDemoArgs {
     batch: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Question-answer turns per training conversation.
+    #[arg(long)]
+    turns: Option<usize>,
+    /// Weight of the focus loss (0 turns it off).
+    #[arg(long)]
+    focus_weight: Option<f64>,
+    /// Relative weights of the short-question templates in training: count, colour, shape,
+    /// size, where, count colour (held-out checks stay uniform).
+    #[arg(long, value_delimiter = ',', num_args = 6)]
+    question_mix: Option<Vec<f64>>,
 }
 
 #[derive(clap::Args)]
@@ -152,11 +162,32 @@ fn train_demo_command(args: TrainDemoArgs) -> Result<()> {
         steps: args.steps.unwrap_or(defaults.steps),
         batch: args.batch.unwrap_or(defaults.batch),
         seed: args.seed.unwrap_or(defaults.seed),
+        turns: args.turns.unwrap_or(defaults.turns),
+        focus_weight: args.focus_weight.unwrap_or(defaults.focus_weight),
+        question_mix: match args.question_mix {
+            Some(w) => {
+                ecache_demo::language::QuestionMix(w.try_into().map_err(|w: Vec<f64>| {
+                    BadInput(format!("--question-mix takes 6 weights, got {}", w.len()))
+                })?)
+            }
+            None => defaults.question_mix,
+        },
         ..defaults
     };
-    if options.steps == 0 || options.batch == 0 {
-        return Err(BadInput("--steps and --batch must be at least 1".into()).into());
+    if options.steps == 0 || options.batch == 0 || options.turns == 0 {
+        return Err(BadInput("--steps, --batch and --turns must be at least 1".into()).into());
     }
+    if !(options.focus_weight.is_finite() && options.focus_weight >= 0.0) {
+        return Err(BadInput(format!(
+            "--focus-weight is {}; it must be finite and at least 0",
+            options.focus_weight
+        ))
+        .into());
+    }
+    options
+        .question_mix
+        .validate()
+        .map_err(|e| BadInput(format!("--question-mix: {e}")))?;
     ecache_cli::demo::train_command(&args.out, &options)
 }
 

@@ -38,6 +38,7 @@ fn main() {
         oracle_weight: env("ORACLE_WEIGHT", 0.0),
         focus_weight: env("FOCUS_WEIGHT", 0.0),
         focus_layer: env("FOCUS_LAYER", 1.0) as usize,
+        question_mix: Default::default(),
     };
     train(
         std::path::Path::new("/tmp/probe"),

@@ -75,12 +75,68 @@ pub fn description(scene: &Scene) -> Qa {
     }
 }
 
+/// The short-question templates, in the order of [`QuestionMix`]'s weights.
+pub const TEMPLATES: [&str; 6] = ["count", "colour", "shape", "size", "where", "count colour"];
+
+/// Relative weights of the six short-question templates ([`TEMPLATES`] order). Held-out
+/// data is always drawn [`QuestionMix::UNIFORM`]; training may lean toward the templates
+/// that are learned last.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuestionMix(pub [f64; 6]);
+
+impl Default for QuestionMix {
+    fn default() -> Self {
+        Self::UNIFORM
+    }
+}
+
+impl QuestionMix {
+    pub const UNIFORM: Self = Self([1.0; 6]);
+
+    /// The template index that `u` in [0, 1) falls on.
+    fn pick(&self, u: f64) -> usize {
+        let total: f64 = self.0.iter().sum();
+        let mut edge = 0.0;
+        for (i, w) in self.0.iter().enumerate() {
+            edge += w / total;
+            if u < edge {
+                return i;
+            }
+        }
+        self.0.iter().rposition(|&w| w > 0.0).unwrap_or(0)
+    }
+
+    /// Checks that the weights are finite, non-negative and not all zero.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some((i, w)) = self
+            .0
+            .iter()
+            .enumerate()
+            .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
+        {
+            return Err(format!(
+                "question weight for `{}` is {w}; it must be finite and at least 0",
+                TEMPLATES[i]
+            ));
+        }
+        if self.0.iter().sum::<f64>() <= 0.0 {
+            return Err("question weights are all zero".into());
+        }
+        Ok(())
+    }
+}
+
 /// A short question drawn uniformly from six templates.
 pub fn short_question(scene: &Scene, rng: &mut SeededRng) -> Qa {
+    short_question_from(scene, rng, &QuestionMix::UNIFORM)
+}
+
+/// A short question whose template is drawn with `mix`'s weights.
+pub fn short_question_from(scene: &Scene, rng: &mut SeededRng, mix: &QuestionMix) -> Qa {
     let pick = |rng: &mut SeededRng, n: usize| ((rng.next_f64() * n as f64) as usize).min(n - 1);
     let object = scene.objects[pick(rng, scene.objects.len())];
     let at = CELLS[object.cell];
-    let question_kind = pick(rng, 6);
+    let question_kind = mix.pick(rng.next_f64());
     let focus = match question_kind {
         1..=3 => vec![(0, object.cell)],
         4 => (0..at.split_whitespace().count())
@@ -263,6 +319,39 @@ mod tests {
                 assert_eq!(qa.focus.len(), expected, "{qa:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_weighted_mix_draws_templates_in_proportion_and_never_a_zero_weight() {
+        let mix = QuestionMix([0.0, 3.0, 3.0, 1.0, 2.0, 1.0]);
+        let mut rng = SeededRng::new(5);
+        let mut counts = [0usize; 6];
+        for _ in 0..6000 {
+            let scene = Scene::generate(&mut rng);
+            let qa = short_question_from(&scene, &mut rng, &mix);
+            let i = TEMPLATES
+                .iter()
+                .position(|t| *t == template_of(&qa.question))
+                .unwrap();
+            counts[i] += 1;
+        }
+        assert_eq!(counts[0], 0, "{counts:?}");
+        for (i, w) in mix.0.iter().enumerate() {
+            let share = counts[i] as f64 / 6000.0;
+            assert!(
+                (share - w / 10.0).abs() < 0.02,
+                "{} drawn {share}, weight {w}/10",
+                TEMPLATES[i]
+            );
+        }
+        assert!(QuestionMix([0.0; 6]).validate().is_err());
+        assert!(
+            QuestionMix([1.0, f64::NAN, 1.0, 1.0, 1.0, 1.0])
+                .validate()
+                .unwrap_err()
+                .contains("colour")
+        );
+        assert!(mix.validate().is_ok());
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum DemoError {
     },
     #[error(transparent)]
     Model(#[from] ecache_model::ModelError),
+    #[error("training option: {0}")]
+    Option(String),
 }
 
 impl DemoError {

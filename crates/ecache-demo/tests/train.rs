@@ -3,6 +3,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::DType;
+use ecache_demo::language::QuestionMix;
 use ecache_demo::model_dir::DemoShape;
 use ecache_demo::train::{TrainOptions, train};
 use ecache_model::{ImageProcessor, Llava, PromptTokenizer};
@@ -35,6 +36,7 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
         oracle_weight: 1.0,
         focus_weight: 0.5,
         focus_layer: 0,
+        question_mix: QuestionMix([1.0, 3.0, 3.0, 1.0, 2.0, 1.0]),
     };
     let (check, log) = train(&dir, &shape, &options, 5, 20, |_| {}).unwrap();
     let first = log.first().unwrap().loss;
