@@ -169,6 +169,24 @@ pub fn grid(config: &RunConfig, policies: &[String], budgets: &[f64]) -> Vec<Pol
     runs
 }
 
+/// Why the grid drops the policy parameters given (`--set` or the config's), if it does:
+/// they belong to the config's policy, and no run of the grid is that policy.
+pub fn unused_params(config: &RunConfig, runs: &[PolicyConfig]) -> Option<String> {
+    let own = &config.policy;
+    (!own.params.is_empty() && !runs.iter().any(|r| r.name == own.name)).then(|| {
+        format!(
+            "the policy parameters {:?} belong to policy `{}`, which the runs ({}) do not include; \
+             name it with --policy",
+            own.params.keys().collect::<Vec<_>>(),
+            own.name,
+            runs.iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
 /// Runs the evaluation; `policies` are built from `request.runs` by the caller's registry.
 pub fn run(
     request: &EvalRequest,
@@ -513,4 +531,37 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path)
         .map_err(|e| BadInput(format!("cannot write {}: {e}", path.display())))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_of_a_policy_the_grid_leaves_out_are_reported() {
+        let mut config = RunConfig::with_policy(PolicyConfig::new("full", 1.0));
+        config.policy.set_param("protected_tail", "10").unwrap();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let runs = grid(&config, &names(&["elastic"]), &[0.2]);
+        assert!(
+            runs[0].params.is_empty(),
+            "parameters stay with their policy"
+        );
+        let why = unused_params(&config, &runs).expect("reported");
+        assert!(
+            why.contains("protected_tail") && why.contains("`full`"),
+            "{why}"
+        );
+        config.policy.name = "elastic".into();
+        let runs = grid(&config, &names(&["elastic", "h2o"]), &[0.2]);
+        assert_eq!(
+            runs[0]
+                .params
+                .get("protected_tail")
+                .and_then(|v| v.as_integer()),
+            Some(10)
+        );
+        assert!(runs[1].params.is_empty());
+        assert_eq!(unused_params(&config, &runs), None);
+    }
 }

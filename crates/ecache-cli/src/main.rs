@@ -80,6 +80,9 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     args.device.apply(&mut config)?;
     config.validate()?;
     let runs = ecache_cli::eval::grid(&config, &args.policies, &args.budgets);
+    if let Some(why) = ecache_cli::eval::unused_params(&config, &runs) {
+        return Err(BadInput(why).into());
+    }
     let request = BenchRequest {
         shape_name: args.shape.clone(),
         config: resolve_shape(&args.shape)?,
@@ -394,6 +397,9 @@ fn eval_command(args: EvalArgs) -> Result<()> {
     let e = &config.evaluation;
     let registry = builtin_registry()?;
     let runs = grid(&config, &e.policies, &e.budgets);
+    if let Some(why) = ecache_cli::eval::unused_params(&config, &runs) {
+        return Err(BadInput(why).into());
+    }
     let built = runs
         .iter()
         .map(|r| registry.build(r))
@@ -469,12 +475,28 @@ fn parse_value<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Resul
     })
 }
 
+/// Prompt slots Elastic Cache protects in the demo run: the question and `ASSISTANT :`.
+const DEMO_PROTECTED_TAIL: usize = 10;
+
 fn generate_command(args: GenerateArgs) -> Result<()> {
     let mut config = run_config(&args.policy, "elastic", 0.2)?;
     // With no model anywhere, the embedded demo model answers about its bundled scene.
     let demo = args.model.model.is_none() && config.model.path.is_none();
     if demo {
         config.model.path = Some(ecache_cli::demo::model_dir());
+        // The demo's question is the last few prompt slots; with the spec's default of one
+        // protected slot, Elastic Cache's prefill merge takes it (docs/results.md, finding
+        // 3), so the demo run, and only it, protects the last DEMO_PROTECTED_TAIL slots.
+        let p = &mut config.policy;
+        if args.policy.config.is_none()
+            && p.name == "elastic"
+            && !p.params.contains_key("protected_tail")
+        {
+            p.set_param("protected_tail", &DEMO_PROTECTED_TAIL.to_string())?;
+            println!(
+                "demo: elastic keeps the last {DEMO_PROTECTED_TAIL} prompt slots (the question), protected_tail = {DEMO_PROTECTED_TAIL}"
+            );
+        }
     }
     let model_dir = args.model.apply(&mut config)?;
     let (image, prompt) = match (args.image, args.prompt) {

@@ -1,0 +1,58 @@
+//! Teacher-forced exact match of a saved demo model on two held-out streams: the training
+//! run's own check (`train::quick_check`) and the study's scenes (`dataset::write_held_out`'s
+//! stream), both through the training forward: `cargo run --release -p ecache-demo --example
+//! held_out_check -- MODEL_DIR [COUNT]`. Compares with what `ecache study` measures greedily
+//! through the cached inference path, to tell sampling from a path difference.
+use burn::backend::Flex;
+use burn::tensor::DType;
+use ecache_demo::language::{IMAGE, short_question};
+use ecache_demo::scene::Scene;
+use ecache_demo::train::{
+    Example, answer_accuracy, batch_forward, held_out_rng, make_batch, quick_check,
+};
+use ecache_model::layers::Rope;
+use ecache_model::{ImageProcessor, Llava, PromptTokenizer};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = std::path::PathBuf::from(&args[0]);
+    let count: usize = args.get(1).map_or(128, |c| c.parse().expect("a count"));
+    let device = Default::default();
+    let (model, config) = Llava::<Flex>::load(&dir, &device, DType::F32).expect("loads");
+    let tokenizer = PromptTokenizer::load(&dir, IMAGE).expect("tokenizer");
+    let processor = ImageProcessor::load(&dir).expect("processor");
+    let check = quick_check(
+        &model, &config, &tokenizer, &processor, 2024, count, &device, false,
+    )
+    .expect("check");
+    println!(
+        "training's check stream: short exact {:.3}",
+        check.short_exact
+    );
+    // The study's stream: one description then one short question per scene.
+    let mut rng = held_out_rng(2024u64.wrapping_add(1));
+    let examples: Vec<Example> = (0..count)
+        .map(|_| {
+            let scene = Scene::generate(&mut rng);
+            let qa = short_question(&scene, &mut rng);
+            Example {
+                scene,
+                turns: vec![qa],
+            }
+        })
+        .collect();
+    let rope = Rope::new(config.text.head_dim, config.text.rope_theta);
+    let mut right = 0;
+    for chunk in examples.chunks(16) {
+        let batch = make_batch(chunk, &tokenizer, &processor, config.image_tokens()).unwrap();
+        let logits = batch_forward(&model, &batch, &rope, &device, None).0;
+        right += answer_accuracy(logits, &batch)
+            .iter()
+            .filter(|a| a.0)
+            .count();
+    }
+    println!(
+        "study's stream: short exact {:.3}",
+        right as f64 / count as f64
+    );
+}
