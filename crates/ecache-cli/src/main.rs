@@ -177,20 +177,9 @@ fn train_demo_command(args: TrainDemoArgs) -> Result<()> {
         },
         ..defaults
     };
-    if options.steps == 0 || options.batch == 0 || options.turns == 0 {
-        return Err(BadInput("--steps, --batch and --turns must be at least 1".into()).into());
-    }
-    if !(options.focus_weight.is_finite() && options.focus_weight >= 0.0) {
-        return Err(BadInput(format!(
-            "--focus-weight is {}; it must be finite and at least 0",
-            options.focus_weight
-        ))
-        .into());
-    }
     options
-        .question_mix
         .validate()
-        .map_err(|e| BadInput(format!("--question-mix: {e}")))?;
+        .map_err(|e| BadInput(format!("train-demo: {e}")))?;
     ecache_cli::demo::train_command(&args.out, &options)
 }
 

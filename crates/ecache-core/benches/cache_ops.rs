@@ -123,6 +123,20 @@ fn prefill_ctx() -> StepContext {
     }
 }
 
+/// Times applying `plan` to sequence 0 of a fresh cache from `make` (built outside the
+/// timing; the cache is handed back so that freeing its buffers is not timed either).
+fn time_apply(b: &mut criterion::Bencher<'_>, make: impl FnMut() -> LayerCache<B>, plan: &Plan) {
+    b.iter_batched(
+        make,
+        |mut c| {
+            c.apply(0, plan).unwrap();
+            sync(&c);
+            c
+        },
+        BatchSize::LargeInput,
+    )
+}
+
 fn benches(c: &mut Criterion) {
     let full = fixture(PROMPT);
     let mut group = c.benchmark_group("layer_7b_1024");
@@ -153,15 +167,7 @@ fn benches(c: &mut Criterion) {
             .decide(&policy, prefill_ctx())
             .unwrap();
         group.bench_function(format!("elastic_prefill_merge_b{budget}"), |b| {
-            b.iter_batched(
-                || cache(&full, 1),
-                |mut c| {
-                    c.apply(0, &plan).unwrap();
-                    sync(&c);
-                    c // dropped outside the timing (freeing the buffers is not the op)
-                },
-                BatchSize::LargeInput,
-            )
+            time_apply(b, || cache(&full, 1), &plan)
         });
     }
 
@@ -175,29 +181,13 @@ fn benches(c: &mut Criterion) {
         let len = fix.keys.dims()[2];
         let remove_one = Plan::new(Decision::remove(len, &[at]), len, "bench", 0).unwrap();
         group.bench_function(format!("decode_remove_{name}"), |b| {
-            b.iter_batched(
-                || cache(fix, 1),
-                |mut c| {
-                    c.apply(0, &remove_one).unwrap();
-                    sync(&c);
-                    c // dropped outside the timing (freeing the buffers is not the op)
-                },
-                BatchSize::LargeInput,
-            )
+            time_apply(b, || cache(fix, 1), &remove_one)
         });
     }
     let scattered =
         Plan::new(Decision::remove(PROMPT, &[1, 500, 900]), PROMPT, "bench", 0).unwrap();
     group.bench_function("decode_remove_three_scattered_1024", |b| {
-        b.iter_batched(
-            || cache(&full, 1),
-            |mut c| {
-                c.apply(0, &scattered).unwrap();
-                sync(&c);
-                c
-            },
-            BatchSize::LargeInput,
-        )
+        time_apply(b, || cache(&full, 1), &scattered)
     });
 
     // The same removal in sequence 0 of a batch of four (decode at batch 4 is where the
@@ -207,15 +197,7 @@ fn benches(c: &mut Criterion) {
     for (name, at) in [("elastic_b0.2_at_181", 181), ("worst_at_1", 1)] {
         let remove_one = Plan::new(Decision::remove(206, &[at]), 206, "bench", 0).unwrap();
         group.bench_function(format!("decode_remove_{name}_batch4"), |b| {
-            b.iter_batched(
-                || cache(&batch4, 4),
-                |mut c| {
-                    c.apply(0, &remove_one).unwrap();
-                    sync(&c);
-                    c // dropped outside the timing (freeing the buffers is not the op)
-                },
-                BatchSize::LargeInput,
-            )
+            time_apply(b, || cache(&batch4, 4), &remove_one)
         });
     }
 

@@ -5,10 +5,10 @@
 //! through the cached inference path, to tell sampling from a path difference.
 use burn::backend::Flex;
 use burn::tensor::DType;
-use ecache_demo::language::{IMAGE, short_question};
-use ecache_demo::scene::Scene;
+use ecache_demo::dataset::held_out_items;
+use ecache_demo::language::IMAGE;
 use ecache_demo::train::{
-    Example, answer_accuracy, batch_forward, held_out_rng, make_batch, quick_check,
+    Example, TrainOptions, answer_accuracy, batch_forward, make_batch, quick_check,
 };
 use ecache_model::layers::Rope;
 use ecache_model::{ImageProcessor, Llava, PromptTokenizer};
@@ -21,24 +21,21 @@ fn main() {
     let (model, config) = Llava::<Flex>::load(&dir, &device, DType::F32).expect("loads");
     let tokenizer = PromptTokenizer::load(&dir, IMAGE).expect("tokenizer");
     let processor = ImageProcessor::load(&dir).expect("processor");
+    let seed = TrainOptions::default().seed;
     let check = quick_check(
-        &model, &config, &tokenizer, &processor, 2024, count, &device, false,
+        &model, &config, &tokenizer, &processor, seed, count, &device, false,
     )
     .expect("check");
     println!(
         "training's check stream: short exact {:.3}",
         check.short_exact
     );
-    // The study's stream: one description then one short question per scene.
-    let mut rng = held_out_rng(2024u64.wrapping_add(1));
-    let examples: Vec<Example> = (0..count)
-        .map(|_| {
-            let scene = Scene::generate(&mut rng);
-            let qa = short_question(&scene, &mut rng);
-            Example {
-                scene,
-                turns: vec![qa],
-            }
+    // The study's scenes, each with its short question only.
+    let examples: Vec<Example> = held_out_items(count, seed)
+        .into_iter()
+        .map(|(scene, [_, short])| Example {
+            scene,
+            turns: vec![short],
         })
         .collect();
     let rope = Rope::new(config.text.head_dim, config.text.rope_theta);

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::DemoError;
-use crate::language::{Kind, description, short_question};
+use crate::language::{Kind, Qa, description, short_question};
 use crate::scene::Scene;
 use crate::train::held_out_rng;
 
@@ -19,6 +19,19 @@ struct Line<'a> {
     kind: &'static str,
 }
 
+/// The held-out set's scenes with their description and short question, in order: what
+/// [`write_held_out`] writes for `seed` (never drawn by training with the same seed).
+pub fn held_out_items(count: usize, seed: u64) -> Vec<(Scene, [Qa; 2])> {
+    let mut rng = held_out_rng(seed.wrapping_add(1));
+    (0..count)
+        .map(|_| {
+            let scene = Scene::generate(&mut rng);
+            let qas = [description(&scene), short_question(&scene, &mut rng)];
+            (scene, qas)
+        })
+        .collect()
+}
+
 /// Writes `count` held-out scenes (never drawn by training with the same seed) to `dir`:
 /// `scene-NNNN.png` each, and `dataset.jsonl` with one description and one short question
 /// per scene. Returns the dataset path.
@@ -28,20 +41,15 @@ pub fn write_held_out(
     seed: u64,
 ) -> Result<std::path::PathBuf, DemoError> {
     std::fs::create_dir_all(dir).map_err(|e| DemoError::io(dir, e))?;
-    let mut rng = held_out_rng(seed.wrapping_add(1));
     let mut lines = String::new();
-    for i in 0..count {
-        let scene = Scene::generate(&mut rng);
+    for (i, (scene, qas)) in held_out_items(count, seed).into_iter().enumerate() {
         let name = format!("scene-{i:04}.png");
         let path = dir.join(&name);
         scene.render().save(&path).map_err(|e| DemoError::Image {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        for (n, qa) in [description(&scene), short_question(&scene, &mut rng)]
-            .iter()
-            .enumerate()
-        {
+        for (n, qa) in qas.iter().enumerate() {
             let line = Line {
                 id: format!("{i:04}-{n}"),
                 image: name.clone(),

@@ -73,6 +73,26 @@ impl Default for TrainOptions {
 }
 
 impl TrainOptions {
+    /// Checks the options a caller can get wrong, naming the field and its value.
+    pub fn validate(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("steps", self.steps),
+            ("batch", self.batch),
+            ("turns", self.turns),
+        ] {
+            if value == 0 {
+                return Err(format!("{field} is 0; it must be at least 1"));
+            }
+        }
+        if !(self.focus_weight.is_finite() && self.focus_weight >= 0.0) {
+            return Err(format!(
+                "focus_weight is {}; it must be finite and at least 0",
+                self.focus_weight
+            ));
+        }
+        self.question_mix.validate()
+    }
+
     /// Linear warm-up, then cosine decay to a tenth of the peak.
     pub fn lr(&self, step: usize) -> f64 {
         if step < self.warmup {
@@ -677,7 +697,7 @@ pub fn train(
     mut on_progress: impl FnMut(Progress),
 ) -> Result<(QuickCheck, Vec<Progress>), DemoError> {
     type Ad = Autodiff<Flex>;
-    options.question_mix.validate().map_err(DemoError::Option)?;
+    options.validate().map_err(DemoError::Option)?;
     write_descriptors(dir, shape)?;
     let config = LlavaConfig::from_path(&dir.join("config.json"))?;
     let tokenizer = PromptTokenizer::load(dir, IMAGE)?;
@@ -813,4 +833,34 @@ pub fn train(
         false,
     )?;
     Ok((check, log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_options_are_refused_by_name() {
+        assert_eq!(TrainOptions::default().validate(), Ok(()));
+        let turns = TrainOptions {
+            turns: 0,
+            ..Default::default()
+        };
+        assert!(turns.validate().unwrap_err().starts_with("turns is 0"));
+        let focus = TrainOptions {
+            focus_weight: -1.0,
+            ..Default::default()
+        };
+        assert!(
+            focus
+                .validate()
+                .unwrap_err()
+                .starts_with("focus_weight is -1")
+        );
+        let mix = TrainOptions {
+            question_mix: QuestionMix([0.0; 6]),
+            ..Default::default()
+        };
+        assert!(mix.validate().unwrap_err().contains("all zero"));
+    }
 }
