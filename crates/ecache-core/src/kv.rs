@@ -1,14 +1,21 @@
 //! The tensor side of one decoder layer's KV cache, for a batch of sequences.
 //!
 //! Layout: keys and values are `[batch, kv_heads, capacity, head_dim]` buffers; sequence `b`
-//! owns slots `0..len(b)` of row `b`, described by its [`SlotTable`]. Capacity grows by
-//! doubling and never shrinks, so steady-state decoding sees fixed buffer shapes.
+//! owns rows `0..len(b)` of batch entry `b`, described in slot order (oldest first) by its
+//! [`SlotTable`]. Which row holds which slot is its [`RowMap`]: a removal moves the rows
+//! past the new length into the holes instead of shifting every later slot (see
+//! [`crate::rows`]). Capacity grows by doubling and never shrinks, so steady-state decoding
+//! sees fixed buffer shapes.
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, backend::Backend};
 
 use crate::decision::Plan;
 use crate::error::{Error, Result};
+use crate::rows::{RowMap, RowMoves};
 use crate::slots::{SlotKind, SlotTable};
+
+/// Above this many runs of rows to copy, a removal gathers the kept rows in one go.
+const MAX_COPY_RUNS: usize = 4;
 
 /// The fixed dimensions of one layer's cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +35,7 @@ pub struct LayerCache<B: Backend> {
     keys: Tensor<B, 4>,
     values: Tensor<B, 4>,
     tables: Vec<SlotTable>,
+    rows: Vec<RowMap>,
 }
 
 impl<B: Backend> LayerCache<B> {
@@ -45,6 +53,7 @@ impl<B: Backend> LayerCache<B> {
             keys: Tensor::zeros(dims, (device, dtype)),
             values: Tensor::zeros(dims, (device, dtype)),
             tables: vec![SlotTable::new(tracks_scores); shape.batch],
+            rows: vec![RowMap::default(); shape.batch],
         }
     }
 
@@ -76,7 +85,28 @@ impl<B: Backend> LayerCache<B> {
             .ok_or(Error::Sequence { index: seq, batch })
     }
 
-    /// Sequence `seq`'s slot table, for accumulating scores.
+    /// The buffer row of each of sequence `seq`'s slots, in slot order.
+    pub fn rows(&self, seq: usize) -> Result<&[usize]> {
+        let batch = self.shape.batch;
+        self.rows
+            .get(seq)
+            .map(RowMap::rows)
+            .ok_or(Error::Sequence { index: seq, batch })
+    }
+
+    /// Adds a score row in buffer-row order (an attention row over [`LayerCache::keys`])
+    /// to sequence `seq`'s slot scores.
+    pub fn accumulate_rows(&mut self, seq: usize, by_row: &[f32]) -> Result<()> {
+        let len = self.len(seq);
+        if by_row.len() != len {
+            return Err(Error::shape("attention row", len, by_row.len()));
+        }
+        let by_slot = self.rows[seq].to_slot_order(by_row);
+        self.table_mut(seq)?.accumulate(&by_slot)
+    }
+
+    /// Sequence `seq`'s slot table, for accumulating scores in slot order (see
+    /// [`LayerCache::accumulate_rows`] for rows that come from attention).
     pub fn table_mut(&mut self, seq: usize) -> Result<&mut SlotTable> {
         let batch = self.shape.batch;
         self.tables
@@ -84,8 +114,10 @@ impl<B: Backend> LayerCache<B> {
             .ok_or(Error::Sequence { index: seq, batch })
     }
 
-    /// Keys of the valid prefix shared by the batch (`max_len` slots; shorter sequences
-    /// are padded with stale data that attention must mask).
+    /// Keys of the valid prefix shared by the batch (`max_len` rows; shorter sequences
+    /// are padded with stale data that attention must mask), in buffer-row order: slot `i`
+    /// of sequence `b` is row `rows(b)[i]`, and the newest appended slots are the last
+    /// rows.
     ///
     /// # Shapes
     /// - returns `[batch, kv_heads, max_len, head_dim]`
@@ -165,6 +197,9 @@ impl<B: Backend> LayerCache<B> {
         for (table, pos) in self.tables.iter_mut().zip(positions) {
             table.push(pos, kinds)?;
         }
+        for rows in &mut self.rows {
+            rows.push(t);
+        }
         Ok(())
     }
 
@@ -178,12 +213,19 @@ impl<B: Backend> LayerCache<B> {
             return Ok(());
         }
         if plan.has_merges() {
-            let groups = plan.weighted_groups(self.tables[seq].scores());
+            let rows = self.rows[seq].rows();
+            let groups: Vec<Vec<(usize, f32)>> = plan
+                .weighted_groups(self.tables[seq].scores())
+                .into_iter()
+                .map(|g| g.into_iter().map(|(slot, w)| (rows[slot], w)).collect())
+                .collect();
             self.keys = merge_rows(take(&mut self.keys), seq, len, &groups);
             self.values = merge_rows(take(&mut self.values), seq, len, &groups);
+            self.rows[seq].reset(groups.len());
         } else {
-            self.keys = keep_rows(take(&mut self.keys), seq, len, plan.kept());
-            self.values = keep_rows(take(&mut self.values), seq, len, plan.kept());
+            let moves = self.rows[seq].keep(plan.kept(), MAX_COPY_RUNS);
+            self.keys = move_rows(take(&mut self.keys), seq, len, &moves);
+            self.values = move_rows(take(&mut self.values), seq, len, &moves);
         }
         self.tables[seq].apply(plan)
     }
@@ -236,45 +278,38 @@ fn index_tensor<B: Backend>(
     Tensor::from_data(TensorData::new(data, [n]), device)
 }
 
-/// Keeps `kept` (ascending old indices) of sequence `seq`'s first `len` slots, compacted to
-/// the front. A single removed run is a shift of the tail; anything else is one gather.
-fn keep_rows<B: Backend>(
+/// Carries out a removal's row moves in sequence `seq`'s first `len` rows: each run is one
+/// slice and one slice assignment (sources and targets never overlap); a gather is one
+/// select of the kept rows into rows `0..kept`.
+fn move_rows<B: Backend>(
     buffer: Tensor<B, 4>,
     seq: usize,
     len: usize,
-    kept: &[usize],
+    moves: &RowMoves,
 ) -> Tensor<B, 4> {
     let [_, heads, _, dim] = buffer.dims();
     let row = seq..seq + 1;
-    let first_gap = kept
-        .iter()
-        .enumerate()
-        .position(|(n, &k)| n != k)
-        .unwrap_or(kept.len());
-    if first_gap == kept.len() {
-        return buffer; // a prefix is kept: the slot table's length cuts the rest.
+    match moves {
+        RowMoves::None => buffer,
+        RowMoves::Runs(runs) => runs.iter().fold(buffer, |buffer, &(from, to, n)| {
+            let source = buffer
+                .clone()
+                .slice([row.clone(), 0..heads, from..from + n, 0..dim]);
+            buffer.slice_assign([row.clone(), 0..heads, to..to + n, 0..dim], source)
+        }),
+        RowMoves::Gather(rows) => {
+            let device = buffer.device();
+            let gathered = buffer
+                .clone()
+                .slice([row.clone(), 0..heads, 0..len, 0..dim])
+                .select(2, index_tensor::<B>(rows.iter().copied(), &device));
+            buffer.slice_assign([row, 0..heads, 0..rows.len(), 0..dim], gathered)
+        }
     }
-    let removed = len - kept.len();
-    let tail_is_contiguous = kept[first_gap..]
-        .iter()
-        .enumerate()
-        .all(|(n, &k)| k == first_gap + removed + n);
-    if tail_is_contiguous {
-        let tail = buffer
-            .clone()
-            .slice([row.clone(), 0..heads, first_gap + removed..len, 0..dim]);
-        return buffer.slice_assign([row, 0..heads, first_gap..kept.len(), 0..dim], tail);
-    }
-    let device = buffer.device();
-    let gathered = buffer
-        .clone()
-        .slice([row.clone(), 0..heads, 0..len, 0..dim])
-        .select(2, index_tensor::<B>(kept.iter().copied(), &device));
-    buffer.slice_assign([row, 0..heads, 0..kept.len(), 0..dim], gathered)
 }
 
-/// Replaces sequence `seq`'s first `len` slots by the weighted groups: new slot `i` is
-/// `sum_w w * old[m]` over `groups[i]`. One gather, one scale, one scatter-add.
+/// Replaces sequence `seq`'s first `len` rows by the weighted groups: new row `i` is
+/// `sum_w w * old[m]` over `groups[i]` (`m` are rows). One gather, one scale, one scatter-add.
 fn merge_rows<B: Backend>(
     buffer: Tensor<B, 4>,
     seq: usize,
@@ -317,40 +352,41 @@ fn merge_rows<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::Decision;
+    use crate::decision::{Decision, MergeWeighting};
     use burn::backend::Flex;
     use burn::tensor::DType;
 
     type B = Flex;
 
-    /// A cache of `batch` sequences whose key (and value, negated) for slot p is p + 100 b.
-    fn numbered(batch: usize, lens: &[usize], capacity: usize) -> LayerCache<B> {
-        let device = Default::default();
+    /// An empty cache of `batch` sequences, two heads of width 3.
+    fn empty(batch: usize, capacity: usize, tracks_scores: bool) -> LayerCache<B> {
         let shape = CacheShape {
             batch,
             kv_heads: 2,
             head_dim: 3,
         };
-        let mut cache = LayerCache::<B>::new(shape, capacity, false, DType::F32, &device);
-        let max = *lens.iter().max().unwrap();
-        for p in 0..max {
-            let data: Vec<f32> = (0..batch)
-                .flat_map(|b| vec![(p + 100 * b) as f32; 6])
-                .collect();
-            let k = Tensor::<B, 4>::from_data(TensorData::new(data, [batch, 2, 1, 3]), &device);
-            let pos: Vec<Vec<usize>> = (0..batch).map(|_| vec![p]).collect();
-            let refs: Vec<&[usize]> = pos.iter().map(Vec::as_slice).collect();
-            cache
-                .append(k.clone(), -k, &refs, &[SlotKind::Text])
-                .unwrap();
+        LayerCache::new(
+            shape,
+            capacity,
+            tracks_scores,
+            DType::F32,
+            &Default::default(),
+        )
+    }
+
+    /// A cache of `batch` sequences whose key (and value, negated) for slot p is p + 100 b.
+    fn numbered(batch: usize, lens: &[usize], capacity: usize) -> LayerCache<B> {
+        let mut cache = empty(batch, capacity, false);
+        for p in 0..*lens.iter().max().unwrap() {
+            append_numbered(&mut cache, p);
         }
         cache
     }
 
-    /// Slot values of sequence `b`, head 1, dim 2.
+    /// Slot values of sequence `b`, head 1, dim 2, in slot order (read through the row
+    /// map).
     fn column(cache: &LayerCache<B>, b: usize, values: bool) -> Vec<f32> {
         let t = if values { cache.values() } else { cache.keys() };
-        let len = cache.len(b);
         let v: Vec<f32> = t
             .narrow(0, b, 1)
             .narrow(1, 1, 1)
@@ -358,7 +394,7 @@ mod tests {
             .into_data()
             .into_vec()
             .unwrap();
-        v[..len].to_vec()
+        cache.rows(b).unwrap().iter().map(|&r| v[r]).collect()
     }
 
     /// The patched burn-flex writes in place only when nothing else holds the buffer: a
@@ -428,6 +464,87 @@ mod tests {
                 (0..8).map(|x| x as f32).collect::<Vec<_>>()
             );
         }
+    }
+
+    /// Appends slot `p` (key `p + 100 b`) to every sequence.
+    fn append_numbered(cache: &mut LayerCache<B>, p: usize) {
+        let device = Default::default();
+        let batch = cache.shape().batch;
+        let data: Vec<f32> = (0..batch)
+            .flat_map(|b| vec![(p + 100 * b) as f32; 6])
+            .collect();
+        let k = Tensor::<B, 4>::from_data(TensorData::new(data, [batch, 2, 1, 3]), &device);
+        let pos: Vec<Vec<usize>> = (0..batch).map(|_| vec![p]).collect();
+        let refs: Vec<&[usize]> = pos.iter().map(Vec::as_slice).collect();
+        cache
+            .append(k.clone(), -k, &refs, &[SlotKind::Text])
+            .unwrap();
+    }
+
+    /// A sink plus a window of 5 sliding over 30 steps: each removal moves one row (the
+    /// newest, into the hole) instead of shifting the window, and slot order still reads
+    /// the sink and the last five slots, oldest first; a merge afterwards reads its members
+    /// through the row map and leaves rows in slot order.
+    #[test]
+    fn a_sliding_window_moves_one_row_per_step_and_reads_in_slot_order() {
+        let mut cache = numbered(2, &[6, 6], 8);
+        let mut permuted = 0;
+        for p in 6..36 {
+            append_numbered(&mut cache, p);
+            let plan = Plan::new(Decision::Keep(vec![0, 2, 3, 4, 5, 6]), 7, "t", 0).unwrap();
+            cache.apply(1, &plan).unwrap();
+            let want: Vec<f32> = std::iter::once(100.0)
+                .chain((p - 4..=p).map(|x| (x + 100) as f32))
+                .collect();
+            assert_eq!(column(&cache, 1, false), want, "step {p}");
+            assert_eq!(
+                cache.table(1).unwrap().positions()[1..],
+                [p - 4, p - 3, p - 2, p - 1, p]
+            );
+            permuted += usize::from(cache.rows(1).unwrap() != [0, 1, 2, 3, 4, 5]);
+        }
+        // The window's rows rotate: back in slot order every fifth step.
+        assert_eq!(permuted, 24, "rows were moved, not shifted");
+        assert_eq!(cache.len(0), 36, "the other sequence kept everything");
+        assert_eq!(column(&cache, 0, false)[35], 35.0);
+        // Merge slot 2 into slot 1 (mean) and drop slot 3.
+        let plan = Plan::new(
+            Decision::Merge {
+                keep: vec![0, 1, 4, 5],
+                into: vec![(2, 1)],
+                weighting: MergeWeighting::Mean,
+            },
+            6,
+            "t",
+            0,
+        )
+        .unwrap();
+        cache.apply(1, &plan).unwrap();
+        assert_eq!(column(&cache, 1, false), vec![100.0, 131.5, 134.0, 135.0]);
+        assert_eq!(cache.rows(1).unwrap(), &[0, 1, 2, 3]);
+    }
+
+    /// Attention rows come in buffer-row order; the slot scores must land on the slots.
+    #[test]
+    fn row_ordered_scores_accumulate_onto_their_slots() {
+        let mut cache = empty(1, 4, true);
+        for p in 0..4 {
+            append_numbered(&mut cache, p);
+        }
+        let plan = Plan::new(Decision::Keep(vec![0, 2, 3]), 4, "t", 0).unwrap();
+        cache.apply(0, &plan).unwrap();
+        assert_eq!(
+            cache.rows(0).unwrap(),
+            &[0, 2, 1],
+            "slot 3 moved into row 1"
+        );
+        // Row r scores 10 * (key in row r): slot scores must be 10 * the slot's key.
+        cache.accumulate_rows(0, &[0.0, 30.0, 20.0]).unwrap();
+        assert_eq!(
+            cache.table(0).unwrap().scores().unwrap(),
+            &[0.0, 20.0, 30.0]
+        );
+        assert!(cache.accumulate_rows(0, &[1.0]).is_err());
     }
 
     #[test]

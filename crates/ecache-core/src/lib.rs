@@ -22,6 +22,7 @@ pub mod importance;
 pub mod kv;
 pub mod policy;
 pub mod registry;
+pub mod rows;
 pub mod selection;
 pub mod slots;
 pub mod trace;

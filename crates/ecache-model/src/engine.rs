@@ -194,7 +194,7 @@ impl<'a, B: Backend> Session<'a, B> {
             if let Some(scores) = out.scores {
                 let lens: Vec<usize> = (0..batch).map(|b| cache.len(b)).collect();
                 for (b, row) in rows_to_host(scores, &lens)?.into_iter().enumerate() {
-                    cache.table_mut(b)?.accumulate(&row)?;
+                    cache.accumulate_rows(b, &row)?;
                 }
             }
             for b in 0..batch {

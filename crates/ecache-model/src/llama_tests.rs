@@ -62,6 +62,27 @@ fn feed(
     q
 }
 
+/// An empty cache for `batch` sequences of the decoder's layer shape.
+fn empty_cache(
+    config: &LlamaConfig,
+    batch: usize,
+    capacity: usize,
+    tracks_scores: bool,
+) -> LayerCache<B> {
+    let shape = ecache_core::CacheShape {
+        batch,
+        kv_heads: config.kv_heads,
+        head_dim: config.head_dim,
+    };
+    LayerCache::new(
+        shape,
+        capacity,
+        tracks_scores,
+        DType::F32,
+        &Default::default(),
+    )
+}
+
 fn max_diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
     assert_eq!(a.dims(), b.dims());
     (a - b).abs().max().into_scalar()
@@ -131,12 +152,7 @@ fn check_paths(
 fn attention_paths_agree_for_prefill_decode_and_ragged_batches() {
     let (decoder, config) = decoder();
     let layer = &decoder.layers()[0];
-    let shape = ecache_core::CacheShape {
-        batch: 2,
-        kv_heads: config.kv_heads,
-        head_dim: config.head_dim,
-    };
-    let mut cache = LayerCache::<B>::new(shape, 4, false, DType::F32, &Default::default());
+    let mut cache = empty_cache(&config, 2, 4, false);
     let q = feed(layer, &config, &mut cache, 9);
     check_paths(&cache, layer, q, Visibility::Causal);
     let q = feed(layer, &config, &mut cache, 1);
@@ -148,4 +164,73 @@ fn attention_paths_agree_for_prefill_decode_and_ragged_batches() {
     check_paths(&cache, layer, q, Visibility::Ragged);
     let q = feed(layer, &config, &mut cache, 3);
     check_paths(&cache, layer, q, Visibility::Ragged);
+}
+
+/// `buffer`'s rows of every sequence put back in slot order (through `cache.rows`).
+fn in_slot_order(cache: &LayerCache<B>, buffer: Tensor<B, 4>) -> Tensor<B, 4> {
+    let device = Default::default();
+    let rows: Vec<Tensor<B, 4>> = (0..cache.shape().batch)
+        .map(|b| {
+            let rows: Vec<i64> = cache.rows(b).unwrap().iter().map(|&r| r as i64).collect();
+            let n = rows.len();
+            let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(rows, [n]),
+                &device,
+            );
+            buffer.clone().narrow(0, b, 1).select(2, index)
+        })
+        .collect();
+    Tensor::cat(rows, 0)
+}
+
+/// Removals move rows instead of shifting slots, so the buffers are out of slot order:
+/// attention over them must equal attention over the same slots in slot order, and the
+/// importance rows, taken back to slot order by the cache, must equal the slot-ordered
+/// attention's.
+#[test]
+fn attention_over_moved_rows_equals_attention_in_slot_order() {
+    let (decoder, config) = decoder();
+    let layer = &decoder.layers()[0];
+    let device = Default::default();
+    let mut cache = empty_cache(&config, 2, 16, true);
+    feed(layer, &config, &mut cache, 12);
+    for step in 0..6 {
+        let q = feed(layer, &config, &mut cache, 1);
+        let mask = Visibility::mask::<B>(&cache, 1, &device);
+        let (out, by_row) = layer
+            .attention_with_scores(q.clone(), cache.keys(), cache.values(), mask.clone(), 1)
+            .unwrap();
+        let keys = in_slot_order(&cache, cache.keys());
+        let values = in_slot_order(&cache, cache.values());
+        let (reference, by_slot) = layer
+            .attention_with_scores(q, keys, values, mask, 1)
+            .unwrap();
+        assert!(max_diff(out, reference) < 1e-5, "step {step}");
+        let len = cache.len(0);
+        let by_row: Vec<f32> = by_row.into_data().into_vec().unwrap();
+        let by_slot: Vec<f32> = by_slot.into_data().into_vec().unwrap();
+        for b in 0..2 {
+            let before: Vec<f32> = cache.table(b).unwrap().scores().unwrap().to_vec();
+            cache
+                .accumulate_rows(b, &by_row[b * len..(b + 1) * len])
+                .unwrap();
+            let after = cache.table(b).unwrap().scores().unwrap();
+            for i in 0..len {
+                let added = after[i] - before[i];
+                assert!((added - by_slot[b * len + i]).abs() < 1e-6, "step {step}");
+            }
+        }
+        // Sequence 0 drops its oldest non-sink slot (a window); sequence 1 a middle one.
+        for (b, drop) in [(0, 1), (1, 4 + step % 3)] {
+            let plan = Plan::new(Decision::remove(len, &[drop]), len, "test", 0).unwrap();
+            cache.apply(b, &plan).unwrap();
+        }
+    }
+    for b in 0..2 {
+        let rows = cache.rows(b).unwrap();
+        assert!(
+            rows.iter().enumerate().any(|(i, &r)| i != r),
+            "sequence {b}'s rows were moved"
+        );
+    }
 }
