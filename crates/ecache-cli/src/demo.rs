@@ -55,6 +55,7 @@ pub fn train_command(out: &Path, options: &TrainOptions) -> Result<()> {
         "description_share": options.description_share,
         "turns": options.turns,
         "oracle_steps": options.oracle_steps,
+        "oracle_fade": options.oracle_fade,
         "oracle_weight": options.oracle_weight,
         "probe_weight": options.probe_weight,
         "focus_weight": options.focus_weight,

@@ -116,6 +116,13 @@ struct TrainDemoArgs {
     /// Weight of the focus loss (0 turns it off).
     #[arg(long)]
     focus_weight: Option<f64>,
+    /// Steps in which the decoder reads the oracle instead of the tower's features.
+    #[arg(long)]
+    oracle_steps: Option<usize>,
+    /// Steps after those over which the decoder's input fades from the oracle to the
+    /// features (0 switches at once).
+    #[arg(long)]
+    oracle_fade: Option<usize>,
     /// Relative weights of the short-question templates in training: count, colour, shape,
     /// size, where, count colour (held-out checks stay uniform).
     #[arg(long, value_delimiter = ',', num_args = 6)]
@@ -167,6 +174,8 @@ fn train_demo_command(args: TrainDemoArgs) -> Result<()> {
         seed: args.seed.unwrap_or(defaults.seed),
         turns: args.turns.unwrap_or(defaults.turns),
         focus_weight: args.focus_weight.unwrap_or(defaults.focus_weight),
+        oracle_steps: args.oracle_steps.unwrap_or(defaults.oracle_steps),
+        oracle_fade: args.oracle_fade.unwrap_or(defaults.oracle_fade),
         question_mix: match args.question_mix {
             Some(w) => {
                 ecache_demo::language::QuestionMix(w.try_into().map_err(|w: Vec<f64>| {

@@ -35,6 +35,7 @@ fn main() {
         probe_weight: a.get(5).copied().unwrap_or(1.0),
         turns: env("TURNS", 1.0) as usize,
         oracle_steps: env("ORACLE_STEPS", 0.0) as usize,
+        oracle_fade: env("ORACLE_FADE", 0.0) as usize,
         oracle_weight: env("ORACLE_WEIGHT", 0.0),
         focus_weight: env("FOCUS_WEIGHT", 0.0),
         focus_layer: env("FOCUS_LAYER", 1.0) as usize,

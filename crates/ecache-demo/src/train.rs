@@ -39,6 +39,9 @@ pub struct TrainOptions {
     /// Steps of the first stage, in which the decoder reads each scene's oracle embeddings
     /// instead of the tower's features (see [`oracle_embeddings`]).
     pub oracle_steps: usize,
+    /// Steps after the first stage over which the decoder's input fades linearly from the
+    /// oracle to the tower's features (0 switches at once; see [`TrainOptions::oracle_share`]).
+    pub oracle_fade: usize,
     /// Weight of the loss that pulls the projected image features onto the oracle.
     pub oracle_weight: f64,
     /// Weight of the focus loss (see [`focus_loss`]); 0 turns it off.
@@ -62,6 +65,9 @@ impl Default for TrainOptions {
             turns: 6,
             probe_weight: 0.0,
             oracle_steps: 1200,
+            // The committed model switches at once; a 300-step fade with a heavier
+            // size and where mix gained 1.5-3 points (docs/demo.md, "A second recipe").
+            oracle_fade: 0,
             oracle_weight: 1.0,
             focus_weight: 0.5,
             focus_layer: 1,
@@ -91,6 +97,16 @@ impl TrainOptions {
             ));
         }
         self.question_mix.validate()
+    }
+
+    /// The share of the oracle in what the decoder reads at `step`: 1 during the first
+    /// stage, then falling linearly over `oracle_fade` steps to 0 (the tower's features).
+    pub fn oracle_share(&self, step: usize) -> f64 {
+        if step < self.oracle_steps {
+            return 1.0;
+        }
+        let into = (step - self.oracle_steps + 1) as f64;
+        (1.0 - into / (self.oracle_fade + 1) as f64).max(0.0)
     }
 
     /// Linear warm-up, then cosine decay to a tenth of the peak.
@@ -402,20 +418,21 @@ pub fn oracle_loss<B: Backend>(features: Tensor<B, 3>, oracle: Tensor<B, 3>) -> 
     (features - oracle).powi_scalar(2).mean() / scale
 }
 
-/// Logits, and the projected image features. With `instead` the decoder reads those
-/// embeddings (the oracle, see [`oracle_embeddings`]) in place of the features.
+/// Logits, and the projected image features. With `oracle = Some((embeddings, share))` the
+/// decoder reads `share * embeddings + (1 - share) * features` in place of the features
+/// (the oracle, see [`oracle_embeddings`]; a share of 1 or more reads the oracle alone).
 ///
 /// # Shapes
-/// - `instead`: `[batch, image_tokens, hidden]`
+/// - `oracle`: `[batch, image_tokens, hidden]`
 /// - returns `[batch, sequence, vocab]` and `[batch, image_tokens, hidden]`
 pub fn batch_forward<B: Backend>(
     model: &Llava<B>,
     batch: &Batch,
     rope: &Rope,
     device: &B::Device,
-    instead: Option<Tensor<B, 3>>,
+    oracle: Option<(Tensor<B, 3>, f64)>,
 ) -> (Tensor<B, 3>, Tensor<B, 3>) {
-    let (logits, features, _) = batch_forward_probed(model, batch, rope, device, instead, None);
+    let (logits, features, _) = batch_forward_probed(model, batch, rope, device, oracle, None);
     (logits, features)
 }
 
@@ -428,7 +445,7 @@ pub fn batch_forward_probed<B: Backend>(
     batch: &Batch,
     rope: &Rope,
     device: &B::Device,
-    instead: Option<Tensor<B, 3>>,
+    oracle: Option<(Tensor<B, 3>, f64)>,
     probe: Option<usize>,
 ) -> (Tensor<B, 3>, Tensor<B, 3>, Option<Tensor<B, 4>>) {
     let n = batch.size;
@@ -440,7 +457,11 @@ pub fn batch_forward_probed<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), [n, len]), device)
     };
     let features = model.image_features(pixels);
-    let image = instead.unwrap_or_else(|| features.clone());
+    let image = match oracle {
+        Some((oracle, share)) if share >= 1.0 => oracle,
+        Some((oracle, share)) if share > 0.0 => oracle * share + features.clone() * (1.0 - share),
+        _ => features.clone(),
+    };
     let embeds = Tensor::cat(
         vec![
             model.decoder.embed(ids(&batch.prefix, batch.prefix_len)),
@@ -641,7 +662,7 @@ pub fn quick_check<B: Backend>(
                 .map(|_| draw(&mut rng, share))
                 .collect();
             let batch = make_batch(&examples, tokenizer, processor, config.image_tokens())?;
-            let instead = oracle.then(|| oracle_embeddings(model, &batch, device));
+            let instead = oracle.then(|| (oracle_embeddings(model, &batch, device), 1.0));
             let logits = batch_forward(model, &batch, &rope, device, instead).0;
             let accuracy = answer_accuracy(logits, &batch);
             for (example, (e, t)) in examples.iter().zip(accuracy) {
@@ -740,10 +761,10 @@ pub fn train(
             })
             .collect();
         let batch = make_batch(&examples, &tokenizer, &processor, config.image_tokens())?;
-        let reads_oracle = step < options.oracle_steps;
-        let oracle = (reads_oracle || options.oracle_weight > 0.0)
+        let share = options.oracle_share(step);
+        let oracle = (share > 0.0 || options.oracle_weight > 0.0)
             .then(|| oracle_embeddings(&model.llava, &batch, &device));
-        let instead = oracle.clone().filter(|_| reads_oracle);
+        let instead = oracle.clone().filter(|_| share > 0.0).map(|o| (o, share));
         let probe = (options.focus_weight > 0.0).then_some(options.focus_layer);
         let (logits, features, probs) =
             batch_forward_probed(&model.llava, &batch, &rope, &device, instead, probe);
@@ -862,5 +883,22 @@ mod tests {
             ..Default::default()
         };
         assert!(mix.validate().unwrap_err().contains("all zero"));
+    }
+
+    #[test]
+    fn the_oracle_share_is_one_then_fades_linearly_to_zero() {
+        let options = TrainOptions {
+            oracle_steps: 10,
+            oracle_fade: 3,
+            ..Default::default()
+        };
+        let shares: Vec<f64> = (8..16).map(|s| options.oracle_share(s)).collect();
+        assert_eq!(shares, [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0]);
+        let switch = TrainOptions {
+            oracle_fade: 0,
+            ..options
+        };
+        assert_eq!(switch.oracle_share(9), 1.0);
+        assert_eq!(switch.oracle_share(10), 0.0);
     }
 }

@@ -31,8 +31,10 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
         description_share: 0.5,
         turns: 2,
         probe_weight: 0.0,
-        // Both stages: the oracle for the first half, the tower's features after.
-        oracle_steps: 20,
+        // Both stages and the fade between: the oracle for 15 steps, a fade over 10, then
+        // the tower's features alone.
+        oracle_steps: 15,
+        oracle_fade: 10,
         oracle_weight: 1.0,
         focus_weight: 0.5,
         focus_layer: 0,
