@@ -89,6 +89,8 @@ fn image_slots_go_first_on_real_tensors() {
     cache.apply(0, &plan).unwrap();
     // target(12) = 6: all six image slots are removed, every text slot stays.
     assert_eq!(cache.table(0).unwrap().positions(), &[0, 1, 8, 9, 10, 11]);
-    let kept: Vec<f32> = cache.keys().into_data().into_vec().unwrap();
+    // The buffers are in row order; `rows` says which row holds each slot.
+    let by_row: Vec<f32> = cache.keys().into_data().into_vec().unwrap();
+    let kept: Vec<f32> = cache.rows(0).unwrap().iter().map(|&r| by_row[r]).collect();
     assert_eq!(kept, vec![0.0, 1.0, 8.0, 9.0, 10.0, 11.0]);
 }
