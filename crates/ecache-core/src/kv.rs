@@ -87,21 +87,24 @@ impl<B: Backend> LayerCache<B> {
 
     /// The buffer row of each of sequence `seq`'s slots, in slot order.
     pub fn rows(&self, seq: usize) -> Result<&[usize]> {
+        self.row_map(seq).map(RowMap::rows)
+    }
+
+    fn row_map(&self, seq: usize) -> Result<&RowMap> {
         let batch = self.shape.batch;
         self.rows
             .get(seq)
-            .map(RowMap::rows)
             .ok_or(Error::Sequence { index: seq, batch })
     }
 
     /// Adds a score row in buffer-row order (an attention row over [`LayerCache::keys`])
     /// to sequence `seq`'s slot scores.
     pub fn accumulate_rows(&mut self, seq: usize, by_row: &[f32]) -> Result<()> {
-        let len = self.len(seq);
-        if by_row.len() != len {
-            return Err(Error::shape("attention row", len, by_row.len()));
+        let map = self.row_map(seq)?;
+        if by_row.len() != map.len() {
+            return Err(Error::shape("attention row", map.len(), by_row.len()));
         }
-        let by_slot = self.rows[seq].to_slot_order(by_row);
+        let by_slot = map.to_slot_order(by_row);
         self.table_mut(seq)?.accumulate(&by_slot)
     }
 
@@ -545,6 +548,7 @@ mod tests {
             &[0.0, 20.0, 30.0]
         );
         assert!(cache.accumulate_rows(0, &[1.0]).is_err());
+        assert!(cache.accumulate_rows(1, &[]).is_err(), "no sequence 1");
     }
 
     #[test]

@@ -70,7 +70,8 @@ impl RowMap {
     /// the map becomes the identity.
     pub fn keep(&mut self, kept: &[usize], max_runs: usize) -> RowMoves {
         let new_len = kept.len();
-        let mut new_rows: Vec<usize> = kept.iter().map(|&s| self.row_of[s]).collect();
+        let kept_rows: Vec<usize> = kept.iter().map(|&s| self.row_of[s]).collect();
+        let mut new_rows = kept_rows.clone();
         let mut occupied = vec![false; new_len];
         for &r in new_rows.iter().filter(|&&r| r < new_len) {
             occupied[r] = true;
@@ -92,9 +93,8 @@ impl RowMap {
             return RowMoves::None;
         }
         if runs.len() > max_runs {
-            let gather = kept.iter().map(|&s| self.row_of[s]).collect();
             self.reset(new_len);
-            return RowMoves::Gather(gather);
+            return RowMoves::Gather(kept_rows);
         }
         self.row_of = new_rows;
         RowMoves::Runs(runs)
