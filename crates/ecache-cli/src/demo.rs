@@ -32,11 +32,16 @@ pub fn train_command(out: &Path, options: &TrainOptions) -> Result<()> {
     );
     let (check, log) = train(out, &shape, options, 25, 250, |p| {
         println!(
-            "step {:>5}  loss {:.4}  lr {:.2e}  {:>6.0} s{}",
+            "step {:>5}  loss {:.4}  lr {:.2e}  {:>6.0} s{}{}",
             p.step,
             p.loss,
             p.lr,
             p.seconds,
+            if options.cue_weight > 0.0 {
+                format!("  focus {:.3}  cue {:.3}", p.focus, p.cue)
+            } else {
+                String::new()
+            },
             p.check
                 .map(|c| format!(
                     "  held-out: short exact {:.3}, description exact {:.3}, tokens {:.3}, by question {:?}",
@@ -60,6 +65,8 @@ pub fn train_command(out: &Path, options: &TrainOptions) -> Result<()> {
         "probe_weight": options.probe_weight,
         "focus_weight": options.focus_weight,
         "focus_layer": options.focus_layer,
+        "cue_weight": options.cue_weight,
+        "cue_layer": options.cue_layer,
         "question_mix": ecache_demo::language::TEMPLATES.iter().zip(options.question_mix.0).map(|(t, w)| (t.to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(),
         "held_out_teacher_forced": {
             "short_exact": check.short_exact,

@@ -116,6 +116,10 @@ struct TrainDemoArgs {
     /// Weight of the focus loss (0 turns it off).
     #[arg(long)]
     focus_weight: Option<f64>,
+    /// Weight of the cue loss (0 turns it off): the first layer carries the words that
+    /// name the asked object to the answer.
+    #[arg(long)]
+    cue_weight: Option<f64>,
     /// Steps in which the decoder reads the oracle instead of the tower's features.
     #[arg(long)]
     oracle_steps: Option<usize>,
@@ -174,6 +178,7 @@ fn train_demo_command(args: TrainDemoArgs) -> Result<()> {
         seed: args.seed.unwrap_or(defaults.seed),
         turns: args.turns.unwrap_or(defaults.turns),
         focus_weight: args.focus_weight.unwrap_or(defaults.focus_weight),
+        cue_weight: args.cue_weight.unwrap_or(defaults.cue_weight),
         oracle_steps: args.oracle_steps.unwrap_or(defaults.oracle_steps),
         oracle_fade: args.oracle_fade.unwrap_or(defaults.oracle_fade),
         question_mix: match args.question_mix {

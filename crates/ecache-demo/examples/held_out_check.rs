@@ -2,7 +2,8 @@
 //! run's own check (`train::quick_check`) and the study's scenes (`dataset::write_held_out`'s
 //! stream), both through the training forward: `cargo run --release -p ecache-demo --example
 //! held_out_check -- MODEL_DIR [COUNT]`. Compares with what `ecache study` measures greedily
-//! through the cached inference path, to tell sampling from a path difference.
+//! through the cached inference path, to tell sampling from a path difference. The training
+//! stream is checked twice, the second time with the oracle in place of the features.
 use burn::backend::Flex;
 use burn::tensor::DType;
 use ecache_demo::dataset::held_out_items;
@@ -22,14 +23,19 @@ fn main() {
     let tokenizer = PromptTokenizer::load(&dir, IMAGE).expect("tokenizer");
     let processor = ImageProcessor::load(&dir).expect("processor");
     let seed = TrainOptions::default().seed;
-    let check = quick_check(
-        &model, &config, &tokenizer, &processor, seed, count, &device, false,
-    )
-    .expect("check");
-    println!(
-        "training's check stream: short exact {:.3}",
-        check.short_exact
-    );
+    // The second pass is the decoder alone: the same questions with the oracle in place
+    // of the tower's features, which tells a reading failure from a seeing failure.
+    for (oracle, input) in [(false, "features"), (true, "oracle")] {
+        let check = quick_check(
+            &model, &config, &tokenizer, &processor, seed, count, &device, oracle,
+        )
+        .expect("check");
+        println!(
+            "training's check stream, {input}: short exact {:.3}, descriptions: tokens right {:.3}",
+            check.short_exact, check.description_token_accuracy
+        );
+        println!("  by kind: {:?}", check.by_template);
+    }
     // The study's scenes, each with its short question only.
     let examples: Vec<Example> = held_out_items(count, seed)
         .into_iter()

@@ -2,7 +2,8 @@
 //! `cargo run --release -p ecache-demo --example small_run -- STEPS LR DESCRIPTION_SHARE
 //! VISION_LAYERS PATCH [PROBE_WEIGHT]` (docs/demo.md's small-model experiments). The
 //! environment sets the rest: TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, TEXT_FFN (decoder
-//! shape), BATCH, TURNS, ORACLE_STEPS, ORACLE_WEIGHT, FOCUS_WEIGHT and FOCUS_LAYER.
+//! shape), BATCH, TURNS, ORACLE_STEPS, ORACLE_WEIGHT, FOCUS_WEIGHT, FOCUS_LAYER,
+//! CUE_WEIGHT and CUE_LAYER.
 use ecache_demo::model_dir::DemoShape;
 use ecache_demo::train::{TrainOptions, train};
 fn env(name: &str, default: f64) -> f64 {
@@ -39,6 +40,8 @@ fn main() {
         oracle_weight: env("ORACLE_WEIGHT", 0.0),
         focus_weight: env("FOCUS_WEIGHT", 0.0),
         focus_layer: env("FOCUS_LAYER", 1.0) as usize,
+        cue_weight: env("CUE_WEIGHT", 0.0),
+        cue_layer: env("CUE_LAYER", 0.0) as usize,
         question_mix: Default::default(),
     };
     train(
@@ -49,8 +52,8 @@ fn main() {
         100,
         |p| {
             println!(
-                "step {} loss {:.4} fit {:.3} focus {:.3} {:.0}s {:?}",
-                p.step, p.loss, p.oracle_fit, p.focus, p.seconds, p.check
+                "step {} loss {:.4} fit {:.3} focus {:.3} cue {:.3} {:.0}s {:?}",
+                p.step, p.loss, p.oracle_fit, p.focus, p.cue, p.seconds, p.check
             )
         },
     )

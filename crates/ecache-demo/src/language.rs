@@ -45,6 +45,21 @@ pub struct Qa {
     /// answer, the object's grid cell). Training scaffolding: it says where the model
     /// should look when predicting that token (see `train::focus_loss`).
     pub focus: Vec<(usize, usize)>,
+    /// For answer tokens read from one object: (the token's index in the answer, the words
+    /// earlier in the conversation that name that object: its cell's row and column words,
+    /// or its colour and shape words, or the colour counted). Training scaffolding like
+    /// `focus`: it says which words the first layer should carry to the position that
+    /// predicts the token (see `train::cue_loss`).
+    pub cues: Vec<(usize, Vec<Cue>)>,
+}
+
+/// A word that names what an answer token is about, by its index among the whitespace
+/// separated words of the turn's question or answer (the demo tokenizer gives every such
+/// word one token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cue {
+    Question(usize),
+    Answer(usize),
 }
 
 /// "there are three objects . top left : a large red circle . center : ..."
@@ -61,10 +76,14 @@ pub fn description(scene: &Scene) -> Qa {
     // "there are N objects ." then per object "CELL : a SIZE COLOUR SHAPE .": the size,
     // colour and shape words are read from the object's cell.
     let mut focus = Vec::new();
+    let mut cues = Vec::new();
     let mut word = 5;
     for o in &scene.objects {
-        word += CELLS[o.cell].split_whitespace().count() + 2;
+        let cell_words = CELLS[o.cell].split_whitespace().count();
+        let named: Vec<Cue> = (word..word + cell_words).map(Cue::Answer).collect();
+        word += cell_words + 2;
         focus.extend((word..word + 3).map(|i| (i, o.cell)));
+        cues.extend((word..word + 3).map(|i| (i, named.clone())));
         word += 4;
     }
     Qa {
@@ -72,6 +91,7 @@ pub fn description(scene: &Scene) -> Qa {
         answer: describe(scene),
         kind: Kind::Description,
         focus,
+        cues,
     }
 }
 
@@ -177,11 +197,28 @@ pub fn short_question_from(scene: &Scene, rng: &mut SeededRng, mix: &QuestionMix
             )
         }
     };
+    // The words of the question that name the object: "... at the ROW COLUMN ?", "where
+    // is the COLOUR SHAPE ?", "how many COLOUR objects are there ?".
+    let words = question.split_whitespace().count();
+    let named: Vec<Cue> = match question_kind {
+        1..=3 => vec![Cue::Question(words - 3), Cue::Question(words - 2)],
+        4 => vec![Cue::Question(3), Cue::Question(4)],
+        5 => vec![Cue::Question(2)],
+        _ => Vec::new(),
+    };
+    let cues = if named.is_empty() {
+        Vec::new()
+    } else {
+        (0..answer.split_whitespace().count())
+            .map(|i| (i, named.clone()))
+            .collect()
+    };
     Qa {
         question,
         answer,
         kind: Kind::Short,
         focus,
+        cues,
     }
 }
 
@@ -319,6 +356,61 @@ mod tests {
                 assert_eq!(qa.focus.len(), expected, "{qa:?}");
             }
         }
+    }
+
+    #[test]
+    fn cues_name_the_object_that_each_answer_token_is_about() {
+        let mut rng = SeededRng::new(11);
+        let mut seen = BTreeSet::new();
+        for _ in 0..400 {
+            let scene = Scene::generate(&mut rng);
+            for qa in [description(&scene), short_question(&scene, &mut rng)] {
+                let question: Vec<&str> = qa.question.split_whitespace().collect();
+                let answer: Vec<&str> = qa.answer.split_whitespace().collect();
+                let kind = template_of(&qa.question);
+                for (i, named) in &qa.cues {
+                    assert!(*i < answer.len(), "{qa:?}");
+                    let words: Vec<&str> = named
+                        .iter()
+                        .map(|cue| match *cue {
+                            Cue::Question(w) => question[w],
+                            Cue::Answer(w) => {
+                                assert!(w < *i, "an answer cue precedes the token: {qa:?}");
+                                answer[w]
+                            }
+                        })
+                        .collect();
+                    // The object the token is about, and the words that must name it.
+                    let expected: Vec<String> = match kind {
+                        "count colour" => vec![question[2].to_string()],
+                        "where" => {
+                            let o = scene
+                                .objects
+                                .iter()
+                                .find(|o| CELLS[o.cell] == qa.answer)
+                                .unwrap();
+                            vec![COLOURS[o.colour].0.into(), SHAPES[o.shape].into()]
+                        }
+                        _ => {
+                            let focus = qa.focus.iter().find(|f| f.0 == *i).unwrap();
+                            CELLS[focus.1]
+                                .split_whitespace()
+                                .map(String::from)
+                                .collect()
+                        }
+                    };
+                    assert_eq!(words, expected, "{qa:?}");
+                }
+                let expected = match kind {
+                    "describe" => 3 * scene.objects.len(),
+                    "count" => 0,
+                    _ => answer.len(),
+                };
+                assert_eq!(qa.cues.len(), expected, "{qa:?}");
+                seen.insert(kind);
+            }
+        }
+        assert_eq!(seen.len(), 7, "every template checked: {seen:?}");
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! a word-level tokenizer, and the training of a small LLaVA with burn's autodiff, written
 //! out as a Hugging Face model directory that loads like any other checkpoint.
 
+pub mod batch;
 pub mod dataset;
 pub mod language;
 pub mod model_dir;
+pub mod scaffold;
 pub mod scene;
 pub mod train;
 

@@ -8,19 +8,22 @@ use std::time::Instant;
 use burn::backend::{Autodiff, Flex};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module};
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{DType, Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
 use ecache_model::generate::SeededRng;
 use ecache_model::layers::Rope;
-use ecache_model::{Checkpoint, ImageProcessor, Llava, LlavaConfig, PromptTokenizer, chat_prompt};
+use ecache_model::{Checkpoint, ImageProcessor, Llava, LlavaConfig, PromptTokenizer};
 
 use crate::DemoError;
-use crate::language::{
-    EOS, IMAGE, Kind, PAD, Qa, QuestionMix, description, short_question_from, template_of,
-};
+use crate::language::{IMAGE, QuestionMix, template_of};
 use crate::model_dir::{DemoShape, write_descriptors};
-use crate::scene::{CELLS, COLOURS, SHAPES, SIZES, Scene};
+
+// The batch and the scaffolding live in their own modules; training's callers find them
+// here too.
+pub use crate::batch::{
+    Answer, Batch, Example, cell_of_token, draw, draw_conversation, make_batch,
+};
+pub use crate::scaffold::{CellProbe, cue_loss, focus_loss, oracle_embeddings, oracle_loss};
 
 /// Training settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,6 +51,10 @@ pub struct TrainOptions {
     pub focus_weight: f64,
     /// The decoder layer whose first head the focus loss supervises.
     pub focus_layer: usize,
+    /// Weight of the cue loss (see [`cue_loss`]); 0 turns it off.
+    pub cue_weight: f64,
+    /// The decoder layer whose heads the cue loss supervises.
+    pub cue_layer: usize,
     /// How often each short-question template is drawn in training (held-out checks stay
     /// uniform).
     pub question_mix: QuestionMix,
@@ -71,6 +78,8 @@ impl Default for TrainOptions {
             oracle_weight: 1.0,
             focus_weight: 0.5,
             focus_layer: 1,
+            cue_weight: 0.0,
+            cue_layer: 0,
             // Colour, shape and where are read from one cell and are learned last
             // (docs/demo.md); counts and sizes come sooner.
             question_mix: QuestionMix([1.0, 3.0, 3.0, 1.0, 2.0, 1.0]),
@@ -90,11 +99,15 @@ impl TrainOptions {
                 return Err(format!("{field} is 0; it must be at least 1"));
             }
         }
-        if !(self.focus_weight.is_finite() && self.focus_weight >= 0.0) {
-            return Err(format!(
-                "focus_weight is {}; it must be finite and at least 0",
-                self.focus_weight
-            ));
+        for (field, value) in [
+            ("focus_weight", self.focus_weight),
+            ("cue_weight", self.cue_weight),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(format!(
+                    "{field} is {value}; it must be finite and at least 0"
+                ));
+            }
         }
         self.question_mix.validate()
     }
@@ -124,300 +137,6 @@ pub fn held_out_rng(seed: u64) -> SeededRng {
     SeededRng::new(seed ^ 0x005E_ED0F_4E1D_0017)
 }
 
-/// One drawn example: a scene and a conversation about it (one turn or several).
-#[derive(Debug, Clone)]
-pub struct Example {
-    pub scene: Scene,
-    pub turns: Vec<Qa>,
-}
-
-/// A single-turn example: the scene and one question with its answer.
-pub fn draw(rng: &mut SeededRng, description_share: f64) -> Example {
-    draw_conversation(rng, 1, description_share, &QuestionMix::UNIFORM)
-}
-
-/// A scene and `turns` distinct questions about it, as in LLaVA's multi-turn instruction
-/// data: with probability `description_share` one of the turns (at a random place) asks for
-/// the description, the others are short questions drawn with `mix`.
-pub fn draw_conversation(
-    rng: &mut SeededRng,
-    turns: usize,
-    description_share: f64,
-    mix: &QuestionMix,
-) -> Example {
-    let scene = Scene::generate(rng);
-    let describe_at = if rng.next_f64() < description_share {
-        Some(((rng.next_f64() * turns as f64) as usize).min(turns - 1))
-    } else {
-        None
-    };
-    let mut qas: Vec<Qa> = Vec::with_capacity(turns);
-    for turn in 0..turns {
-        if describe_at == Some(turn) {
-            qas.push(description(&scene));
-            continue;
-        }
-        // A repeated question would let a later turn copy an earlier answer.
-        let mut qa = short_question_from(&scene, rng, mix);
-        for _ in 0..20 {
-            if !qas.iter().any(|q| q.question == qa.question) {
-                break;
-            }
-            qa = short_question_from(&scene, rng, mix);
-        }
-        if qas.iter().any(|q| q.question == qa.question) {
-            break;
-        }
-        qas.push(qa);
-    }
-    Example { scene, turns: qas }
-}
-
-/// One answer in a batch: its sequence, the full-sequence positions whose logits predict
-/// its tokens, the tokens (EOS last), and the question's kind.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub sequence: usize,
-    pub positions: Vec<usize>,
-    pub tokens: Vec<u32>,
-    pub kind: Kind,
-}
-
-/// A padded batch on the host.
-pub struct Batch {
-    pub size: usize,
-    pixels: Vec<f32>,
-    side: usize,
-    prefix: Vec<i64>,
-    prefix_len: usize,
-    rest: Vec<i64>,
-    rest_len: usize,
-    targets: Vec<i64>,
-    weights: Vec<f32>,
-    /// Every answer of every sequence.
-    pub answers: Vec<Answer>,
-    /// Per sequence and grid cell: colour, shape and size class (0 for an empty cell).
-    cell_targets: Vec<i64>,
-    /// Per sequence, image token and slot: the words whose embeddings sum to the token's
-    /// oracle embedding, and whether the slot is used.
-    oracle_ids: Vec<i64>,
-    oracle_mask: Vec<f32>,
-    image_tokens: usize,
-    /// Per sequence, position and image token: 1 where the token lies in the cell the
-    /// position's prediction is about (see [`Qa::focus`]), else 0; `[n, total, image_tokens]`.
-    focus_cells: Vec<f32>,
-    /// Per sequence and position: the weight of its focus term (0 for most positions).
-    focus_weights: Vec<f32>,
-}
-
-/// Words per image token in the oracle: the cell's name (one or two words) and the
-/// object's colour, shape and size.
-const ORACLE_WORDS: usize = 5;
-
-/// The grid cell (0..9, reading order) that image token `token` of a square grid of
-/// `image_tokens` patches lies in.
-pub fn cell_of_token(token: usize, image_tokens: usize) -> usize {
-    let grid = (image_tokens as f64).sqrt().round() as usize;
-    (token / grid) * 3 / grid * 3 + (token % grid) * 3 / grid
-}
-
-/// The oracle's words for every image token of `scene`, padded to [`ORACLE_WORDS`].
-fn oracle_words(
-    scene: &Scene,
-    tokenizer: &PromptTokenizer,
-    image_tokens: usize,
-) -> Result<Vec<(i64, f32)>, DemoError> {
-    let mut per_cell = Vec::with_capacity(9);
-    for (cell, name) in CELLS.iter().enumerate() {
-        let mut words = name.to_string();
-        if let Some(o) = scene.at(cell) {
-            words += " ";
-            words += &o.noun_phrase();
-        }
-        let mut ids: Vec<(i64, f32)> = tokenizer
-            .encode_answer(&words)?
-            .into_iter()
-            .map(|i| (i as i64, 1.0))
-            .collect();
-        ids.resize(ORACLE_WORDS, (PAD as i64, 0.0));
-        per_cell.push(ids);
-    }
-    Ok((0..image_tokens)
-        .flat_map(|t| per_cell[cell_of_token(t, image_tokens)].clone())
-        .collect())
-}
-
-impl Batch {
-    /// Tokens per (padded) sequence: prompt prefix, image tokens and the rest.
-    pub fn sequence_len(&self) -> usize {
-        self.prefix_len + self.image_tokens + self.rest_len
-    }
-
-    /// Position of the first image token.
-    pub fn image_start(&self) -> usize {
-        self.prefix_len
-    }
-}
-
-/// Encodes examples exactly as inference will see them: the chat prompt with BOS and
-/// `<image>`, the answer without specials, then EOS; later turns follow as `USER: question
-/// ASSISTANT: answer</s>`.
-pub fn make_batch(
-    examples: &[Example],
-    tokenizer: &PromptTokenizer,
-    processor: &ImageProcessor,
-    image_tokens: usize,
-) -> Result<Batch, DemoError> {
-    let mut pixels = Vec::new();
-    let mut side = 0;
-    let mut prefixes = Vec::new();
-    let mut rests = Vec::new();
-    let mut answers = Vec::new();
-    let mut oracle = Vec::new();
-    // (sequence, position, cell, share of its answer's focus)
-    let mut focus: Vec<(usize, usize, usize, f32)> = Vec::new();
-    for (sequence, example) in examples.iter().enumerate() {
-        oracle.extend(oracle_words(&example.scene, tokenizer, image_tokens)?);
-        let (values, [_, h, _]) =
-            processor.process(&image::DynamicImage::ImageRgb8(example.scene.render()))?;
-        side = h;
-        pixels.extend(values);
-        let ids = tokenizer.encode_prompt(&chat_prompt(&example.turns[0].question), true)?;
-        let at = ids.iter().position(|&i| i == IMAGE).expect("one <image>");
-        prefixes.push(ids[..at].to_vec());
-        let mut rest: Vec<u32> = ids[at + 1..].to_vec();
-        for (turn, qa) in example.turns.iter().enumerate() {
-            if turn > 0 {
-                let prompt = format!("USER: {} ASSISTANT:", qa.question);
-                rest.extend(tokenizer.encode_answer(&prompt)?);
-            }
-            let mut tokens = tokenizer.encode_answer(&qa.answer)?;
-            tokens.push(EOS);
-            // The logit at the last prompt token predicts the first answer token.
-            let first = at + image_tokens + rest.len() - 1;
-            rest.extend(&tokens);
-            let share = 1.0 / qa.focus.len().max(1) as f32;
-            focus.extend(
-                qa.focus
-                    .iter()
-                    .map(|&(i, cell)| (sequence, first + i, cell, share)),
-            );
-            answers.push(Answer {
-                sequence,
-                positions: (first..first + tokens.len()).collect(),
-                tokens,
-                kind: qa.kind,
-            });
-        }
-        rests.push(rest);
-    }
-    let prefix_len = prefixes[0].len();
-    assert!(
-        prefixes.iter().all(|p| p.len() == prefix_len),
-        "one chat format"
-    );
-    let rest_len = rests.iter().map(Vec::len).max().unwrap_or(0);
-    let total = prefix_len + image_tokens + rest_len;
-    let n = examples.len();
-    let mut targets = vec![0i64; n * total];
-    let mut weights = vec![0f32; n * total];
-    // Each answer weighs the same, however long, and each sequence the same, however many
-    // turns it has.
-    for a in &answers {
-        let turns = examples[a.sequence].turns.len() as f32;
-        for (&p, &t) in a.positions.iter().zip(&a.tokens) {
-            targets[a.sequence * total + p] = t as i64;
-            weights[a.sequence * total + p] = 1.0 / (a.tokens.len() as f32 * turns);
-        }
-    }
-    let mut focus_cells = vec![0f32; n * total * image_tokens];
-    let mut focus_weights = vec![0f32; n * total];
-    // Each answer that has focus positions weighs the same, however many it has.
-    let focused_answers: f32 = focus.iter().map(|f| f.3).sum();
-    for &(sequence, p, cell, share) in &focus {
-        let row = (sequence * total + p) * image_tokens;
-        for t in (0..image_tokens).filter(|&t| cell_of_token(t, image_tokens) == cell) {
-            focus_cells[row + t] = 1.0;
-        }
-        focus_weights[sequence * total + p] = share / focused_answers;
-    }
-    Ok(Batch {
-        size: n,
-        pixels,
-        side,
-        prefix: prefixes.concat().into_iter().map(i64::from).collect(),
-        prefix_len,
-        rest: rests
-            .iter()
-            .flat_map(|r| {
-                r.iter()
-                    .map(|&i| i as i64)
-                    .chain(std::iter::repeat_n(PAD as i64, rest_len - r.len()))
-            })
-            .collect(),
-        rest_len,
-        targets,
-        weights,
-        answers,
-        cell_targets: examples
-            .iter()
-            .flat_map(|example| {
-                let scene = &example.scene;
-                (0..9).flat_map(move |cell| match scene.at(cell) {
-                    Some(o) => [o.colour as i64 + 1, o.shape as i64 + 1, o.size as i64 + 1],
-                    None => [0, 0, 0],
-                })
-            })
-            .collect(),
-        oracle_ids: oracle.iter().map(|&(i, _)| i).collect(),
-        oracle_mask: oracle.iter().map(|&(_, m)| m).collect(),
-        image_tokens,
-        focus_cells,
-        focus_weights,
-    })
-}
-
-/// The oracle embedding of every image token: the sum of the decoder's embeddings of the
-/// words that name the token's grid cell and the object in it (or the cell alone). In the
-/// first training stage the decoder reads these in place of the tower's features, so that it
-/// learns to find and read a cell while its inputs are already in its own word space (as
-/// LLaVA's pretrained language model is); the tower and projector meanwhile learn to produce
-/// them, and the second stage hands the decoder the real features.
-///
-/// # Shapes
-/// - returns `[batch, image_tokens, hidden]`
-pub fn oracle_embeddings<B: Backend>(
-    model: &Llava<B>,
-    batch: &Batch,
-    device: &B::Device,
-) -> Tensor<B, 3> {
-    let (n, t) = (batch.size, batch.image_tokens);
-    let ids = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(batch.oracle_ids.clone(), [n, t * ORACLE_WORDS]),
-        device,
-    );
-    let embeds = model.decoder.embed(ids);
-    let hidden = embeds.dims()[2];
-    let mask = Tensor::<B, 4>::from_data(
-        TensorData::new(batch.oracle_mask.clone(), [n, t, ORACLE_WORDS, 1]),
-        device,
-    );
-    (embeds.reshape([n, t, ORACLE_WORDS, hidden]) * mask)
-        .sum_dim(2)
-        .reshape([n, t, hidden])
-}
-
-/// How far the projected features are from the oracle: squared error relative to the
-/// oracle's mean square (the oracle is a target here and gets no gradient).
-///
-/// # Shapes
-/// - `features`, `oracle`: `[batch, image_tokens, hidden]` -> scalar
-pub fn oracle_loss<B: Backend>(features: Tensor<B, 3>, oracle: Tensor<B, 3>) -> Tensor<B, 1> {
-    let oracle = oracle.detach();
-    let scale = oracle.clone().powi_scalar(2).mean().detach();
-    (features - oracle).powi_scalar(2).mean() / scale
-}
-
 /// Logits, and the projected image features. With `oracle = Some((embeddings, share))` the
 /// decoder reads `share * embeddings + (1 - share) * features` in place of the features
 /// (the oracle, see [`oracle_embeddings`]; a share of 1 or more reads the oracle alone).
@@ -432,22 +151,23 @@ pub fn batch_forward<B: Backend>(
     device: &B::Device,
     oracle: Option<(Tensor<B, 3>, f64)>,
 ) -> (Tensor<B, 3>, Tensor<B, 3>) {
-    let (logits, features, _) = batch_forward_probed(model, batch, rope, device, oracle, None);
+    let (logits, features, _) = batch_forward_probed(model, batch, rope, device, oracle, &[]);
     (logits, features)
 }
 
-/// [`batch_forward`], also handing back layer `probe`'s attention probabilities.
+/// [`batch_forward`], also handing back the attention probabilities of the layers in
+/// `probes`, in that order.
 ///
 /// # Shapes
-/// - returns as [`batch_forward`] and `[batch, heads, sequence, sequence]`
+/// - returns as [`batch_forward`] and `[batch, heads, sequence, sequence]` per probe
 pub fn batch_forward_probed<B: Backend>(
     model: &Llava<B>,
     batch: &Batch,
     rope: &Rope,
     device: &B::Device,
     oracle: Option<(Tensor<B, 3>, f64)>,
-    probe: Option<usize>,
-) -> (Tensor<B, 3>, Tensor<B, 3>, Option<Tensor<B, 4>>) {
+    probes: &[usize],
+) -> (Tensor<B, 3>, Tensor<B, 3>, Vec<Tensor<B, 4>>) {
     let n = batch.size;
     let pixels = Tensor::<B, 4>::from_data(
         TensorData::new(batch.pixels.clone(), [n, 3, batch.side, batch.side]),
@@ -470,108 +190,8 @@ pub fn batch_forward_probed<B: Backend>(
         ],
         1,
     );
-    let (logits, probs) = model.decoder.forward_causal_probs(embeds, rope, probe);
+    let (logits, probs) = model.decoder.forward_causal_probs(embeds, rope, probes);
     (logits, features, probs)
-}
-
-/// The focus loss: at every position whose prediction is about one object (its size,
-/// colour or shape in a description; the answer to a question about one cell or object),
-/// minus the log of the attention mass that the first head of the probed layer puts on the
-/// image tokens of that object's cell; averaged so that every answer with such positions
-/// weighs the same, however many it has. Training
-/// scaffolding, like the oracle: it tells the decoder where to look, which plain
-/// next-token loss did not teach it within the training budget (docs/demo.md).
-///
-/// # Shapes
-/// - `probs`: `[batch, heads, sequence, sequence]` -> scalar
-pub fn focus_loss<B: Backend>(
-    probs: Tensor<B, 4>,
-    batch: &Batch,
-    device: &B::Device,
-) -> Tensor<B, 1> {
-    let [n, _, t, _] = probs.dims();
-    let (from, image) = (batch.prefix_len, batch.image_tokens);
-    let head = probs
-        .slice([0..n, 0..1, 0..t, from..from + image])
-        .reshape([n, t, image]);
-    let cells = Tensor::<B, 3>::from_data(
-        TensorData::new(batch.focus_cells.clone(), [n, t, image]),
-        device,
-    );
-    let weights =
-        Tensor::<B, 2>::from_data(TensorData::new(batch.focus_weights.clone(), [n, t]), device);
-    let mass = (head * cells).sum_dim(2).reshape([n, t]);
-    (mass.add_scalar(1e-6).log() * weights).sum().neg()
-}
-
-/// A training-only probe that reads each grid cell's colour, shape and size (or "empty")
-/// from the image feature at the cell's centre. It plays the part that a pretrained CLIP
-/// plays in LLaVA: without it the tower trained from scratch collapsed to features that
-/// were the same for every picture (the decoder learned the answers' language first and
-/// the image tokens turned into constant attention sinks). Not exported.
-#[derive(Module, Debug)]
-pub struct CellProbe<B: Backend> {
-    colour: Linear<B>,
-    shape: Linear<B>,
-    size: Linear<B>,
-    cell: Linear<B>,
-}
-
-impl<B: Backend> CellProbe<B> {
-    /// A probe over features of width `hidden`.
-    pub fn init(hidden: usize, device: &B::Device) -> Self {
-        let head = |classes| LinearConfig::new(hidden, classes).init(device);
-        Self {
-            colour: head(COLOURS.len() + 1),
-            shape: head(SHAPES.len() + 1),
-            size: head(SIZES.len() + 1),
-            cell: head(9),
-        }
-    }
-
-    /// Mean cross-entropy of the three attributes over every cell, and of every token's cell.
-    ///
-    /// # Shapes
-    /// - `features`: `[batch, grid * grid, hidden]` -> scalar
-    pub fn loss(&self, features: Tensor<B, 3>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
-        let [n, tokens, hidden] = features.dims();
-        let grid = (tokens as f64).sqrt().round() as usize;
-        let centre = |k: usize| k * grid / 3 + grid / 6;
-        let index: Vec<i64> = (0..9)
-            .map(|cell| (centre(cell / 3) * grid + centre(cell % 3)) as i64)
-            .collect();
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [9]), device);
-        let cells = features.clone().select(1, index).reshape([n * 9, hidden]);
-        let targets = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(batch.cell_targets.clone(), [n * 9, 3]),
-            device,
-        );
-        let mut total = None;
-        for (k, head) in [&self.colour, &self.shape, &self.size]
-            .into_iter()
-            .enumerate()
-        {
-            let logp = log_softmax(head.forward(cells.clone()), 1);
-            let t = targets.clone().slice([0..n * 9, k..k + 1]);
-            let loss = logp.gather(1, t).mean().neg();
-            total = Some(match total {
-                None => loss,
-                Some(sum) => sum + loss,
-            });
-        }
-        // Every token also says which cell it lies in, so that the decoder can find a
-        // cell by content rather than by counting positions.
-        let where_: Vec<i64> = (0..n)
-            .flat_map(|_| {
-                (0..tokens).map(|t| ((t / grid) * 3 / grid * 3 + (t % grid) * 3 / grid) as i64)
-            })
-            .collect();
-        let where_ =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(where_, [n * tokens, 1]), device);
-        let logp = log_softmax(self.cell.forward(features.reshape([n * tokens, hidden])), 1);
-        let position = logp.gather(1, where_).mean().neg();
-        (total.expect("three heads") + position) / 4.0
-    }
 }
 
 /// The model being trained: LLaVA and the cell probe.
@@ -595,18 +215,27 @@ pub fn batch_loss<B: Backend>(
     (picked * weights).sum().neg() / n as f64
 }
 
-/// Per answer: whether greedy decoding reproduces it and EOS exactly (every
-/// teacher-forced argmax right, which is what greedy decoding then follows), and the share
-/// of its tokens predicted right.
-pub fn answer_accuracy<B: Backend>(logits: Tensor<B, 3>, batch: &Batch) -> Vec<(bool, f64)> {
+/// The argmax token at every position, sequence after sequence.
+///
+/// # Shapes
+/// - `logits`: `[batch, sequence, vocab]` -> `batch * sequence` ids
+pub fn greedy_tokens<B: Backend>(logits: Tensor<B, 3>) -> Vec<i64> {
     let [n, t, _] = logits.dims();
-    let best: Vec<i64> = logits
+    logits
         .argmax(2)
         .reshape([n * t])
         .into_data()
         .convert::<i64>()
         .into_vec()
-        .expect("ints");
+        .expect("ints")
+}
+
+/// Per answer: whether greedy decoding reproduces it and EOS exactly (every
+/// teacher-forced argmax right, which is what greedy decoding then follows), and the share
+/// of its tokens predicted right.
+pub fn answer_accuracy<B: Backend>(logits: Tensor<B, 3>, batch: &Batch) -> Vec<(bool, f64)> {
+    let [_, t, _] = logits.dims();
+    let best = greedy_tokens(logits);
     batch
         .answers
         .iter()
@@ -698,6 +327,8 @@ pub struct Progress {
     pub oracle_fit: f64,
     /// Mean focus loss over the stretch (0 when it is off).
     pub focus: f64,
+    /// Mean cue loss over the stretch (0 when it is off).
+    pub cue: f64,
     pub lr: f64,
     pub seconds: f64,
     /// Held-out figures, at checkpoints.
@@ -749,6 +380,7 @@ pub fn train(
     let mut stretch = 0.0;
     let mut oracle_stretch = 0.0;
     let mut focus_stretch = 0.0;
+    let mut cue_stretch = 0.0;
     for step in 0..options.steps {
         let examples: Vec<_> = (0..options.batch)
             .map(|_| {
@@ -765,13 +397,26 @@ pub fn train(
         let oracle = (share > 0.0 || options.oracle_weight > 0.0)
             .then(|| oracle_embeddings(&model.llava, &batch, &device));
         let instead = oracle.clone().filter(|_| share > 0.0).map(|o| (o, share));
-        let probe = (options.focus_weight > 0.0).then_some(options.focus_layer);
-        let (logits, features, probs) =
-            batch_forward_probed(&model.llava, &batch, &rope, &device, instead, probe);
+        let focus_on = options.focus_weight > 0.0;
+        let cue_on = options.cue_weight > 0.0;
+        let probes: Vec<usize> = [
+            focus_on.then_some(options.focus_layer),
+            cue_on.then_some(options.cue_layer),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let (logits, features, mut probs) =
+            batch_forward_probed(&model.llava, &batch, &rope, &device, instead, &probes);
         let answer_loss = batch_loss(logits, &batch, &device);
         stretch += answer_loss.clone().into_scalar() as f64;
         let mut loss = answer_loss;
-        if let Some(probs) = probs {
+        if cue_on && let Some(probs) = probs.pop() {
+            let cue = cue_loss(probs, &batch, &device);
+            cue_stretch += cue.clone().into_scalar() as f64;
+            loss = loss + cue * options.cue_weight;
+        }
+        if focus_on && let Some(probs) = probs.pop() {
             let focus = focus_loss(probs, &batch, &device);
             focus_stretch += focus.clone().into_scalar() as f64;
             loss = loss + focus * options.focus_weight;
@@ -830,6 +475,7 @@ pub fn train(
                 loss: stretch / done as f64,
                 oracle_fit: oracle_stretch / done as f64,
                 focus: focus_stretch / done as f64,
+                cue: cue_stretch / done as f64,
                 lr,
                 seconds: start.elapsed().as_secs_f64(),
                 check,
@@ -837,6 +483,7 @@ pub fn train(
             stretch = 0.0;
             oracle_stretch = 0.0;
             focus_stretch = 0.0;
+            cue_stretch = 0.0;
             on_progress(p.clone());
             log.push(p);
         }

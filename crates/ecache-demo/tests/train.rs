@@ -38,6 +38,9 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
         oracle_weight: 1.0,
         focus_weight: 0.5,
         focus_layer: 0,
+        // The cue loss on the same layer as the focus loss: one probe serves both.
+        cue_weight: 0.5,
+        cue_layer: 0,
         question_mix: QuestionMix([1.0, 3.0, 3.0, 1.0, 2.0, 1.0]),
     };
     let (check, log) = train(&dir, &shape, &options, 5, 20, |_| {}).unwrap();
@@ -57,6 +60,13 @@ fn a_short_run_learns_the_answer_format_and_writes_a_loadable_model() {
     assert!(
         fit_last < 0.8 * fit_first,
         "oracle fit {fit_first} -> {fit_last}"
+    );
+    // The first layer learns to look at the cue words (relative positions, learned fast).
+    let cue_first = log.first().unwrap().cue;
+    let cue_last = log.last().unwrap().cue;
+    assert!(
+        cue_first > 0.0 && cue_last < 0.5 * cue_first,
+        "cue loss {cue_first} -> {cue_last}"
     );
     assert!((0.0..=1.0).contains(&check.description_token_accuracy));
     assert!(check.description_token_accuracy > 0.3, "{check:?}");

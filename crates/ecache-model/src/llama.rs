@@ -447,33 +447,39 @@ impl<B: Backend> LlamaDecoder<B> {
     /// # Shapes
     /// - `embeds`: `[batch, t, hidden]` -> `[batch, t, vocab]`
     pub fn forward_causal(&self, embeds: Tensor<B, 3>, rope: &Rope) -> Tensor<B, 3> {
-        self.forward_causal_probs(embeds, rope, None).0
+        self.forward_causal_probs(embeds, rope, &[]).0
     }
 
-    /// [`Self::forward_causal`], also handing back the attention probabilities of layer
-    /// `probe` when given (training scaffolding that supervises where a head looks).
+    /// [`Self::forward_causal`], also handing back the attention probabilities of the
+    /// layers in `probes`, in that order (training scaffolding that supervises where heads
+    /// look). A layer out of range gives no entry.
     ///
     /// # Shapes
-    /// - `embeds`: `[batch, t, hidden]` -> `[batch, t, vocab]` and `[batch, heads, t, t]`
+    /// - `embeds`: `[batch, t, hidden]` -> `[batch, t, vocab]` and `[batch, heads, t, t]` each
     pub fn forward_causal_probs(
         &self,
         embeds: Tensor<B, 3>,
         rope: &Rope,
-        probe: Option<usize>,
-    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
+        probes: &[usize],
+    ) -> (Tensor<B, 3>, Vec<Tensor<B, 4>>) {
         let [_, t, _] = embeds.dims();
         let device = embeds.device();
         let (cos, sin) = rope.tables::<B>(&[(0..t).collect()], &device, embeds.dtype());
         let causal: Vec<bool> = (0..t).flat_map(|i| (0..t).map(move |j| j > i)).collect();
         let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(causal, [1, 1, t, t]), &device);
         let mut x = embeds;
-        let mut kept = None;
+        let mut kept: Vec<(usize, Tensor<B, 4>)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let (y, probs) = layer.forward_causal(x, (&cos, &sin), mask.clone(), probe == Some(i));
+            let (y, probs) =
+                layer.forward_causal(x, (&cos, &sin), mask.clone(), probes.contains(&i));
             x = y;
-            kept = kept.or(probs);
+            kept.extend(probs.map(|p| (i, p)));
         }
-        (self.head(x), kept)
+        let probs = probes
+            .iter()
+            .filter_map(|want| kept.iter().find(|(i, _)| i == want).map(|(_, p)| p.clone()))
+            .collect();
+        (self.head(x), probs)
     }
 
     /// Number of layers.
