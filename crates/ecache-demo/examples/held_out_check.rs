@@ -7,7 +7,7 @@
 use burn::backend::Flex;
 use burn::tensor::DType;
 use ecache_demo::dataset::held_out_items;
-use ecache_demo::language::IMAGE;
+use ecache_demo::language::{IMAGE, template_of};
 use ecache_demo::train::{
     Example, TrainOptions, answer_accuracy, batch_forward, make_batch, quick_check,
 };
@@ -46,16 +46,26 @@ fn main() {
         .collect();
     let rope = Rope::new(config.text.head_dim, config.text.rope_theta);
     let mut right = 0;
+    // kind -> (right, asked)
+    let mut by_kind: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
     for chunk in examples.chunks(16) {
         let batch = make_batch(chunk, &tokenizer, &processor, config.image_tokens()).unwrap();
         let logits = batch_forward(&model, &batch, &rope, &device, None).0;
-        right += answer_accuracy(logits, &batch)
-            .iter()
-            .filter(|a| a.0)
-            .count();
+        for (example, (exact, _)) in chunk.iter().zip(answer_accuracy(logits, &batch)) {
+            let entry = by_kind
+                .entry(template_of(&example.turns[0].question))
+                .or_default();
+            *entry = (entry.0 + exact as usize, entry.1 + 1);
+            right += exact as usize;
+        }
     }
     println!(
         "study's stream: short exact {:.3}",
         right as f64 / count as f64
     );
+    let kinds: Vec<String> = by_kind
+        .iter()
+        .map(|(kind, (r, n))| format!("{kind} {r}/{n}"))
+        .collect();
+    println!("  by kind: {}", kinds.join(", "));
 }
