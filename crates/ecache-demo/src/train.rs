@@ -78,7 +78,10 @@ impl Default for TrainOptions {
             oracle_weight: 1.0,
             focus_weight: 0.5,
             focus_layer: 1,
-            cue_weight: 0.0,
+            // Layer 0 carries the words naming the asked object to the answer; without it
+            // the committed model stopped at 63% (docs/demo.md, "What held short questions
+            // back").
+            cue_weight: 0.5,
             cue_layer: 0,
             // Colour, shape and where are read from one cell and are learned last
             // (docs/demo.md); counts and sizes come sooner.
