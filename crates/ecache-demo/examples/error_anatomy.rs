@@ -130,11 +130,8 @@ fn wrong_answers(loaded: &Loaded, count: usize) {
                 w.extend(CELLS[o.cell].split_whitespace().map(String::from));
                 w
             };
-            let asked = scene.objects.iter().find(|o| {
-                let at = format!("at the {} ?", CELLS[o.cell]);
-                let obj = format!("the {} {} ?", COLOURS[o.colour].0, SHAPES[o.shape]);
-                qa.question.ends_with(&at) || qa.question.ends_with(&obj)
-            });
+            // The object asked about (none for counts): the one the focus loss looks at.
+            let asked = qa.focus.first().and_then(|&(_, cell)| scene.at(cell));
             let entry = by_kind.entry(kind).or_default();
             let right = said.trim() == want;
             if right {
@@ -186,19 +183,10 @@ fn wrong_answers(loaded: &Loaded, count: usize) {
 
 /// Attention of every decoder head on the asked cell, for questions about one cell.
 fn cell_attention(loaded: &Loaded, count: usize) {
-    let tokenizer = &loaded.tokenizer;
     // Colour, shape and size questions only (each names one cell).
     let examples = held_out_questions(count, &QuestionMix([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]));
-    let cells: Vec<usize> = examples
-        .iter()
-        .map(|e| {
-            let question = &e.turns[0].question;
-            CELLS
-                .iter()
-                .position(|c| question.ends_with(&format!("the {c} ?")))
-                .unwrap()
-        })
-        .collect();
+    // The asked cell: where the focus loss would look.
+    let cells: Vec<usize> = examples.iter().map(|e| e.turns[0].focus[0].1).collect();
     let config = &loaded.config;
     let image_tokens = config.image_tokens();
     let layers = config.text.layers;
@@ -237,10 +225,17 @@ fn cell_attention(loaded: &Loaded, count: usize) {
                         .max_by(|&a, &b| per_cell[a].total_cmp(&per_cell[b]))
                         .unwrap();
                     entry.1 += (top == *cell) as usize;
-                    let tail = tokenizer.encode_answer("? ASSISTANT:").unwrap().len();
-                    let col = base - batch.image_start() + p - tail;
-                    words[layer][head].0 += values[col - 1] as f64;
-                    words[layer][head].1 += values[col] as f64;
+                    // The question's row and column words: the answer's cue words.
+                    let row_start = base - batch.image_start();
+                    for &(_, _, cue, at, _) in
+                        batch.cue_terms().iter().filter(|c| (c.0, c.1) == (s, p))
+                    {
+                        let mass = values[row_start + at] as f64;
+                        match cue {
+                            0 => words[layer][head].0 += mass,
+                            _ => words[layer][head].1 += mass,
+                        }
+                    }
                     if layer == 1 && head == 0 && top != *cell {
                         let kind = if top / 3 == cell / 3 {
                             0

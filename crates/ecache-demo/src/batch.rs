@@ -96,7 +96,7 @@ pub struct Batch {
     /// Per sequence and position: the weight of its focus term (0 for most positions).
     pub(crate) focus_weights: Vec<f32>,
     /// The cue loss's terms: (sequence, predicting position, which cue of the token,
-    /// position of the cue word, weight); see [`cue_loss`].
+    /// position of the cue word, weight); see [`crate::scaffold::cue_loss`].
     pub(crate) cue_terms: Vec<(usize, usize, usize, usize, f32)>,
 }
 

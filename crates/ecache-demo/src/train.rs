@@ -51,7 +51,7 @@ pub struct TrainOptions {
     pub focus_weight: f64,
     /// The decoder layer whose first head the focus loss supervises.
     pub focus_layer: usize,
-    /// Weight of the cue loss (see [`cue_loss`]); 0 turns it off.
+    /// Weight of the cue loss (see [`crate::scaffold::cue_loss`]); 0 turns it off.
     pub cue_weight: f64,
     /// The decoder layer whose heads the cue loss supervises.
     pub cue_layer: usize,
@@ -79,7 +79,7 @@ impl Default for TrainOptions {
             focus_weight: 0.5,
             focus_layer: 1,
             // Layer 0 carries the words naming the asked object to the answer; without it
-            // the committed model stopped at 63% (docs/demo.md, "What held short questions
+            // the previous model stopped at 63% (docs/demo.md, "What held short questions
             // back").
             cue_weight: 0.5,
             cue_layer: 0,
