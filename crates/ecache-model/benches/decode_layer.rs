@@ -67,7 +67,12 @@ fn benches(c: &mut Criterion) {
         ("scored_1024_slots", 1024, true),
     ] {
         let mut cache = cache(&config, slots);
-        let (cos, sin) = rope.tables::<B>(&[vec![slots]], &device, DType::F32);
+        let tables = rope.tables::<B>(
+            &[vec![slots]],
+            &[config.heads, config.kv_heads],
+            &device,
+            DType::F32,
+        );
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -76,7 +81,7 @@ fn benches(c: &mut Criterion) {
                     let out = layer
                         .forward(
                             x.clone(),
-                            (&cos, &sin),
+                            &tables,
                             &mut cache,
                             &[&[slots]],
                             &[SlotKind::Text],

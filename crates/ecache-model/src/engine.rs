@@ -181,14 +181,15 @@ impl<'a, B: Backend> Session<'a, B> {
             Phase::Prefill => needs.prefill_importance,
             Phase::Decode { .. } => needs.decode_attention,
         };
-        let (cos, sin) = self
+        let heads = self.decoder.head_counts();
+        let rope = self
             .rope
-            .tables::<B>(rope_positions, &x.device(), x.dtype());
+            .tables::<B>(rope_positions, &heads, &x.device(), x.dtype());
         let refs: Vec<&[usize]> = positions.iter().map(Vec::as_slice).collect();
         let t = kinds.len();
         for (layer, (block, cache)) in self.decoder.layers.iter().zip(&mut self.caches).enumerate()
         {
-            let out = block.forward(x, (&cos, &sin), cache, &refs, kinds, want_scores)?;
+            let out = block.forward(x, &rope, cache, &refs, kinds, want_scores)?;
             x = out.hidden;
             let batch = cache.shape().batch;
             if let Some(scores) = out.scores {

@@ -98,17 +98,19 @@ impl Rope {
         Self { inv_freq }
     }
 
-    /// Cosines and sines for each token.
+    /// Cosines and sines for each token, laid out for `head_counts` (the query and the
+    /// key/value head counts; one table each, shared by every layer of a forward pass).
     ///
     /// # Shapes
     /// - `positions`: `batch` rows of `t` positions
-    /// - returns two `[batch, 1, t, head_dim]` tensors
+    /// - each table: `[batch, t, heads, head_dim]`
     pub fn tables<B: Backend>(
         &self,
         positions: &[Vec<usize>],
+        head_counts: &[usize],
         device: &B::Device,
         dtype: DType,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    ) -> RopeTables<B> {
         let batch = positions.len();
         let t = positions.first().map_or(0, Vec::len);
         let half = self.inv_freq.len();
@@ -117,33 +119,115 @@ impl Rope {
         for row in positions {
             for &p in row {
                 let angles: Vec<f32> = self.inv_freq.iter().map(|f| f * p as f32).collect();
-                for _ in 0..2 {
+                for sign in [-1.0, 1.0] {
                     cos.extend(angles.iter().map(|a| (*a as f64).cos() as f32));
-                    sin.extend(angles.iter().map(|a| (*a as f64).sin() as f32));
+                    sin.extend(angles.iter().map(|a| sign * (*a as f64).sin() as f32));
                 }
             }
         }
-        let shape = [batch, 1, t, half * 2];
-        (
-            Tensor::from_data(TensorData::new(cos, shape), (device, dtype)),
-            Tensor::from_data(TensorData::new(sin, shape), (device, dtype)),
-        )
+        let shape = [batch, t, 1, half * 2];
+        let one = RopeTable {
+            cos: Tensor::from_data(TensorData::new(cos, shape), (device, dtype)),
+            sin_signed: Tensor::from_data(TensorData::new(sin, shape), (device, dtype)),
+        };
+        let mut by_heads: Vec<(usize, RopeTable<B>)> = Vec::new();
+        for &heads in head_counts {
+            if !by_heads.iter().any(|(h, _)| *h == heads) {
+                by_heads.push((heads, one.repeated(heads)));
+            }
+        }
+        RopeTables { one, by_heads }
     }
+}
 
-    /// Rotates queries or keys.
+/// One pair of RoPE tables: cosines, and sines with the first half negated (so that the
+/// rotation needs no negation of its own).
+#[derive(Debug, Clone)]
+struct RopeTable<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin_signed: Tensor<B, 4>,
+}
+
+impl<B: Backend> RopeTable<B> {
+    /// The table copied across `heads` (a real copy: element-wise products between
+    /// same-shaped contiguous tensors take the backends' fast paths, where a broadcast over
+    /// the head axis made `flex` walk elements one by one, 15x slower).
+    fn repeated(&self, heads: usize) -> Self {
+        Self {
+            cos: self.cos.clone().repeat_dim(2, heads),
+            sin_signed: self.sin_signed.clone().repeat_dim(2, heads),
+        }
+    }
+}
+
+/// RoPE tables of one forward pass ([`Rope::tables`]).
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: Backend> {
+    one: RopeTable<B>,
+    by_heads: Vec<(usize, RopeTable<B>)>,
+}
+
+impl<B: Backend> RopeTables<B> {
+    /// Rotates queries or keys and moves the head axis before the token axis. Rotating
+    /// in token-major layout, before the heads are split out, keeps every operand
+    /// contiguous.
     ///
     /// # Shapes
-    /// - `x`: `[batch, heads, t, head_dim]`; `cos`, `sin`: `[batch, 1, t, head_dim]`
+    /// - `x`: `[batch, t, heads, head_dim]` (a projection's output, reshaped)
     /// - returns `[batch, heads, t, head_dim]`
-    pub fn apply<B: Backend>(
-        x: Tensor<B, 4>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
-    ) -> Tensor<B, 4> {
-        let [b, h, t, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos.clone() + rotated * sin.clone()
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, t, h, d] = x.dims();
+        let built;
+        let table = match self.by_heads.iter().find(|(heads, _)| *heads == h) {
+            Some((_, table)) => table,
+            None => {
+                built = self.one.repeated(h);
+                &built
+            }
+        };
+        let x1 = x.clone().slice([0..b, 0..t, 0..h, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..t, 0..h, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2, x1], 3);
+        (x * table.cos.clone() + rotated * table.sin_signed.clone()).swap_dims(1, 2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+
+    use super::*;
+
+    /// Rotate-half by hand: `out[i] = x[i] cos a_i - x[i + d/2] sin a_i` and
+    /// `out[i + d/2] = x[i + d/2] cos a_i + x[i] sin a_i`, `a_i = p * theta^(-2i/d)`.
+    #[test]
+    fn rope_rotates_halves_at_each_tokens_position() {
+        let device = Default::default();
+        let (d, theta) = (4, 100.0f64);
+        let rope = Rope::new(d, theta);
+        let positions = vec![vec![3, 7]];
+        let values: Vec<f32> = (0..2 * 2 * d).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let x =
+            Tensor::<Flex, 4>::from_data(TensorData::new(values.clone(), [1, 2, 2, d]), &device);
+        // Tables for 2 heads, and none for 2 (built on the fly): the same result.
+        for counts in [&[2][..], &[5][..]] {
+            let tables = rope.tables::<Flex>(&positions, counts, &device, DType::F32);
+            let out = tables.apply(x.clone()); // [1, heads, t, d]
+            let got: Vec<f32> = out.into_data().to_vec().unwrap();
+            for (ti, &p) in positions[0].iter().enumerate() {
+                for h in 0..2 {
+                    let xs = &values[(ti * 2 + h) * d..(ti * 2 + h + 1) * d];
+                    for i in 0..d / 2 {
+                        let a = p as f64 * theta.powf(-2.0 * i as f64 / d as f64);
+                        let (c, s) = (a.cos(), a.sin());
+                        let lo = xs[i] as f64 * c - xs[i + d / 2] as f64 * s;
+                        let hi = xs[i + d / 2] as f64 * c + xs[i] as f64 * s;
+                        let at = |j: usize| got[(h * 2 + ti) * d + j] as f64;
+                        assert!((at(i) - lo).abs() < 1e-5, "token {ti} head {h} dim {i}");
+                        assert!((at(i + d / 2) - hi).abs() < 1e-5, "token {ti} head {h}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -11,7 +11,7 @@ use ecache_core::{ImportanceAccumulator, LayerCache, SlotKind};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::export::Exporter;
-use crate::layers::{Loader, Rope};
+use crate::layers::{Loader, Rope, RopeTables};
 
 /// One decoder layer.
 #[derive(Module, Debug)]
@@ -83,13 +83,13 @@ impl<B: Backend> LlamaLayer<B> {
     /// `cache` (keys after RoPE) and they attend to every slot the cache holds before them.
     ///
     /// # Shapes
-    /// - `x`: `[batch, t, hidden]`; `cos`, `sin`: `[batch, 1, t, head_dim]`
+    /// - `x`: `[batch, t, hidden]`; `rope`: tables for the `t` new tokens
     /// - `slot_positions[b]`: the `t` absolute positions recorded for the new slots
     /// - returns `hidden`: `[batch, t, hidden]`, `scores`: `[batch, slots]` if `want_scores`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
+        rope: &RopeTables<B>,
         cache: &mut LayerCache<B>,
         slot_positions: &[&[usize]],
         kinds: &[SlotKind],
@@ -132,13 +132,13 @@ impl<B: Backend> LlamaLayer<B> {
     /// attention probabilities (training scaffolding that supervises where a head looks).
     ///
     /// # Shapes
-    /// - `x`: `[batch, t, hidden]`; `cos`, `sin`: `[batch or 1, 1, t, head_dim]`
+    /// - `x`: `[batch, t, hidden]`; `rope`: tables for positions `0..t`
     /// - `mask`: `[1, 1, t, t]`, true where attention is not allowed
     /// - returns `[batch, t, hidden]` and, if kept, `[batch, heads, t, t]`
     pub fn forward_causal(
         &self,
         x: Tensor<B, 3>,
-        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
+        rope: &RopeTables<B>,
         mask: Tensor<B, 4, Bool>,
         keep_probs: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
@@ -151,23 +151,26 @@ impl<B: Backend> LlamaLayer<B> {
     fn qkv(
         &self,
         x: Tensor<B, 3>,
-        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
+        rope: &RopeTables<B>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, _] = x.dims();
         let d = self.head_dim;
         let h = self.input_layernorm.forward(x);
-        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
-        let q = Rope::apply(
-            heads(self.q_proj.forward(h.clone()), self.heads),
-            rope.0,
-            rope.1,
+        let q = rope.apply(
+            self.q_proj
+                .forward(h.clone())
+                .reshape([b, t, self.heads, d]),
         );
-        let k = Rope::apply(
-            heads(self.k_proj.forward(h.clone()), self.kv_heads),
-            rope.0,
-            rope.1,
+        let k = rope.apply(
+            self.k_proj
+                .forward(h.clone())
+                .reshape([b, t, self.kv_heads, d]),
         );
-        let v = heads(self.v_proj.forward(h), self.kv_heads);
+        let v = self
+            .v_proj
+            .forward(h)
+            .reshape([b, t, self.kv_heads, d])
+            .swap_dims(1, 2);
         (q, k, v)
     }
 
@@ -367,6 +370,13 @@ pub struct LlamaDecoder<B: Backend> {
 }
 
 impl<B: Backend> LlamaDecoder<B> {
+    /// Query and key/value head counts (the RoPE tables a forward pass needs).
+    pub fn head_counts(&self) -> [usize; 2] {
+        self.layers
+            .first()
+            .map_or([0, 0], |l| [l.heads, l.kv_heads])
+    }
+
     /// Loads the decoder; a tied LM head reuses the embeddings when the checkpoint has none.
     pub fn load(c: &LlamaConfig, l: &mut Loader<'_, B>) -> Result<Self> {
         let embed: Tensor<B, 2> =
@@ -464,14 +474,14 @@ impl<B: Backend> LlamaDecoder<B> {
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 4>>) {
         let [_, t, _] = embeds.dims();
         let device = embeds.device();
-        let (cos, sin) = rope.tables::<B>(&[(0..t).collect()], &device, embeds.dtype());
+        let heads = self.head_counts();
+        let tables = rope.tables::<B>(&[(0..t).collect()], &heads, &device, embeds.dtype());
         let causal: Vec<bool> = (0..t).flat_map(|i| (0..t).map(move |j| j > i)).collect();
         let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(causal, [1, 1, t, t]), &device);
         let mut x = embeds;
         let mut kept: Vec<(usize, Tensor<B, 4>)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let (y, probs) =
-                layer.forward_causal(x, (&cos, &sin), mask.clone(), probes.contains(&i));
+            let (y, probs) = layer.forward_causal(x, &tables, mask.clone(), probes.contains(&i));
             x = y;
             kept.extend(probs.map(|p| (i, p)));
         }

@@ -55,8 +55,13 @@ fn feed(
         })
         .collect();
     let rope = Rope::new(config.head_dim, config.rope_theta);
-    let (cos, sin) = rope.tables::<B>(&positions, &device, DType::F32);
-    let (q, k, v) = layer.qkv(x, (&cos, &sin));
+    let tables = rope.tables::<B>(
+        &positions,
+        &[config.heads, config.kv_heads],
+        &device,
+        DType::F32,
+    );
+    let (q, k, v) = layer.qkv(x, &tables);
     let refs: Vec<&[usize]> = positions.iter().map(Vec::as_slice).collect();
     cache.append(k, v, &refs, &vec![SlotKind::Text; t]).unwrap();
     q
