@@ -171,6 +171,18 @@ fn attention_paths_agree_for_prefill_decode_and_ragged_batches() {
     check_paths(&cache, layer, q, Visibility::Ragged);
 }
 
+/// A prefill long enough (600 x 600 scores per head) that `flex` takes its tiled flash
+/// kernel, with its causal tile skipping and heads run in parallel, agrees with attention
+/// written out.
+#[test]
+fn a_long_causal_prefill_agrees_with_attention_written_out() {
+    let (decoder, config) = decoder();
+    let layer = &decoder.layers()[0];
+    let mut cache = empty_cache(&config, 2, 600, false);
+    let q = feed(layer, &config, &mut cache, 600);
+    check_paths(&cache, layer, q, Visibility::Causal);
+}
+
 /// `buffer`'s rows of every sequence put back in slot order (through `cache.rows`).
 fn in_slot_order(cache: &LayerCache<B>, buffer: Tensor<B, 4>) -> Tensor<B, 4> {
     let device = Default::default();

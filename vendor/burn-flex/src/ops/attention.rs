@@ -336,32 +336,48 @@ where
         val_dim,
     };
 
-    // Allocate scratch buffers once and reuse across all (batch, head) pairs
-    let mut scratch = ScratchBuffers {
+    // ecache patch: (batch, head) pairs run in parallel, one set of scratch buffers per
+    // rayon task (upstream ran them one after another on one core).
+    let new_scratch = || ScratchBuffers {
         row_max: vec![T::neg_infinity(); seq_q],
         row_sum: vec![T::zero(); seq_q],
         scores: vec![T::zero(); seq_q * TILE_KV],
     };
+    let run_head = |i: usize, out: &mut [T], scratch: &mut ScratchBuffers<T>| {
+        let (b, h) = (i / heads, i % heads);
+        let q_off = b * q_batch_stride + h * q_head_stride;
+        let k_off = b * k_batch_stride + h * k_head_stride;
+        let v_off = b * v_batch_stride + h * v_head_stride;
+        let mask_off = b * mask_batch_step + h * mask_head_step;
+        let bias_off = b * bias_batch_step + h * bias_head_step;
 
-    for b in 0..batch {
-        for h in 0..heads {
-            let q_off = b * q_batch_stride + h * q_head_stride;
-            let k_off = b * k_batch_stride + h * k_head_stride;
-            let v_off = b * v_batch_stride + h * v_head_stride;
-            let o_off = b * o_batch_stride + h * o_head_stride;
-            let mask_off = b * mask_batch_step + h * mask_head_step;
-            let bias_off = b * bias_batch_step + h * bias_head_step;
-
-            flash_attention_head(
-                &q_data[q_off..q_off + q_head_stride],
-                &k_data[k_off..k_off + k_head_stride],
-                &v_data[v_off..v_off + v_head_stride],
-                &mut output[o_off..o_off + o_head_stride],
-                mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
-                bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
-                &params,
-                &mut scratch,
-            );
+        flash_attention_head(
+            &q_data[q_off..q_off + q_head_stride],
+            &k_data[k_off..k_off + k_head_stride],
+            &v_data[v_off..v_off + v_head_stride],
+            out,
+            mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
+            bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
+            &params,
+            scratch,
+        );
+    };
+    let _ = o_batch_stride;
+    if o_head_stride > 0 {
+        #[cfg(feature = "rayon")]
+        {
+            use rayon::prelude::*;
+            output
+                .par_chunks_mut(o_head_stride)
+                .enumerate()
+                .for_each_init(new_scratch, |scratch, (i, out)| run_head(i, out, scratch));
+        }
+        #[cfg(not(feature = "rayon"))]
+        {
+            let mut scratch = new_scratch();
+            for (i, out) in output.chunks_mut(o_head_stride).enumerate() {
+                run_head(i, out, &mut scratch);
+            }
         }
     }
 
@@ -506,6 +522,18 @@ fn flash_attention_head<T: FlashGemm>(
         let kv_end = (kv_start + TILE_KV).min(seq_kv);
         let tile_kv = kv_end - kv_start;
 
+        // ecache patch: under a causal mask, query rows before `row_start` see none of
+        // this tile (they would be masked whole and skipped below), so neither matmul
+        // computes them; once no row sees a tile, no later tile is seen either.
+        let row_start = match causal_offset {
+            Some(offset) => (kv_start as isize - offset).clamp(0, seq_q as isize) as usize,
+            None => 0,
+        };
+        if row_start >= seq_q {
+            break;
+        }
+        let rows = seq_q - row_start;
+
         // Step 1: Score matmul via gemm
         // scores[seq_q, tile_kv] = Q[seq_q, head_dim] @ K_tile[tile_kv, head_dim]^T
         //
@@ -515,14 +543,14 @@ fn flash_attention_head<T: FlashGemm>(
         // scores row-major [seq_q, tile_kv]: rs=tile_kv, cs=1
         unsafe {
             T::block_gemm(BlockGemmArgs {
-                m: seq_q,
+                m: rows,
                 n: tile_kv,
                 k: head_dim,
-                dst: scores.as_mut_ptr(),
+                dst: scores.as_mut_ptr().add(row_start * tile_kv),
                 dst_cs: 1,
                 dst_rs: tile_kv as isize,
                 read_dst: false,
-                lhs: q.as_ptr(),
+                lhs: q.as_ptr().add(row_start * head_dim),
                 lhs_cs: 1,
                 lhs_rs: head_dim as isize,
                 rhs: k.as_ptr().add(kv_start * head_dim),
@@ -534,7 +562,7 @@ fn flash_attention_head<T: FlashGemm>(
         }
 
         // Step 2: Apply scale/softcap/mask/bias, online softmax, rescale output
-        for qi in 0..seq_q {
+        for qi in row_start..seq_q {
             let score_row = &mut scores[qi * tile_kv..(qi + 1) * tile_kv];
 
             let mut tile_max = neg_inf;
@@ -616,14 +644,14 @@ fn flash_attention_head<T: FlashGemm>(
         // dst = 1.0 * dst + 1.0 * P @ V  (accumulate)
         unsafe {
             T::block_gemm(BlockGemmArgs {
-                m: seq_q,
+                m: rows,
                 n: val_dim,
                 k: tile_kv,
-                dst: output.as_mut_ptr(),
+                dst: output.as_mut_ptr().add(row_start * val_dim),
                 dst_cs: 1,
                 dst_rs: val_dim as isize,
                 read_dst: true,
-                lhs: scores.as_ptr(),
+                lhs: scores.as_ptr().add(row_start * tile_kv),
                 lhs_cs: 1,
                 lhs_rs: tile_kv as isize,
                 rhs: v.as_ptr().add(kv_start * val_dim),
@@ -751,8 +779,6 @@ where
         .unwrap_or((0, 0));
 
     let mut output = vec![T::zero(); batch * heads * seq_q * val_dim];
-    let mut scores = vec![T::zero(); seq_q * seq_kv];
-
     let q_head_stride = seq_q * head_dim;
     let q_batch_stride = heads * q_head_stride;
     let k_head_stride = seq_kv * head_dim;
@@ -773,27 +799,45 @@ where
         val_dim,
     };
 
-    for b in 0..batch {
-        for h in 0..heads {
-            let q_off = b * q_batch_stride + h * q_head_stride;
-            let k_off = b * k_batch_stride + h * k_head_stride;
-            let v_off = b * v_batch_stride + h * v_head_stride;
-            let o_off = b * o_batch_stride + h * o_head_stride;
-            let mask_off = b * mask_batch_step + h * mask_head_step;
-            let bias_off = b * bias_batch_step + h * bias_head_step;
+    // ecache patch: (batch, head) pairs run in parallel, one score buffer per rayon task.
+    let new_scores = || vec![T::zero(); seq_q * seq_kv];
+    let run_head = |i: usize, out: &mut [T], scores: &mut Vec<T>| {
+        let (b, h) = (i / heads, i % heads);
+        let q_off = b * q_batch_stride + h * q_head_stride;
+        let k_off = b * k_batch_stride + h * k_head_stride;
+        let v_off = b * v_batch_stride + h * v_head_stride;
+        let mask_off = b * mask_batch_step + h * mask_head_step;
+        let bias_off = b * bias_batch_step + h * bias_head_step;
 
-            naive_attention_head(
-                &q_data[q_off..q_off + q_head_stride],
-                &k_data[k_off..k_off + k_head_stride],
-                &v_data[v_off..v_off + v_head_stride],
-                &mut output[o_off..o_off + o_head_stride],
-                &mut scores,
-                &params,
-                (
-                    mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
-                    bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
-                ),
-            );
+        naive_attention_head(
+            &q_data[q_off..q_off + q_head_stride],
+            &k_data[k_off..k_off + k_head_stride],
+            &v_data[v_off..v_off + v_head_stride],
+            out,
+            scores,
+            &params,
+            (
+                mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
+                bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
+            ),
+        );
+    };
+    let _ = o_batch_stride;
+    if o_head_stride > 0 {
+        #[cfg(feature = "rayon")]
+        {
+            use rayon::prelude::*;
+            output
+                .par_chunks_mut(o_head_stride)
+                .enumerate()
+                .for_each_init(new_scores, |scores, (i, out)| run_head(i, out, scores));
+        }
+        #[cfg(not(feature = "rayon"))]
+        {
+            let mut scores = new_scores();
+            for (i, out) in output.chunks_mut(o_head_stride).enumerate() {
+                run_head(i, out, &mut scores);
+            }
         }
     }
 
