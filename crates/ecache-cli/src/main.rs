@@ -10,6 +10,12 @@ use ecache_cli::policies::builtin_registry;
 use ecache_cli::trace::{self, TraceInput};
 use ecache_core::{PolicyConfig, RunConfig};
 
+/// mimalloc keeps freed memory for reuse; the system allocator on Linux hands every large
+/// tensor buffer back to the kernel and pays page faults to get it again, a visible share of
+/// a CPU prefill (docs/performance.md, "Allocation").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ecache",
