@@ -377,6 +377,32 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if all_positive
+            && self.layout.num_dims() <= COLLAPSE_MAX_RANK
+            && strides[shape.len() - 1] == 1
+        {
+            // ecache patch: an ND layout whose innermost dim is contiguous (splitting
+            // or merging attention heads, `[b, t, h, d]` <-> `[b, h, t, d]`) is copied a
+            // run at a time instead of element by element through `StridedIter`.
+            let rank = shape.len();
+            let inner = shape[rank - 1];
+            let outer: usize = shape[..rank - 1].iter().product();
+            let mut index = [0usize; COLLAPSE_MAX_RANK];
+            let mut base = offset;
+            for _ in 0..outer {
+                let start = base as usize;
+                dst.extend_from_slice(&src[start..start + inner]);
+                for d in (0..rank - 1).rev() {
+                    index[d] += 1;
+                    base += strides[d];
+                    if index[d] < shape[d] {
+                        break;
+                    }
+                    base -= strides[d] * shape[d] as isize;
+                    index[d] = 0;
+                }
+            }
+            debug_assert_eq!(dst.len(), n);
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.
