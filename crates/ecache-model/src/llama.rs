@@ -234,8 +234,6 @@ impl<B: Backend> LlamaLayer<B> {
         let slots = keys.dims()[2];
         let q_device = q.device();
         let rows = (block_elements / (b * h * slots).max(1)).clamp(1, t);
-        let rep = self.heads / self.kv_heads;
-        let (keys, values) = (repeat_kv(keys, rep), repeat_kv(values, rep));
         let mut importance = ImportanceAccumulator::new();
         let mut blocks = Vec::with_capacity(t.div_ceil(rows));
         for start in (0..t).step_by(rows) {
@@ -257,8 +255,14 @@ impl<B: Backend> LlamaLayer<B> {
     /// Softmax attention written out in f32, and its probabilities when `keep_probs`: the
     /// training path, and the scored path's inner step.
     ///
+    /// Grouped-query heads are handled by folding each key/value head's query heads into
+    /// its rows (`[batch, kv_heads, rep * t, d]`), so the keys and values are read where
+    /// they lie instead of being copied `rep` times: at decode, copying them was over half
+    /// of a step of the demo model.
+    ///
     /// # Shapes
-    /// - `q`: `[batch, heads, t, d]`; `keys`, `values`: `[batch, kv_heads or heads, slots, d]`
+    /// - `q`: `[batch, heads, t, d]`; `keys`, `values`: `[batch, kv_heads, slots, d]`
+    ///   (`heads` a multiple of `kv_heads`)
     /// - `mask`: `[batch or 1, 1, t, slots]`, true where attention is not allowed (none:
     ///   every slot visible)
     /// - returns `[batch, heads, t, d]` and, if `keep_probs`, `[batch, heads, t, slots]`
@@ -271,17 +275,22 @@ impl<B: Backend> LlamaLayer<B> {
         keep_probs: bool,
     ) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
         let d = self.head_dim;
-        let rep = q.dims()[1] / keys.dims()[1];
-        let (keys, values) = (repeat_kv(keys, rep), repeat_kv(values, rep));
+        let [b, h, t, _] = q.dims();
+        let [_, kv, slots, _] = keys.dims();
+        let rep = h / kv;
+        // Query head `g * rep + r` becomes rows `r * t .. (r + 1) * t` of group `g`.
+        let q = q.reshape([b, kv, rep * t, d]);
         let dtype = q.dtype();
         let logits = (q.matmul(keys.swap_dims(2, 3)) * (d as f64).powf(-0.5)).cast(DType::F32);
         let logits = match mask {
+            Some(mask) if rep > 1 => logits.mask_fill(mask.repeat_dim(2, rep), f32::NEG_INFINITY),
             Some(mask) => logits.mask_fill(mask, f32::NEG_INFINITY),
             None => logits,
         };
         let probs = activation::softmax(logits, 3);
-        let kept = keep_probs.then(|| probs.clone());
-        (probs.cast(dtype).matmul(values), kept)
+        let kept = keep_probs.then(|| probs.clone().reshape([b, h, t, slots]));
+        let out = probs.cast(dtype).matmul(values).reshape([b, h, t, d]);
+        (out, kept)
     }
 
     /// The attention output projection, the residual, and the MLP.
