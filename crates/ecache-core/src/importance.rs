@@ -39,21 +39,49 @@ impl<B: Backend> ImportanceAccumulator<B> {
     /// # Shapes
     /// - `probs`: `[batch, heads, block_queries, keys]`; every block has the same `keys`
     pub fn add_block(&mut self, probs: Tensor<B, 4>) -> Result<()> {
-        let block = column_sums(probs);
+        self.add_sums(column_sums(probs))
+    }
+
+    /// Adds one block's column sums, `[batch, keys]`.
+    /// A block of the wrong shape is refused and leaves the sums as they were.
+    fn add_sums(&mut self, block: Tensor<B, 2>) -> Result<()> {
+        if let Some(sums) = &self.sums
+            && sums.dims() != block.dims()
+        {
+            return Err(Error::shape(
+                "importance block [batch, keys]",
+                format!("{:?}", sums.dims()),
+                format!("{:?}", block.dims()),
+            ));
+        }
         self.sums = Some(match self.sums.take() {
             None => block,
-            Some(sums) => {
-                if sums.dims() != block.dims() {
-                    return Err(Error::shape(
-                        "importance block [batch, keys]",
-                        format!("{:?}", sums.dims()),
-                        format!("{:?}", block.dims()),
-                    ));
-                }
-                sums + block
-            }
+            Some(sums) => sums + block,
         });
         Ok(())
+    }
+
+    /// Adds one block of query rows that saw only the first `seen` keys of `keys` (a
+    /// causal block): its column sums, zeros for the keys it did not see.
+    ///
+    /// # Shapes
+    /// - `probs`: `[batch, heads, block_queries, seen]`, `seen <= keys`
+    pub fn add_leading_block(&mut self, probs: Tensor<B, 4>, keys: usize) -> Result<()> {
+        let [batch, _, _, seen] = probs.dims();
+        if seen > keys {
+            return Err(Error::shape(
+                "importance block keys",
+                format!("at most {keys}"),
+                seen.to_string(),
+            ));
+        }
+        if seen == keys {
+            return self.add_block(probs);
+        }
+        let device = probs.device();
+        let block = column_sums(probs);
+        let unseen = Tensor::<B, 2>::zeros([batch, keys - seen], (&device, block.dtype()));
+        self.add_sums(Tensor::cat(vec![block, unseen], 1))
     }
 
     /// The accumulated sums, `[batch, keys]`, if any block was added.
@@ -140,5 +168,37 @@ mod tests {
             assert!((w - b).abs() < 1e-5, "{w} vs {b}");
         }
         assert_eq!(blocked[1].len(), 5);
+    }
+
+    /// Causal blocks that read only the keys they can see sum to the same importance as
+    /// whole blocks whose unseen keys carry zero probability; a wrong block is refused
+    /// without losing what was accumulated.
+    #[test]
+    fn leading_blocks_equal_zero_padded_blocks() {
+        let device = Default::default();
+        let probs = Tensor::<B, 4>::random([2, 3, 8, 8], Distribution::Uniform(0.0, 1.0), &device);
+        let causal: Vec<bool> = (0..8).flat_map(|i| (0..8).map(move |j| j > i)).collect();
+        let hidden = Tensor::<B, 4, burn::tensor::Bool>::from_data(
+            TensorData::new(causal, [1, 1, 8, 8]),
+            &device,
+        );
+        let probs = probs.mask_fill(hidden, 0.0);
+        let whole = rows_to_host(column_sums(probs.clone()), &[8, 8]).unwrap();
+        let mut acc = ImportanceAccumulator::new();
+        for start in [0, 3, 6] {
+            let end = (start + 3).min(8);
+            acc.add_leading_block(probs.clone().slice([0..2, 0..3, start..end, 0..end]), 8)
+                .unwrap();
+        }
+        let wrong = probs.clone().slice([0..2, 0..3, 0..1, 0..8]);
+        assert!(acc.add_leading_block(wrong.clone(), 7).is_err());
+        assert!(
+            acc.add_block(wrong.slice([0..2, 0..3, 0..1, 0..7]))
+                .is_err()
+        );
+        let blocked = acc.into_rows(&[8, 8]).unwrap();
+        for (w, b) in whole.iter().flatten().zip(blocked.iter().flatten()) {
+            assert!((w - b).abs() < 1e-5, "{w} vs {b}");
+        }
     }
 }

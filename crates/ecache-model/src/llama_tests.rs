@@ -125,12 +125,13 @@ fn check_paths(
             cache.keys(),
             cache.values(),
             mask.clone(),
+            visibility,
             usize::MAX,
         )
         .unwrap();
     // One query row per block.
     let (blocked, blocked_scores) = layer
-        .attention_with_scores(q, cache.keys(), cache.values(), mask, 1)
+        .attention_with_scores(q, cache.keys(), cache.values(), mask, visibility, 1)
         .unwrap();
     assert!(max_diff(whole.clone(), explicit) < 1e-6);
     assert!(max_diff(blocked, whole) < 1e-5);
@@ -215,12 +216,19 @@ fn attention_over_moved_rows_equals_attention_in_slot_order() {
         let q = feed(layer, &config, &mut cache, 1);
         let mask = Visibility::mask::<B>(&cache, 1, &device);
         let (out, by_row) = layer
-            .attention_with_scores(q.clone(), cache.keys(), cache.values(), mask.clone(), 1)
+            .attention_with_scores(
+                q.clone(),
+                cache.keys(),
+                cache.values(),
+                mask.clone(),
+                Visibility::of(&cache, 1),
+                1,
+            )
             .unwrap();
         let keys = in_slot_order(&cache, cache.keys());
         let values = in_slot_order(&cache, cache.values());
         let (reference, by_slot) = layer
-            .attention_with_scores(q, keys, values, mask, 1)
+            .attention_with_scores(q, keys, values, mask, Visibility::of(&cache, 1), 1)
             .unwrap();
         assert!(max_diff(out, reference) < 1e-5, "step {step}");
         let len = cache.len(0);
