@@ -12,7 +12,7 @@ use ecache_core::{PolicyConfig, RunConfig};
 
 /// mimalloc keeps freed memory for reuse; the system allocator on Linux hands every large
 /// tensor buffer back to the kernel and pays page faults to get it again, a visible share of
-/// a CPU prefill (docs/performance.md, "Allocation").
+/// a CPU prefill (docs/performance.md, "The prefill: six fixes", fix 3).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -323,7 +323,6 @@ where
     let v_head_stride = seq_kv * val_dim;
     let v_batch_stride = heads * v_head_stride;
     let o_head_stride = seq_q * val_dim;
-    let o_batch_stride = heads * o_head_stride;
     let mask_tile_len = seq_q * seq_kv;
 
     let params = AttentionParams {
@@ -362,24 +361,7 @@ where
             scratch,
         );
     };
-    let _ = o_batch_stride;
-    if o_head_stride > 0 {
-        #[cfg(feature = "rayon")]
-        {
-            use rayon::prelude::*;
-            output
-                .par_chunks_mut(o_head_stride)
-                .enumerate()
-                .for_each_init(new_scratch, |scratch, (i, out)| run_head(i, out, scratch));
-        }
-        #[cfg(not(feature = "rayon"))]
-        {
-            let mut scratch = new_scratch();
-            for (i, out) in output.chunks_mut(o_head_stride).enumerate() {
-                run_head(i, out, &mut scratch);
-            }
-        }
-    }
+    for_each_head(&mut output, o_head_stride, new_scratch, run_head);
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
     FlexTensor::new(
@@ -387,6 +369,37 @@ where
         Layout::contiguous(shape),
         T::dtype(),
     )
+}
+
+/// ecache patch: runs `run(i, out, scratch)` for every `(batch, head)` pair `i`, `out`
+/// being pair `i`'s `head_len` elements of `output`: in parallel under the `rayon`
+/// feature (one `scratch` from `new_scratch` per rayon task), else one after another.
+fn for_each_head<T, S>(
+    output: &mut [T],
+    head_len: usize,
+    new_scratch: impl Fn() -> S + Send + Sync,
+    run: impl Fn(usize, &mut [T], &mut S) + Send + Sync,
+) where
+    T: Send,
+{
+    if head_len == 0 {
+        return;
+    }
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        output
+            .par_chunks_mut(head_len)
+            .enumerate()
+            .for_each_init(new_scratch, |scratch, (i, out)| run(i, out, scratch));
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        let mut scratch = new_scratch();
+        for (i, out) in output.chunks_mut(head_len).enumerate() {
+            run(i, out, &mut scratch);
+        }
+    }
 }
 
 /// Gemm dispatch for flash attention block matmuls.
@@ -786,7 +799,6 @@ where
     let v_head_stride = seq_kv * val_dim;
     let v_batch_stride = heads * v_head_stride;
     let o_head_stride = seq_q * val_dim;
-    let o_batch_stride = heads * o_head_stride;
     let mask_tile_len = seq_q * seq_kv;
 
     let params = AttentionParams {
@@ -822,24 +834,7 @@ where
             ),
         );
     };
-    let _ = o_batch_stride;
-    if o_head_stride > 0 {
-        #[cfg(feature = "rayon")]
-        {
-            use rayon::prelude::*;
-            output
-                .par_chunks_mut(o_head_stride)
-                .enumerate()
-                .for_each_init(new_scores, |scores, (i, out)| run_head(i, out, scores));
-        }
-        #[cfg(not(feature = "rayon"))]
-        {
-            let mut scores = new_scores();
-            for (i, out) in output.chunks_mut(o_head_stride).enumerate() {
-                run_head(i, out, &mut scores);
-            }
-        }
-    }
+    for_each_head(&mut output, o_head_stride, new_scores, run_head);
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
     FlexTensor::new(
