@@ -244,6 +244,28 @@ impl<B: Backend> LayerCache<B> {
         2 * self.keys.shape().num_elements() * self.keys.dtype().size()
     }
 
+    /// Sets the buffers' capacity to exactly `slots` per sequence, copying the rows in use
+    /// (`0..max_len`, see [`crate::rows`]) into new buffers, so that the old ones go back
+    /// to the allocator. After a prefill that compressed the cache this returns the
+    /// prompt's transient rows; sized to what a sequence can grow to, the buffers never
+    /// grow again. Fails, changing nothing, when `slots` is below the longest sequence.
+    pub fn set_capacity(&mut self, slots: usize) -> Result<()> {
+        let len = self.max_len();
+        if slots < len {
+            return Err(Error::shape(
+                "cache capacity",
+                format!("at least {len} slots"),
+                slots,
+            ));
+        }
+        if slots == self.capacity() {
+            return Ok(());
+        }
+        self.keys = resized(take(&mut self.keys), len, slots.max(1));
+        self.values = resized(take(&mut self.values), len, slots.max(1));
+        Ok(())
+    }
+
     /// Grows the buffers (by doubling) so that every sequence can hold `slots` slots.
     pub fn reserve(&mut self, slots: usize) {
         let capacity = self.capacity();
@@ -270,6 +292,22 @@ fn grow<B: Backend>(buffer: Tensor<B, 4>, capacity: usize) -> Tensor<B, 4> {
         (&buffer.device(), buffer.dtype()),
     );
     Tensor::cat(vec![buffer, extra], 2)
+}
+
+/// A new buffer of `capacity` rows holding the first `len` rows of `buffer`.
+fn resized<B: Backend>(buffer: Tensor<B, 4>, len: usize, capacity: usize) -> Tensor<B, 4> {
+    let [batch, heads, _, dim] = buffer.dims();
+    let fresh = Tensor::zeros(
+        [batch, heads, capacity, dim],
+        (&buffer.device(), buffer.dtype()),
+    );
+    if len == 0 {
+        return fresh;
+    }
+    fresh.slice_assign(
+        [0..batch, 0..heads, 0..len, 0..dim],
+        buffer.narrow(2, 0, len),
+    )
 }
 
 fn index_tensor<B: Backend>(
@@ -444,6 +482,28 @@ mod tests {
             (100..109).map(|x| x as f32).collect::<Vec<_>>()
         );
         assert_eq!(cache.bytes_used(), 2 * 9 * 2 * 2 * 3 * 4);
+    }
+
+    #[test]
+    fn set_capacity_keeps_the_rows_in_use_and_refuses_to_cut_them() {
+        let mut cache = numbered(2, &[9, 9], 2);
+        let plan = Plan::new(Decision::Keep(vec![0, 4, 8]), 9, "t", 0).unwrap();
+        cache.apply(1, &plan).unwrap();
+        assert!(cache.set_capacity(8).is_err(), "sequence 0 holds 9 slots");
+        assert_eq!(cache.len(0), 9);
+        cache.set_capacity(9).unwrap();
+        assert_eq!(cache.capacity(), 9);
+        assert_eq!(cache.bytes_reserved(), 2 * 2 * 2 * 9 * 3 * 4);
+        assert_eq!(
+            column(&cache, 0, false),
+            (0..9).map(|x| x as f32).collect::<Vec<_>>()
+        );
+        assert_eq!(column(&cache, 1, false), vec![100.0, 104.0, 108.0]);
+        assert_eq!(column(&cache, 1, true), vec![-100.0, -104.0, -108.0]);
+        // Appends after a resize land in the new buffers.
+        append_numbered(&mut cache, 9);
+        assert!(cache.capacity() >= 10);
+        assert_eq!(column(&cache, 1, false), vec![100.0, 104.0, 108.0, 109.0]);
     }
 
     #[test]

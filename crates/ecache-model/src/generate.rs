@@ -6,8 +6,8 @@ use std::time::Instant;
 use burn::tensor::{Tensor, backend::Backend};
 use ecache_core::SlotKind;
 
-use crate::engine::Session;
 use crate::error::Result;
+use crate::session::Session;
 
 /// How tokens are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -224,20 +224,7 @@ pub fn generate_batch<B: Backend>(
 
 /// What sequence `b` holds now: slots per layer, and image slots per layer.
 fn held<B: Backend>(session: &Session<'_, B>, b: usize) -> Result<(Vec<usize>, Vec<usize>)> {
-    let mut slots = Vec::new();
-    let mut images = Vec::new();
-    for cache in session.caches() {
-        let table = cache.table(b)?;
-        slots.push(table.len());
-        images.push(
-            table
-                .kinds()
-                .iter()
-                .filter(|k| **k == SlotKind::Image)
-                .count(),
-        );
-    }
-    Ok((slots, images))
+    Ok(session.sequences()[b].held())
 }
 
 /// Feeds one token per sequence and returns each sequence's next-token logits.

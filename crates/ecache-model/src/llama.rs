@@ -39,6 +39,14 @@ pub struct LayerOutput<B: Backend> {
     pub scores: Option<Tensor<B, 2>>,
 }
 
+/// What a ragged decode step of a layer hands back ([`LlamaLayer::forward_ragged`]).
+pub struct RaggedOutput<B: Backend> {
+    /// `[B, 1, hidden]`.
+    pub hidden: Tensor<B, 3>,
+    /// Per sequence, its head-mean attention row `[1, slots]` when it was asked for.
+    pub scores: Vec<Option<Tensor<B, 2>>>,
+}
+
 impl<B: Backend> LlamaLayer<B> {
     fn load(c: &LlamaConfig, l: &mut Loader<'_, B>, i: usize) -> Result<Self> {
         let p = format!("decoder.layers.{i}");
@@ -128,6 +136,60 @@ impl<B: Backend> LlamaLayer<B> {
             )
         };
         Ok(LayerOutput {
+            hidden: self.finish(x, attn),
+            scores,
+        })
+    }
+
+    /// Runs the layer on one new token for each of `B` sequences, each with its own cache
+    /// (of batch one): the projections and the MLP run on the whole batch, attention on
+    /// each sequence's own slots, written out as for any decode row. With `want_scores[i]`,
+    /// sequence `i`'s head-mean attention row comes back too.
+    ///
+    /// # Shapes
+    /// - `x`: `[B, 1, hidden]`; `rope`: tables for `B` rows of one position
+    /// - `caches`: `B` caches of batch one; `slot_positions`: the `B` absolute positions
+    ///   recorded for the new slots
+    /// - returns `[B, 1, hidden]` and, per sequence, `[1, slots]` scores if wanted
+    pub fn forward_ragged(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        caches: &mut [&mut LayerCache<B>],
+        slot_positions: &[usize],
+        want_scores: &[bool],
+    ) -> Result<RaggedOutput<B>> {
+        let n = x.dims()[0];
+        if caches.len() != n || slot_positions.len() != n || want_scores.len() != n {
+            return Err(crate::ModelError::Prompt(format!(
+                "a decode step of {n} rows got {} caches, {} positions and {} score requests",
+                caches.len(),
+                slot_positions.len(),
+                want_scores.len()
+            )));
+        }
+        let (q, k, v) = self.qkv(x.clone(), rope);
+        let mut outputs = Vec::with_capacity(n);
+        let mut scores = Vec::with_capacity(n);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let one = |t: &Tensor<B, 4>| t.clone().narrow(0, i, 1);
+            cache.append(one(&k), one(&v), &[&[slot_positions[i]]], &[SlotKind::Text])?;
+            let (attn, probs) = self.attention_explicit(
+                one(&q),
+                cache.keys(),
+                cache.values(),
+                None,
+                want_scores[i],
+            );
+            outputs.push(attn);
+            scores.push(probs.map(ecache_core::importance::column_sums));
+        }
+        let attn = if n == 1 {
+            outputs.remove(0)
+        } else {
+            Tensor::cat(outputs, 0)
+        };
+        Ok(RaggedOutput {
             hidden: self.finish(x, attn),
             scores,
         })

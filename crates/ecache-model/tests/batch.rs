@@ -67,10 +67,10 @@ fn batched_sequences_match_single_runs_under_h2o() {
         }
         let positions: Vec<Vec<usize>> = (0..batch)
             .map(|b| {
-                session
+                session.sequences()[b]
                     .caches()
                     .iter()
-                    .flat_map(|c| c.table(b).unwrap().positions().to_vec())
+                    .flat_map(|c| c.table(0).unwrap().positions().to_vec())
                     .collect()
             })
             .collect();

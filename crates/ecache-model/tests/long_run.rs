@@ -83,7 +83,7 @@ fn elastic_stays_on_budget_and_in_memory_over_a_long_generation() {
     for step in 0..tokens {
         let n = prompt_len + step;
         let target = n.min(policy.target(n).unwrap());
-        for cache in session.caches() {
+        for cache in session.sequences()[0].caches() {
             let table = cache.table(0).unwrap();
             assert_eq!(table.len(), target, "step {step}");
             assert!(

@@ -4,6 +4,7 @@ use burn::tensor::{DType, backend::Backend};
 use ecache_core::{CachePolicy, PositionMode};
 use ecache_model::{Llava, LlavaConfig, Session};
 
+#[allow(dead_code)]
 /// A session on the backend's default device in f32 with absolute positions, for `batch`
 /// sequences.
 pub fn session<'a, B: Backend>(
@@ -21,4 +22,12 @@ pub fn session<'a, B: Backend>(
         &Default::default(),
         DType::F32,
     )
+}
+
+/// A transformers fixture directory under `tests/fixtures`.
+#[allow(dead_code)]
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }

@@ -1,0 +1,314 @@
+//! Sequences of any lengths under policies of their own: one sequence's decoder state
+//! ([`Sequence`]), the prefill of one prompt, and a decode step over a ragged batch
+//! ([`Runner`]).
+//!
+//! Each sequence owns its caches (one [`LayerCache`] of batch one per layer), so a batch is
+//! just the list of sequences taking the next step: one may join after its own prefill,
+//! one may leave and its memory is freed when its [`Sequence`] is dropped, and no sequence
+//! ever attends to another's padding. The projections and the MLP of a decode step run on
+//! the whole batch at once (where a decode step's time goes); attention runs per sequence
+//! over that sequence's own slots.
+
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use ecache_core::{
+    CachePolicy, CacheShape, LayerCache, Phase, PositionMode, SlotKind, StepContext,
+    importance::rows_to_host,
+};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::layers::Rope;
+use crate::llama::LlamaDecoder;
+
+/// Slots a fresh cache has room for before its first growth.
+const INITIAL_CAPACITY: usize = 64;
+
+/// One sequence's decoder state: its caches, one per layer, and its counts.
+#[derive(Debug, Clone)]
+pub struct Sequence<B: Backend> {
+    caches: Vec<LayerCache<B>>,
+    positions: PositionMode,
+    tokens_seen: usize,
+    prompt_len: usize,
+    steps: usize,
+}
+
+impl<B: Backend> Sequence<B> {
+    /// An empty sequence for a decoder of `config`, whose cache keeps scores if `policy`
+    /// needs them.
+    pub fn new(
+        config: &LlamaConfig,
+        policy: &dyn CachePolicy,
+        positions: PositionMode,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Self {
+        let shape = CacheShape {
+            batch: 1,
+            kv_heads: config.kv_heads,
+            head_dim: config.head_dim,
+        };
+        let tracks = policy.needs().tracks_scores();
+        Self {
+            caches: (0..config.layers)
+                .map(|_| LayerCache::new(shape, INITIAL_CAPACITY, tracks, dtype, device))
+                .collect(),
+            positions,
+            tokens_seen: 0,
+            prompt_len: 0,
+            steps: 0,
+        }
+    }
+
+    /// The caches, one per layer (each of batch one).
+    pub fn caches(&self) -> &[LayerCache<B>] {
+        &self.caches
+    }
+
+    /// `N`: tokens processed so far.
+    pub fn tokens_seen(&self) -> usize {
+        self.tokens_seen
+    }
+
+    /// `T`: the prompt's length, image slots included (0 before the prefill).
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// KV bytes the held slots occupy, all layers.
+    pub fn kv_bytes(&self) -> usize {
+        self.caches.iter().map(LayerCache::bytes_used).sum()
+    }
+
+    /// KV bytes the buffers occupy, all layers, room not yet used included.
+    pub fn kv_bytes_allocated(&self) -> usize {
+        self.caches.iter().map(LayerCache::bytes_reserved).sum()
+    }
+
+    /// Slots held per layer, and image slots held per layer.
+    pub fn held(&self) -> (Vec<usize>, Vec<usize>) {
+        self.caches
+            .iter()
+            .map(|c| {
+                let kinds = c.table(0).map(|t| t.kinds()).unwrap_or(&[]);
+                (
+                    kinds.len(),
+                    kinds.iter().filter(|k| **k == SlotKind::Image).count(),
+                )
+            })
+            .unzip()
+    }
+
+    /// Sizes every layer's buffers to exactly `slots` (see [`LayerCache::set_capacity`]):
+    /// what the sequence can grow to, so that it never allocates again and its memory is
+    /// what was reserved for it.
+    pub fn set_capacity(&mut self, slots: usize) -> Result<()> {
+        for cache in &mut self.caches {
+            cache.set_capacity(slots)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a decoder over [`Sequence`]s.
+pub struct Runner<'a, B: Backend> {
+    decoder: &'a LlamaDecoder<B>,
+    rope: Rope,
+    max_positions: usize,
+    device: B::Device,
+}
+
+impl<'a, B: Backend> Runner<'a, B> {
+    /// A runner of `decoder` (built from `config`) on `device`.
+    pub fn new(decoder: &'a LlamaDecoder<B>, config: &LlamaConfig, device: &B::Device) -> Self {
+        Self {
+            decoder,
+            rope: Rope::new(config.head_dim, config.rope_theta),
+            max_positions: config.max_positions,
+            device: device.clone(),
+        }
+    }
+
+    /// The decoder run.
+    pub fn decoder(&self) -> &'a LlamaDecoder<B> {
+        self.decoder
+    }
+
+    /// Runs a fresh sequence's prompt (already embedded, image features spliced in) and
+    /// returns the hidden states of every prompt position; `policy` decides after every
+    /// layer.
+    ///
+    /// # Shapes
+    /// - `embeds`: `[1, T, hidden]`; `kinds`: `T` slot kinds
+    /// - returns `[1, T, hidden]` (the final norm and LM head not applied)
+    pub fn prefill(
+        &self,
+        seq: &mut Sequence<B>,
+        policy: &dyn CachePolicy,
+        embeds: Tensor<B, 3>,
+        kinds: &[SlotKind],
+    ) -> Result<Tensor<B, 3>> {
+        let [batch, t, _] = embeds.dims();
+        if batch != 1 {
+            return Err(ModelError::Prompt(format!(
+                "a sequence's prompt is one row, got {batch}"
+            )));
+        }
+        if t == 0 {
+            return Err(ModelError::Prompt("the prompt is empty".into()));
+        }
+        if seq.tokens_seen > 0 {
+            return Err(ModelError::Prompt(
+                "prefill called twice on one sequence".into(),
+            ));
+        }
+        if t > self.max_positions {
+            return Err(ModelError::Prompt(format!(
+                "the prompt has {t} tokens but the model's context is {} (max_position_embeddings)",
+                self.max_positions
+            )));
+        }
+        if kinds.len() != t {
+            return Err(ModelError::Prompt(format!(
+                "{} slot kinds for a prompt of {t}",
+                kinds.len()
+            )));
+        }
+        let positions: Vec<usize> = (0..t).collect();
+        let heads = self.decoder.head_counts();
+        let rope = self.rope.tables::<B>(
+            std::slice::from_ref(&positions),
+            &heads,
+            &self.device,
+            embeds.dtype(),
+        );
+        let want = policy.needs().prefill_importance;
+        seq.prompt_len = t;
+        let mut x = embeds;
+        for (layer, block) in self.decoder.layers.iter().enumerate() {
+            let cache = &mut seq.caches[layer];
+            let out = block.forward(x, &rope, cache, &[&positions], kinds, want)?;
+            x = out.hidden;
+            if let Some(scores) = out.scores {
+                accumulate(cache, scores)?;
+            }
+            let ctx = StepContext {
+                layer,
+                phase: Phase::Prefill,
+                tokens_seen: t,
+                prompt_len: t,
+            };
+            let plan = cache.table(0)?.decide(policy, ctx)?;
+            cache.apply(0, &plan)?;
+        }
+        seq.tokens_seen = t;
+        Ok(x)
+    }
+
+    /// [`Runner::prefill`] followed by the final norm and LM head on the last position:
+    /// the logits of the first generated token.
+    ///
+    /// # Shapes
+    /// - `embeds`: `[1, T, hidden]` -> `[1, vocab]`
+    pub fn prefill_last(
+        &self,
+        seq: &mut Sequence<B>,
+        policy: &dyn CachePolicy,
+        embeds: Tensor<B, 3>,
+        kinds: &[SlotKind],
+    ) -> Result<Tensor<B, 2>> {
+        let hidden = self.prefill(seq, policy, embeds, kinds)?;
+        let t = hidden.dims()[1];
+        let logits = self.decoder.head(hidden.narrow(1, t - 1, 1));
+        let v = logits.dims()[2];
+        Ok(logits.reshape([1, v]))
+    }
+
+    /// One decode step of a ragged batch: sequence `i` is fed `tokens[i]` at its own next
+    /// position and attends to its own slots; its policy decides after every layer. The
+    /// sequences may have any lengths, policies and step counts.
+    ///
+    /// # Shapes
+    /// - `batch`: `B` sequences with their policies; `tokens`: `B` ids -> `[B, vocab]`
+    pub fn decode(
+        &self,
+        batch: &mut [(&mut Sequence<B>, &dyn CachePolicy)],
+        tokens: &[u32],
+    ) -> Result<Tensor<B, 2>> {
+        let n = batch.len();
+        if tokens.len() != n || n == 0 {
+            return Err(ModelError::Prompt(format!(
+                "{} tokens for a batch of {n} sequences",
+                tokens.len()
+            )));
+        }
+        for (seq, _) in batch.iter() {
+            if seq.tokens_seen == 0 {
+                return Err(ModelError::Prompt(
+                    "a sequence decodes only after its prefill".into(),
+                ));
+            }
+            if seq.tokens_seen >= self.max_positions {
+                return Err(ModelError::Prompt(format!(
+                    "generating past position {} exceeds the model's context of {} (max_position_embeddings)",
+                    seq.tokens_seen, self.max_positions
+                )));
+            }
+        }
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &self.device);
+        let mut x = self.decoder.embed(ids);
+        let slot_positions: Vec<usize> = batch.iter().map(|(s, _)| s.tokens_seen).collect();
+        let rope_positions: Vec<Vec<usize>> = batch
+            .iter()
+            .map(|(s, _)| vec![s.positions.next_position(s.tokens_seen, s.caches[0].len(0))])
+            .collect();
+        let heads = self.decoder.head_counts();
+        let rope = self
+            .rope
+            .tables::<B>(&rope_positions, &heads, &self.device, x.dtype());
+        let want: Vec<bool> = batch
+            .iter()
+            .map(|(_, p)| p.needs().decode_attention)
+            .collect();
+        for s in batch.iter_mut() {
+            s.0.steps += 1;
+        }
+        for (layer, block) in self.decoder.layers.iter().enumerate() {
+            let mut caches: Vec<&mut LayerCache<B>> = batch
+                .iter_mut()
+                .map(|(s, _)| &mut s.caches[layer])
+                .collect();
+            let out = block.forward_ragged(x, &rope, &mut caches, &slot_positions, &want)?;
+            x = out.hidden;
+            for ((seq, policy), scores) in batch.iter_mut().zip(out.scores) {
+                let cache = &mut seq.caches[layer];
+                if let Some(scores) = scores {
+                    accumulate(cache, scores)?;
+                }
+                let ctx = StepContext {
+                    layer,
+                    phase: Phase::Decode { step: seq.steps },
+                    tokens_seen: seq.tokens_seen + 1,
+                    prompt_len: seq.prompt_len,
+                };
+                let plan = cache.table(0)?.decide(*policy, ctx)?;
+                cache.apply(0, &plan)?;
+            }
+        }
+        for s in batch.iter_mut() {
+            s.0.tokens_seen += 1;
+        }
+        let logits = self.decoder.head(x);
+        let v = logits.dims()[2];
+        Ok(logits.reshape([n, v]))
+    }
+}
+
+/// Adds a sequence's score row (`[1, slots]`, buffer-row order) to its slot scores.
+fn accumulate<B: Backend>(cache: &mut LayerCache<B>, scores: Tensor<B, 2>) -> Result<()> {
+    let len = cache.len(0);
+    let row = rows_to_host(scores, &[len])?.remove(0);
+    cache.accumulate_rows(0, &row)?;
+    Ok(())
+}
