@@ -1,8 +1,11 @@
-//! Running a job generic over burn backends on the backend a config names.
+//! Running a job generic over burn backends on the backend a config names (the model
+//! crate's dispatch, with the command line's errors).
 
 use anyhow::Result;
-use burn::tensor::{DType, backend::Backend};
-use ecache_core::{BackendKind, Precision};
+use burn::tensor::backend::Backend;
+use ecache_core::BackendKind;
+
+pub use ecache_model::backend::dtype;
 
 use crate::BadInput;
 
@@ -12,26 +15,16 @@ pub trait BackendJob {
     fn run<B: Backend>(self, device: &B::Device) -> Result<Self::Output>;
 }
 
-/// Runs `job` on `kind`'s default device.
-pub fn on_backend<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output> {
-    match kind {
-        BackendKind::Flex => job.run::<burn::backend::Flex>(&Default::default()),
-        BackendKind::Ndarray => job.run::<burn::backend::NdArray>(&Default::default()),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => job.run::<burn::backend::Cuda>(&Default::default()),
-        #[cfg(not(feature = "cuda"))]
-        BackendKind::Cuda => Err(BadInput(
-            "this ecache was built without the `cuda` feature (cargo build --features cuda)".into(),
-        )
-        .into()),
+struct Adapt<J>(J);
+
+impl<J: BackendJob> ecache_model::backend::BackendJob for Adapt<J> {
+    type Output = Result<J::Output>;
+    fn run<B: Backend>(self, device: &B::Device) -> Self::Output {
+        self.0.run::<B>(device)
     }
 }
 
-/// Burn dtype of a configured precision.
-pub fn dtype(precision: Precision) -> DType {
-    match precision {
-        Precision::F32 => DType::F32,
-        Precision::F16 => DType::F16,
-        Precision::Bf16 => DType::BF16,
-    }
+/// Runs `job` on `kind`'s default device; a backend this build lacks is bad input.
+pub fn on_backend<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output> {
+    ecache_model::backend::on_backend(kind, Adapt(job)).map_err(|e| BadInput(e.to_string()))?
 }

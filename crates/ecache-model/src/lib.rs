@@ -5,6 +5,7 @@
 //! decoder over [`Sequence`]s of any lengths, each under its own [`ecache_core::CachePolicy`]
 //! ([`Session`]: a fixed batch under one policy).
 
+pub mod backend;
 pub mod clip;
 pub mod config;
 pub mod error;
@@ -24,7 +25,7 @@ pub use error::{ModelError, Result};
 pub use generate::{Generation, Sampling, answer_nll, answer_nll_batch, generate, generate_batch};
 pub use llava::Llava;
 pub use preprocess::ImageProcessor;
-pub use prompt::{PromptTokenizer, chat_prompt, splice};
+pub use prompt::{PromptTokenizer, Role, Turn, chat_prompt, chat_template, splice};
 pub use sequence::{Runner, Sequence};
 pub use session::Session;
 pub use weights::Checkpoint;

@@ -154,19 +154,22 @@ impl ImageProcessor {
 
     /// Opens and preprocesses an image file.
     pub fn open(&self, path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
-        let mut reader = ImageReader::open(path)
-            .map_err(|e| ModelError::Image(format!("cannot open {}: {e}", path.display())))?
-            .with_guessed_format()
-            .map_err(|e| ModelError::Image(format!("cannot read {}: {e}", path.display())))?;
-        let mut limits = Limits::default();
-        limits.max_image_width = Some(MAX_IMAGE_SIDE);
-        limits.max_image_height = Some(MAX_IMAGE_SIDE);
-        limits.max_alloc = Some(1 << 30);
-        reader.limits(limits);
-        let image = reader.decode().map_err(|e| {
-            ModelError::Image(format!("{} is not a readable image: {e}", path.display()))
-        })?;
-        self.process(&image)
+        let reader = ImageReader::open(path)
+            .map_err(|e| ModelError::Image(format!("cannot open {}: {e}", path.display())))?;
+        let name = path.display().to_string();
+        self.process(&decode(reader, &name, &ImageLimits::default())?)
+    }
+
+    /// Decodes an encoded image (PNG, JPEG, ...) held in memory within `limits`, then
+    /// preprocesses it; `name` says where it came from in errors.
+    pub fn decode(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        limits: &ImageLimits,
+    ) -> Result<(Vec<f32>, [usize; 3])> {
+        let reader = ImageReader::new(std::io::Cursor::new(bytes));
+        self.process(&decode(reader, name, limits)?)
     }
 
     /// Preprocesses a decoded image into `[3, height, width]` normalised f32 data.
@@ -205,6 +208,66 @@ impl ImageProcessor {
         }
         Ok((out, [3, h, w]))
     }
+}
+
+/// What an image may cost to decode: its header is checked before any pixel is decoded,
+/// so a small file that declares a huge picture (a decompression bomb) is refused cheaply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest width or height.
+    pub max_side: u32,
+    /// Largest width x height.
+    pub max_pixels: u64,
+    /// Most bytes the decoder may allocate.
+    pub max_alloc: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self {
+            max_side: MAX_IMAGE_SIDE,
+            max_pixels: MAX_IMAGE_SIDE as u64 * MAX_IMAGE_SIDE as u64,
+            max_alloc: 1 << 30,
+        }
+    }
+}
+
+/// The format of an encoded image by its leading bytes (`"png"`, `"jpeg"`, ...), if known.
+pub fn sniff_format(bytes: &[u8]) -> Option<&'static str> {
+    image::guess_format(bytes)
+        .ok()
+        .and_then(|f| f.extensions_str().first().copied())
+}
+
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    name: &str,
+    limits: &ImageLimits,
+) -> Result<DynamicImage> {
+    use image::ImageDecoder;
+    let unreadable = |e: &dyn std::fmt::Display| {
+        ModelError::Image(format!("{name} is not a readable image: {e}"))
+    };
+    let mut decoder = reader
+        .with_guessed_format()
+        .map_err(|e| ModelError::Image(format!("cannot read {name}: {e}")))?
+        .into_decoder()
+        .map_err(|e| unreadable(&e))?;
+    let (w, h) = decoder.dimensions();
+    if w > limits.max_side || h > limits.max_side || w as u64 * h as u64 > limits.max_pixels {
+        return Err(ModelError::Image(format!(
+            "{name} declares {w} x {h} pixels, over the limit of {} per side and {} in all",
+            limits.max_side, limits.max_pixels
+        )));
+    }
+    let mut image_limits = Limits::default();
+    image_limits.max_image_width = Some(limits.max_side);
+    image_limits.max_image_height = Some(limits.max_side);
+    image_limits.max_alloc = Some(limits.max_alloc);
+    decoder
+        .set_limits(image_limits)
+        .map_err(|e| unreadable(&e))?;
+    DynamicImage::from_decoder(decoder).map_err(|e| unreadable(&e))
 }
 
 /// LLaVA's `expand2square`: center the image on a square of the mean colour.

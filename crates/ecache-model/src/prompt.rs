@@ -14,6 +14,48 @@ pub fn chat_prompt(question: &str) -> String {
     format!("USER: <image>\n{question} ASSISTANT:")
 }
 
+/// Who speaks a chat turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// One chat turn as the template sees it: its role, the images it carries and its text
+/// parts, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: Role,
+    pub images: usize,
+    pub texts: Vec<String>,
+}
+
+/// LLaVA-1.5's chat template as the llava-hf checkpoints ship it (`chat_template` of
+/// `llava-1.5-7b-hf`): each turn but a system one opens with `USER: ` or `ASSISTANT: `,
+/// then one `<image>\n` per image, then each text part followed by a space; the prompt
+/// ends with `ASSISTANT:`. One user turn holding an image and a question renders exactly
+/// as [`chat_prompt`] does.
+pub fn chat_template(turns: &[Turn]) -> String {
+    let mut out = String::new();
+    for turn in turns {
+        match turn.role {
+            Role::System => {}
+            Role::User => out.push_str("USER: "),
+            Role::Assistant => out.push_str("ASSISTANT: "),
+        }
+        for _ in 0..turn.images {
+            out.push_str("<image>\n");
+        }
+        for text in &turn.texts {
+            out.push_str(text);
+            out.push(' ');
+        }
+    }
+    out.push_str("ASSISTANT:");
+    out
+}
+
 /// A checkpoint's `tokenizer.json` with the model's image token.
 pub struct PromptTokenizer {
     tokenizer: Tokenizer,
@@ -129,5 +171,36 @@ pub fn splice<B: Backend>(
             (Tensor::cat(parts, 1), kinds)
         }
         _ => (embed(ids), vec![SlotKind::Text; ids.len()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(role: Role, images: usize, texts: &[&str]) -> Turn {
+        Turn {
+            role,
+            images,
+            texts: texts.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    /// The llava-hf template, rendered by hand for a system turn, a user turn with an
+    /// image, an assistant answer and a follow-up question.
+    #[test]
+    fn chat_template_renders_as_llava_hf() {
+        let q = "what is in the picture ?";
+        assert_eq!(chat_template(&[turn(Role::User, 1, &[q])]), chat_prompt(q));
+        let turns = [
+            turn(Role::System, 0, &["Answer briefly."]),
+            turn(Role::User, 1, &["how many", "objects ?"]),
+            turn(Role::Assistant, 0, &["three ."]),
+            turn(Role::User, 0, &["and their colour ?"]),
+        ];
+        assert_eq!(
+            chat_template(&turns),
+            "Answer briefly. USER: <image>\nhow many objects ? ASSISTANT: three . USER: and their colour ? ASSISTANT:"
+        );
     }
 }

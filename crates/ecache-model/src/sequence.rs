@@ -31,6 +31,8 @@ pub struct Sequence<B: Backend> {
     tokens_seen: usize,
     prompt_len: usize,
     steps: usize,
+    /// Capacity each layer's buffers get right after that layer's prefill decision.
+    capacity_after_prefill: Option<usize>,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -57,6 +59,7 @@ impl<B: Backend> Sequence<B> {
             tokens_seen: 0,
             prompt_len: 0,
             steps: 0,
+            capacity_after_prefill: None,
         }
     }
 
@@ -97,6 +100,13 @@ impl<B: Backend> Sequence<B> {
                 )
             })
             .unzip()
+    }
+
+    /// Has the prefill size each layer's buffers to exactly `slots` right after that
+    /// layer's decision: the uncompressed prompt is then held by one layer at a time, and
+    /// the sequence never allocates again if `slots` is what it can grow to.
+    pub fn set_capacity_after_prefill(&mut self, slots: usize) {
+        self.capacity_after_prefill = Some(slots);
     }
 
     /// Sizes every layer's buffers to exactly `slots` (see [`LayerCache::set_capacity`]):
@@ -200,6 +210,9 @@ impl<'a, B: Backend> Runner<'a, B> {
             };
             let plan = cache.table(0)?.decide(policy, ctx)?;
             cache.apply(0, &plan)?;
+            if let Some(slots) = seq.capacity_after_prefill {
+                cache.set_capacity(slots)?;
+            }
         }
         seq.tokens_seen = t;
         Ok(x)

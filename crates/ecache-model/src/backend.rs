@@ -1,0 +1,39 @@
+//! Running work that is generic over burn backends on the backend a config names.
+
+use burn::tensor::{DType, backend::Backend};
+use ecache_core::{BackendKind, Precision};
+
+use crate::error::{ModelError, Result};
+
+/// Work that runs on any backend.
+pub trait BackendJob {
+    type Output;
+    fn run<B: Backend>(self, device: &B::Device) -> Self::Output;
+}
+
+/// Runs `job` on `kind`'s default device; a backend this build lacks is an error.
+pub fn on_backend<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output> {
+    match kind {
+        BackendKind::Flex => Ok(job.run::<burn::backend::Flex>(&Default::default())),
+        BackendKind::Ndarray => Ok(job.run::<burn::backend::NdArray>(&Default::default())),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Ok(job.run::<burn::backend::Cuda>(&Default::default())),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Cuda => {
+            drop(job);
+            Err(ModelError::Config(
+                "backend `cuda`: this build lacks the `cuda` feature (cargo build --features cuda)"
+                    .into(),
+            ))
+        }
+    }
+}
+
+/// Burn dtype of a configured precision.
+pub fn dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+    }
+}
