@@ -135,11 +135,9 @@ fn evaluate(
     items: Vec<Item>,
 ) -> Result<Vec<EvalRow>> {
     let registry = builtin_registry()?;
-    let built = runs
-        .iter()
-        .map(|r| registry.build(r))
-        .collect::<Result<Vec<_>, _>>()?;
-    let full = registry.build(&PolicyConfig::new("full", 1.0))?;
+    for run in &runs {
+        registry.build(run)?;
+    }
     let eval = EvalRequest {
         model_dir: request.model_dir.clone(),
         items,
@@ -152,7 +150,7 @@ fn evaluate(
         progress_file: None,
         stop_after_items: None,
     };
-    run(&eval, &built, full.as_ref())
+    run(&eval)
 }
 
 /// Every policy at every budget: PPL, ROUGE-L against the full cache, task accuracy.

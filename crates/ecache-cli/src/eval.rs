@@ -1,21 +1,21 @@
 //! `ecache eval ppl|rouge|all`: the paper's quality protocol over a dataset, for lists of
-//! policies and budgets in one run. Items with prompts of equal length run as one batch
-//! (each sequence keeps its own caches); image features are computed once per item and
-//! shared by every policy; the full cache's greedy outputs are the ROUGE-L references.
+//! policies and budgets in one run, through the engine: every request of a chunk of items
+//! (the full cache's greedy output, and per policy the teacher-forced score and the greedy
+//! output) is in flight at once and the engine batches them; an item's image features are
+//! computed once and reused by every policy (the engine's feature cache); the full cache's
+//! greedy outputs are the ROUGE-L references.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use burn::tensor::{Tensor, backend::Backend};
-use ecache_core::{CachePolicy, PolicyConfig, RunConfig};
-use ecache_model::{Sampling, Session, answer_nll_batch, chat_prompt, generate_batch, splice};
+use ecache_core::{PolicyConfig, RunConfig};
+use ecache_engine::{Completion, Engine, ImageInput, Request, RequestHandle, Task};
+use ecache_model::{LlavaConfig, PromptTokenizer, chat_prompt};
 use serde::{Deserialize, Serialize};
 
 use crate::BadInput;
-use crate::backend::{BackendJob, dtype, on_backend};
 use crate::dataset::Item;
-use crate::generate::{image_features, image_processor, load_model};
+use crate::generate::{engine_config, engine_error, load_engine};
 use crate::rouge::rouge_l;
 
 /// Which metrics to compute.
@@ -80,7 +80,7 @@ fn fingerprint(request: &EvalRequest, items: &[&Item]) -> String {
     }
     let g = &request.config.generation;
     format!(
-        "{:016x} {:?} max_new_tokens={} batch={} dtype={:?} backend={:?}",
+        "v2 {:016x} {:?} max_new_tokens={} batch={} dtype={:?} backend={:?}",
         h.finish(),
         request.metric,
         g.max_new_tokens,
@@ -187,33 +187,15 @@ pub fn unused_params(config: &RunConfig, runs: &[PolicyConfig]) -> Option<String
     })
 }
 
-/// Runs the evaluation; `policies` are built from `request.runs` by the caller's registry.
-pub fn run(
-    request: &EvalRequest,
-    policies: &[Box<dyn CachePolicy>],
-    full: &dyn CachePolicy,
-) -> Result<Vec<EvalRow>> {
-    on_backend(
-        request.config.model.backend,
-        Job {
-            request,
-            policies,
-            full,
-        },
-    )
-}
-
-struct Job<'a> {
-    request: &'a EvalRequest,
-    policies: &'a [Box<dyn CachePolicy>],
-    full: &'a dyn CachePolicy,
-}
-
-impl BackendJob for Job<'_> {
-    type Output = Vec<EvalRow>;
-    fn run<B: Backend>(self, device: &B::Device) -> Result<Vec<EvalRow>> {
-        run_on::<B>(self.request, self.policies, self.full, device)
-    }
+/// Runs the evaluation through an engine on the configured backend.
+pub fn run(request: &EvalRequest) -> Result<Vec<EvalRow>> {
+    let mut config = engine_config(request.model_dir.clone(), &request.config);
+    config.max_batch = request.batch.max(1);
+    config.max_queue = usize::MAX;
+    config.pad_to_square = request.pad_to_square;
+    config.image_cache = request.batch.max(8);
+    let engine = load_engine(config)?;
+    run_on(request, &engine)
 }
 
 /// Whitespace-normalised, lower-case text for exact matching.
@@ -237,34 +219,29 @@ struct Sums {
     image_end: f64,
 }
 
-fn run_on<B: Backend>(
-    request: &EvalRequest,
-    policies: &[Box<dyn CachePolicy>],
-    full: &dyn CachePolicy,
-    device: &B::Device,
-) -> Result<Vec<EvalRow>> {
+fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
     let dir = &request.model_dir;
-    let dtype = dtype(request.config.model.dtype);
-    let (model, config, tokenizer) = load_model::<B>(dir, device, dtype)?;
-    let processor = image_processor(dir, request.pad_to_square)?;
+    let config = LlavaConfig::from_path(&dir.join("config.json"))
+        .map_err(|e| BadInput(format!("model {}: {e}", dir.display())))?;
+    let tokenizer = PromptTokenizer::load(dir, config.image_token_id)
+        .map_err(|e| BadInput(format!("model {}: {e}", dir.display())))?;
     // Every input is checked before any computation; with keep_going a bad item is
     // reported and skipped instead.
     let mut items: Vec<&Item> = Vec::with_capacity(request.items.len());
-    let mut prompts = Vec::with_capacity(request.items.len());
-    let mut answers = Vec::with_capacity(request.items.len());
     for item in &request.items {
         let checked = check_item(
             item,
             &tokenizer,
             config.image_tokens(),
             config.text.max_positions,
+            if request.metric.generates() {
+                request.config.generation.max_new_tokens
+            } else {
+                0
+            },
         );
         match checked {
-            Ok((prompt, answer)) => {
-                items.push(item);
-                prompts.push(prompt);
-                answers.push(answer);
-            }
+            Ok(()) => items.push(item),
             Err(problem) if request.keep_going => eprintln!("skipped: {problem}"),
             Err(problem) => return Err(BadInput(problem).into()),
         }
@@ -275,36 +252,20 @@ fn run_on<B: Backend>(
     let kinded = request.items.iter().any(|i| i.kind.is_some());
     let counts_exact = |i: &Item| !kinded || i.kind.as_deref() == Some("short");
     let counts_truth = |i: &Item| !kinded || i.kind.as_deref() == Some("description");
-    let g = &request.config.generation;
-    let greedy = Sampling {
-        max_new_tokens: g.max_new_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: g.seed,
-    };
-    let positions = request.config.policy.positions;
-    let eos = &config.text.eos_token_ids;
     let fingerprint = fingerprint(request, &items);
     let mut done = Vec::new();
-    let mut sums = vec![Sums::default(); policies.len()];
+    let mut sums = vec![Sums::default(); request.runs.len()];
     if let Some(p) = resume_from(request, &fingerprint) {
         done = p.done;
         sums = p.sums;
     }
     let mut items_done = 0;
-    let progress = indicatif::ProgressBar::new((items.len() * policies.len()) as u64);
+    let progress = indicatif::ProgressBar::new((items.len() * request.runs.len()) as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, p) in prompts.iter().enumerate() {
-        by_length.entry(p.len()).or_default().push(i);
-    }
-    let chunks: Vec<&[usize]> = by_length
-        .values()
-        .flat_map(|v| v.chunks(request.batch.max(1)))
-        .collect();
+    let chunks: Vec<&[&Item]> = items.chunks(request.batch.max(1)).collect();
     if !done.is_empty() {
         let finished: usize = done
             .iter()
@@ -315,103 +276,93 @@ fn run_on<B: Backend>(
             "resuming: {finished} of {} items already evaluated",
             items.len()
         );
-        progress.inc((finished * policies.len()) as u64);
+        progress.inc((finished * request.runs.len()) as u64);
     }
+    let ask = |item: &Item, policy: &PolicyConfig, task: Task| -> Result<RequestHandle> {
+        let mut r = Request::text(item.question.clone());
+        r.image = Some(ImageInput::Path(item.image.clone()));
+        r.max_new_tokens = request.config.generation.max_new_tokens;
+        r.policy = Some(policy.clone());
+        r.task = task;
+        engine
+            .submit(r)
+            .map_err(|e| engine_error(ecache_engine::EngineError::Submit(e)))
+    };
+    let wait = |handles: Vec<RequestHandle>| -> Result<Vec<Completion>> {
+        handles
+            .into_iter()
+            .map(|h| h.wait().map_err(engine_error))
+            .collect()
+    };
+    let full = PolicyConfig::new("full", 1.0);
     for (c, chunk) in chunks.iter().enumerate() {
         if done.contains(&c) {
             continue;
         }
-        let b = chunk.len();
-        let mut parts = Vec::with_capacity(b);
-        let mut kinds = Vec::new();
-        for &i in chunk.iter() {
-            let item = items[i];
-            let features = image_features(&model, &processor, &item.image, device, dtype)?;
-            let (embeds, k) = splice(
-                &model,
-                &prompts[i],
-                config.image_token_id,
-                Some(features),
-                device,
-            );
-            parts.push(embeds);
-            kinds = k;
-        }
-        let embeds = Tensor::cat(parts, 0);
-        let session = |policy| {
-            Session::new(
-                &model.decoder,
-                &config.text,
-                policy,
-                positions,
-                b,
-                device,
-                dtype,
-            )
-        };
-        let decode = |ids: &[u32]| tokenizer.decode(ids);
-        let reference: Option<Vec<String>> = if request.metric.generates() {
-            let out = generate_batch(
-                &mut session(full),
-                embeds.clone(),
-                &kinds,
-                &greedy,
-                eos,
-                |_, _| {},
-            )?;
+        // Everything of the chunk is submitted before anything is read: the engine
+        // batches it all.
+        let references = if request.metric.generates() {
             Some(
-                out.iter()
-                    .map(|g| decode(&g.tokens))
-                    .collect::<Result<_, _>>()?,
+                chunk
+                    .iter()
+                    .map(|item| ask(item, &full, Task::Generate))
+                    .collect::<Result<Vec<_>>>()?,
             )
         } else {
             None
         };
-        let chunk_answers: Vec<Vec<u32>> = chunk.iter().map(|&i| answers[i].clone()).collect();
-        for (r, policy) in policies.iter().enumerate() {
-            progress.set_message(format!("{} {}", policy.name(), request.runs[r].budget));
+        let mut scored = Vec::with_capacity(request.runs.len());
+        let mut generated = Vec::with_capacity(request.runs.len());
+        for run in &request.runs {
+            let score = |item: &&Item| {
+                let answer = item.answer.clone();
+                ask(item, run, Task::Score { answer })
+            };
+            scored.push(if request.metric.ppl() {
+                chunk.iter().map(score).collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            });
+            generated.push(if request.metric.generates() {
+                chunk
+                    .iter()
+                    .map(|item| ask(item, run, Task::Generate))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            });
+        }
+        let reference: Option<Vec<String>> = references
+            .map(|r| Ok::<_, anyhow::Error>(wait(r)?.into_iter().map(|c| c.text).collect()))
+            .transpose()?;
+        for (r, (scored, generated)) in scored.into_iter().zip(generated).enumerate() {
+            let run = &request.runs[r];
+            progress.set_message(format!("{} {}", run.name, run.budget));
             let s = &mut sums[r];
-            if request.metric.ppl() {
-                let nll = answer_nll_batch(
-                    &mut session(policy.as_ref()),
-                    embeds.clone(),
-                    &kinds,
-                    &chunk_answers,
-                )?;
-                for values in nll {
-                    s.nll += values.iter().sum::<f64>();
-                    s.scored += values.len();
-                }
+            for c in wait(scored)? {
+                s.nll += c.nll.iter().sum::<f64>();
+                s.scored += c.nll.len();
             }
             if let Some(reference) = &reference {
-                let out = generate_batch(
-                    &mut session(policy.as_ref()),
-                    embeds.clone(),
-                    &kinds,
-                    &greedy,
-                    eos,
-                    |_, _| {},
-                )?;
-                for (k, (g, reference)) in out.iter().zip(reference).enumerate() {
-                    let item = items[chunk[k]];
-                    let text = decode(&g.tokens)?;
+                for (k, (g, reference)) in wait(generated)?.iter().zip(reference).enumerate() {
+                    let item = chunk[k];
                     s.generated += g.tokens.len();
                     let share = |slots: &[usize]| {
                         slots.iter().sum::<usize>() as f64
-                            / (slots.len() * g.image_tokens).max(1) as f64
+                            / (slots.len() * g.stats.image_tokens).max(1) as f64
                     };
-                    s.image_prefill += share(&g.image_slots_after_prefill);
-                    s.image_end += share(&g.image_slots_at_end);
-                    s.rouge += rouge_l(&text, reference);
+                    s.image_prefill += share(&g.stats.image_slots_after_prefill);
+                    s.image_end += share(&g.stats.image_slots_at_end);
+                    s.rouge += rouge_l(&g.text, reference);
                     if counts_exact(item) {
-                        s.exact += (normalise(&text) == normalise(&item.answer)) as u8 as f64;
+                        s.exact += (normalise(&g.text) == normalise(&item.answer)) as u8 as f64;
                     }
                     if counts_truth(item) {
-                        s.truth += rouge_l(&text, &item.answer);
+                        s.truth += rouge_l(&g.text, &item.answer);
                     }
                 }
             }
-            progress.inc(b as u64);
+            progress.inc(chunk.len() as u64);
         }
         done.push(c);
         if let Some(path) = &request.progress_file {
@@ -422,7 +373,7 @@ fn run_on<B: Backend>(
             };
             write_atomically(path, &serde_json::to_string(&record)?)?;
         }
-        items_done += b;
+        items_done += chunk.len();
         if request.stop_after_items.is_some_and(|n| items_done >= n) {
             progress.finish_and_clear();
             anyhow::bail!("stopped after {items_done} items (--stop-after-items)");
@@ -458,14 +409,16 @@ fn run_on<B: Backend>(
         .collect())
 }
 
-/// An item's prompt and answer tokens, or what is wrong with it (its image is missing, its
-/// question or answer does not encode, or the prompt exceeds the model's context).
+/// What is wrong with an item, if anything: its image is missing, its question or answer
+/// does not encode, or the prompt and the answer (or the `generated` new tokens) exceed
+/// the model's context.
 fn check_item(
     item: &Item,
-    tokenizer: &ecache_model::PromptTokenizer,
+    tokenizer: &PromptTokenizer,
     image_tokens: usize,
     context: usize,
-) -> Result<(Vec<u32>, Vec<u32>), String> {
+    generated: usize,
+) -> Result<(), String> {
     let name = format!("item {:?}", item.question);
     if !item.image.exists() {
         return Err(format!(
@@ -479,13 +432,19 @@ fn check_item(
     let answer = tokenizer
         .encode_answer(&item.answer)
         .map_err(|e| format!("{name}: {e}"))?;
-    let total = tokenizer.sequence_len(&prompt, image_tokens) + answer.len();
+    let prompt_len = tokenizer.sequence_len(&prompt, image_tokens);
+    let total = prompt_len + answer.len();
     if total > context {
         return Err(format!(
             "{name}: prompt and answer take {total} tokens but the model's context is {context}"
         ));
     }
-    Ok((prompt, answer))
+    if prompt_len + generated > context {
+        return Err(format!(
+            "{name}: the prompt's {prompt_len} tokens and {generated} new ones exceed the model's context of {context}"
+        ));
+    }
+    Ok(())
 }
 
 /// `key=value` pairs of a run's parameters, sorted.

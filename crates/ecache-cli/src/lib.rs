@@ -3,6 +3,7 @@
 //! The `ecache` binary's building blocks: the registry of built-in policies and the
 //! commands' input and output formats. No numerics live here.
 
+pub mod args;
 pub mod backend;
 pub mod bench;
 pub mod dataset;
@@ -12,6 +13,7 @@ pub mod generate;
 pub mod policies;
 pub mod report;
 pub mod rouge;
+pub mod serve;
 pub mod trace;
 
 /// An error caused by what the user gave (a file, a flag, a value): `ecache` exits with 2.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ecache_cli::BadInput;
+use ecache_cli::args::{DeviceArgs, ModelArgs, PolicyArgs, parse_value, run_config};
 use ecache_cli::policies::builtin_registry;
 use ecache_cli::trace::{self, TraceInput};
 use ecache_core::{PolicyConfig, RunConfig};
@@ -44,6 +45,8 @@ enum Command {
     /// Time prefill and decode on random weights of a named shape, every policy against
     /// the full cache in the same run (the paper's latency protocol).
     Bench(BenchArgs),
+    /// Serve the model over HTTP with an OpenAI-compatible API (continuous batching).
+    Serve(ecache_cli::serve::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -273,72 +276,6 @@ struct GenerateArgs {
     seed: Option<u64>,
 }
 
-/// Model selection shared by generate and eval.
-#[derive(clap::Args)]
-struct ModelArgs {
-    /// A Hugging Face LLaVA directory (config.json, weights, tokenizer.json, preprocessor_config.json).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    #[command(flatten)]
-    device: DeviceArgs,
-    /// Pad images to a square with the mean colour first (LLaVA-1.5 evaluation setting).
-    #[arg(long)]
-    pad_to_square: bool,
-}
-
-/// Backend and precision, shared by the commands that run a model.
-#[derive(clap::Args)]
-struct DeviceArgs {
-    /// flex | ndarray | cuda (overrides the config's).
-    #[arg(long)]
-    backend: Option<String>,
-    /// f32 | f16 | bf16 (overrides the config's).
-    #[arg(long)]
-    dtype: Option<String>,
-}
-
-impl DeviceArgs {
-    /// Applies the overrides to the config's [model] section.
-    fn apply(&self, config: &mut RunConfig) -> Result<()> {
-        if let Some(b) = &self.backend {
-            config.model.backend = parse_value("backend", b)?;
-        }
-        if let Some(d) = &self.dtype {
-            config.model.dtype = parse_value("dtype", d)?;
-        }
-        Ok(())
-    }
-}
-
-impl ModelArgs {
-    /// Applies the overrides to the config's [model] section and returns the model directory.
-    fn apply(&self, config: &mut RunConfig) -> Result<PathBuf> {
-        self.device.apply(config)?;
-        Ok(self
-            .model
-            .clone()
-            .or_else(|| config.model.path.clone())
-            .ok_or_else(|| BadInput("give --model DIR (or [model] path in --config)".into()))?)
-    }
-}
-
-/// Policy selection shared by the commands.
-#[derive(clap::Args)]
-struct PolicyArgs {
-    /// Policy name (overrides the config's).
-    #[arg(long)]
-    policy: Option<String>,
-    /// Fraction of slots kept, in (0, 1] (overrides the config's).
-    #[arg(long)]
-    budget: Option<f64>,
-    /// A policy parameter, `key=value` (repeatable; overrides the config's).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// A run config (TOML).
-    #[arg(long)]
-    config: Option<PathBuf>,
-}
-
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum MetricArg {
     Ppl,
@@ -409,11 +346,9 @@ fn eval_command(args: EvalArgs) -> Result<()> {
     if let Some(why) = ecache_cli::eval::unused_params(&config, &runs) {
         return Err(BadInput(why).into());
     }
-    let built = runs
-        .iter()
-        .map(|r| registry.build(r))
-        .collect::<Result<Vec<_>, _>>()?;
-    let full = registry.build(&PolicyConfig::new("full", 1.0))?;
+    for run in &runs {
+        registry.build(run)?;
+    }
     let dataset = e
         .dataset
         .clone()
@@ -444,7 +379,7 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         progress_file: output.as_ref().map(|p| p.with_extension("progress.json")),
         stop_after_items: args.stop_after_items,
     };
-    let rows = ecache_cli::eval::run(&request, &built, full.as_ref())?;
+    let rows = ecache_cli::eval::run(&request)?;
     print!("{}", table(&rows));
     if let Some(path) = output {
         write_atomically(&path, &(serde_json::to_string_pretty(&rows)? + "\n"))?;
@@ -453,35 +388,6 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         let _ = std::fs::remove_file(progress);
     }
     Ok(())
-}
-
-fn run_config(args: &PolicyArgs, default_policy: &str, default_budget: f64) -> Result<RunConfig> {
-    let mut config = match &args.config {
-        Some(path) => RunConfig::from_path(path)?,
-        None => RunConfig::with_policy(PolicyConfig::new(default_policy, default_budget)),
-    };
-    if let Some(name) = &args.policy {
-        config.policy.name.clone_from(name);
-    }
-    if let Some(budget) = args.budget {
-        config.policy.budget = budget;
-    }
-    for pair in &args.set {
-        let (key, value) = pair
-            .split_once('=')
-            .ok_or_else(|| BadInput(format!("--set {pair:?}: expected KEY=VALUE")))?;
-        config.policy.set_param(key, value)?;
-    }
-    Ok(config)
-}
-
-fn parse_value<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T> {
-    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| {
-        BadInput(format!(
-            "--{flag} {value:?} is not one of the accepted values"
-        ))
-        .into()
-    })
 }
 
 /// Prompt slots Elastic Cache protects in the demo run: the question and `ASSISTANT :`.
@@ -525,9 +431,7 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     g.top_p = args.top_p.unwrap_or(g.top_p);
     g.seed = args.seed.unwrap_or(g.seed);
     config.validate()?;
-    let registry = builtin_registry()?;
-    let policy = registry.build(&config.policy)?;
-    let full = registry.build(&PolicyConfig::new("full", 1.0))?;
+    builtin_registry()?.build(&config.policy)?;
     let request = ecache_cli::generate::GenerateRequest {
         model_dir,
         image,
@@ -535,8 +439,7 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
         config,
         pad_to_square: args.model.pad_to_square,
     };
-    let compare = (demo || args.compare_full).then_some(full.as_ref());
-    ecache_cli::generate::run(&request, policy.as_ref(), compare)
+    ecache_cli::generate::run(&request, demo || args.compare_full)
 }
 
 fn trace_command(args: TraceArgs) -> Result<()> {
@@ -583,6 +486,7 @@ fn main() -> ExitCode {
         Command::TrainDemo(args) => train_demo_command(args),
         Command::Study(args) => study_command(args),
         Command::Bench(args) => bench_command(args),
+        Command::Serve(args) => ecache_cli::serve::command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,7 +31,7 @@ pub mod text;
 
 pub use engine::{Engine, EngineConfig, EngineStats, ModelInfo, RequestHandle};
 pub use request::{
-    Completion, EngineError, Event, FinishReason, ImageInput, Message, Part, Prompt, Request,
+    Completion, EngineError, Event, FinishReason, ImageInput, Message, Part, Prompt, Request, Role,
     Stats, SubmitError, Task, Usage,
 };
 

@@ -114,7 +114,14 @@ impl Checker<'_> {
             0
         };
         let prompt_tokens = self.tokenizer.sequence_len(&ids, image_tokens);
+        let context = self.info.context;
         let (score, max_new_tokens) = match request.task {
+            Task::Generate if request.fit_context => (
+                None,
+                request
+                    .max_new_tokens
+                    .min(context.saturating_sub(prompt_tokens).max(1)),
+            ),
             Task::Generate => (None, request.max_new_tokens),
             Task::Score { answer } => {
                 let ids = self
@@ -131,7 +138,6 @@ impl Checker<'_> {
                 (Some(ids), n)
             }
         };
-        let context = self.info.context;
         if prompt_tokens + max_new_tokens > context {
             let what = if score.is_some() {
                 "answer tokens"

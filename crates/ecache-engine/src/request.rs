@@ -13,6 +13,9 @@ pub struct Request {
     pub image: Option<ImageInput>,
     /// Most new tokens (EOS included); at least 1.
     pub max_new_tokens: usize,
+    /// Lower `max_new_tokens` to what the model's context leaves after the prompt, instead
+    /// of refusing the request (for a limit the client did not choose).
+    pub fit_context: bool,
     /// 0 selects greedy decoding.
     pub temperature: f64,
     /// Nucleus mass in (0, 1].
@@ -45,6 +48,7 @@ impl Request {
             prompt,
             image: None,
             max_new_tokens: 64,
+            fit_context: false,
             temperature: 0.0,
             top_p: 1.0,
             seed: None,

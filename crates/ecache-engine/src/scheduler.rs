@@ -222,10 +222,15 @@ impl<'m, B: Backend> Scheduler<'m, B> {
                     prefill_seconds: started.elapsed().as_secs_f64(),
                     first_token: None,
                 };
-                self.shared
-                    .counters
-                    .prompt_tokens
+                let c = &self.shared.counters;
+                c.prompt_tokens
                     .fetch_add(live.req.prompt_tokens as u64, Ordering::Relaxed);
+                // Running before its first token is out (leave() undoes it).
+                c.active.fetch_add(1, Ordering::Relaxed);
+                c.kv_in_use
+                    .fetch_add(live.seq.kv_bytes(), Ordering::Relaxed);
+                c.kv_allocated
+                    .fetch_add(live.seq.kv_bytes_allocated(), Ordering::Relaxed);
                 match self.advance(&mut live, &row) {
                     Some(reason) => self.finish(live, reason),
                     None => self.live.push(live),
