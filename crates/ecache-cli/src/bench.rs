@@ -100,6 +100,8 @@ pub struct BenchRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub shape: String,
+    /// Where it ran.
+    pub machine: crate::machine::Machine,
     pub backend: String,
     pub dtype: String,
     pub batch: usize,
@@ -195,6 +197,7 @@ impl BackendJob for BenchRequest {
         }
         Ok(BenchReport {
             shape: self.shape_name.clone(),
+            machine: crate::machine::Machine::here(),
             backend: std::any::type_name::<B>()
                 .rsplit("::")
                 .next()

@@ -6,10 +6,12 @@
 pub mod args;
 pub mod backend;
 pub mod bench;
+pub mod bench_serve;
 pub mod dataset;
 pub mod demo;
 pub mod eval;
 pub mod generate;
+pub mod machine;
 pub mod policies;
 pub mod report;
 pub mod rouge;

@@ -47,6 +47,9 @@ enum Command {
     Bench(BenchArgs),
     /// Serve the model over HTTP with an OpenAI-compatible API (continuous batching).
     Serve(ecache_cli::serve::ServeArgs),
+    /// Serve each policy on a loopback port under one KV cap and drive it with concurrent
+    /// streaming clients: tokens/s, requests/s, concurrency and latencies per policy.
+    BenchServe(ecache_cli::bench_serve::BenchServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -487,6 +490,7 @@ fn main() -> ExitCode {
         Command::Study(args) => study_command(args),
         Command::Bench(args) => bench_command(args),
         Command::Serve(args) => ecache_cli::serve::command(args),
+        Command::BenchServe(args) => ecache_cli::bench_serve::command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -78,6 +78,19 @@ pub struct ModelInfo {
     pub dtype: Precision,
 }
 
+/// What a request would reserve ([`Engine::estimate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Prompt slots, image tokens included.
+    pub prompt_tokens: usize,
+    /// New tokens it may generate (the answer's length for a score task).
+    pub max_new_tokens: usize,
+    /// Slots per layer it can grow to under its policy.
+    pub slots: usize,
+    /// KV bytes of those slots in every layer.
+    pub bytes: usize,
+}
+
 /// A snapshot of the engine's state and counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct EngineStats {
@@ -248,6 +261,33 @@ impl Engine {
         &self.shared.default_policy
     }
 
+    /// Checks a request without queueing it, and says what it would reserve: its prompt
+    /// slots, the slots per layer it can grow to under its policy, and those in bytes.
+    pub fn estimate(&self, request: Request) -> Result<Estimate, SubmitError> {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let prepared = self.checker().prepare(request, 0, 0, tx)?;
+        Ok(Estimate {
+            prompt_tokens: prepared.prompt_tokens,
+            max_new_tokens: prepared.max_new_tokens,
+            slots: prepared.slots,
+            bytes: prepared.reservation,
+        })
+    }
+
+    fn checker(&self) -> Checker<'_> {
+        let shared = &self.shared;
+        Checker {
+            tokenizer: &shared.tokenizer,
+            processor: &shared.processor,
+            info: &shared.info,
+            registry: &shared.registry,
+            default_policy: &shared.default_policy,
+            limits: &shared.image_limits,
+            layout: shared.info.layout,
+            cap: usize::MAX,
+        }
+    }
+
     /// Checks a request and queues it. Requests without a seed get one of their own
     /// (different every time); give one to repeat a sampled answer.
     pub fn submit(&self, request: Request) -> Result<RequestHandle, SubmitError> {
@@ -258,14 +298,8 @@ impl Engine {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let checker = Checker {
-            tokenizer: &shared.tokenizer,
-            processor: &shared.processor,
-            info: &shared.info,
-            registry: &shared.registry,
-            default_policy: &shared.default_policy,
-            limits: &shared.image_limits,
-            layout: shared.info.layout,
             cap: shared.cap,
+            ..self.checker()
         };
         let seed = splitmix(shared.seed_base ^ id);
         let prepared = checker.prepare(request, id, seed, tx)?;

@@ -29,7 +29,7 @@ mod request;
 mod scheduler;
 pub mod text;
 
-pub use engine::{Engine, EngineConfig, EngineStats, ModelInfo, RequestHandle};
+pub use engine::{Engine, EngineConfig, EngineStats, Estimate, ModelInfo, RequestHandle};
 pub use request::{
     Completion, EngineError, Event, FinishReason, ImageInput, Message, Part, Prompt, Request, Role,
     Stats, SubmitError, Task, Usage,

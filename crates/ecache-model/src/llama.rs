@@ -41,7 +41,7 @@ pub struct LayerOutput<B: Backend> {
 
 /// What a ragged decode step of a layer hands back ([`LlamaLayer::forward_ragged`]).
 pub struct RaggedOutput<B: Backend> {
-    /// `[B, 1, hidden]`.
+    /// `[1, B, hidden]`.
     pub hidden: Tensor<B, 3>,
     /// Per sequence, its head-mean attention row `[1, slots]` when it was asked for.
     pub scores: Vec<Option<Tensor<B, 2>>>,
@@ -142,15 +142,18 @@ impl<B: Backend> LlamaLayer<B> {
     }
 
     /// Runs the layer on one new token for each of `B` sequences, each with its own cache
-    /// (of batch one): the projections and the MLP run on the whole batch, attention on
-    /// each sequence's own slots, written out as for any decode row. With `want_scores[i]`,
-    /// sequence `i`'s head-mean attention row comes back too.
+    /// (of batch one). The `B` tokens travel as one row of `B` tokens (`[1, B, hidden]`),
+    /// so that the projections and the MLP multiply a `B x hidden` matrix by each weight
+    /// once: as `[B, 1, hidden]` they would be `B` products of one row each, reading every
+    /// weight `B` times. Attention runs on each sequence's own slots, written out as for any
+    /// decode row. With `want_scores[i]`, sequence `i`'s head-mean attention row comes back
+    /// too.
     ///
     /// # Shapes
-    /// - `x`: `[B, 1, hidden]`; `rope`: tables for `B` rows of one position
+    /// - `x`: `[1, B, hidden]`; `rope`: tables for one row of the `B` tokens' positions
     /// - `caches`: `B` caches of batch one; `slot_positions`: the `B` absolute positions
     ///   recorded for the new slots
-    /// - returns `[B, 1, hidden]` and, per sequence, `[1, slots]` scores if wanted
+    /// - returns `[1, B, hidden]` and, per sequence, `[1, slots]` scores if wanted
     pub fn forward_ragged(
         &self,
         x: Tensor<B, 3>,
@@ -159,8 +162,12 @@ impl<B: Backend> LlamaLayer<B> {
         slot_positions: &[usize],
         want_scores: &[bool],
     ) -> Result<RaggedOutput<B>> {
-        let n = x.dims()[0];
-        if caches.len() != n || slot_positions.len() != n || want_scores.len() != n {
+        let n = x.dims()[1];
+        if x.dims()[0] != 1
+            || caches.len() != n
+            || slot_positions.len() != n
+            || want_scores.len() != n
+        {
             return Err(crate::ModelError::Prompt(format!(
                 "a decode step of {n} rows got {} caches, {} positions and {} score requests",
                 caches.len(),
@@ -172,7 +179,7 @@ impl<B: Backend> LlamaLayer<B> {
         let mut outputs = Vec::with_capacity(n);
         let mut scores = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
-            let one = |t: &Tensor<B, 4>| t.clone().narrow(0, i, 1);
+            let one = |t: &Tensor<B, 4>| t.clone().narrow(2, i, 1);
             cache.append(one(&k), one(&v), &[&[slot_positions[i]]], &[SlotKind::Text])?;
             let (attn, probs) = self.attention_explicit(
                 one(&q),
@@ -187,7 +194,7 @@ impl<B: Backend> LlamaLayer<B> {
         let attn = if n == 1 {
             outputs.remove(0)
         } else {
-            Tensor::cat(outputs, 0)
+            Tensor::cat(outputs, 2)
         };
         Ok(RaggedOutput {
             hidden: self.finish(x, attn),

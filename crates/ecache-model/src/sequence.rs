@@ -269,17 +269,19 @@ impl<'a, B: Backend> Runner<'a, B> {
             }
         }
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &self.device);
+        // The batch's tokens travel as one row ([1, B, hidden]): see
+        // `LlamaLayer::forward_ragged`.
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
         let mut x = self.decoder.embed(ids);
         let slot_positions: Vec<usize> = batch.iter().map(|(s, _)| s.tokens_seen).collect();
-        let rope_positions: Vec<Vec<usize>> = batch
+        let rope_positions: Vec<usize> = batch
             .iter()
-            .map(|(s, _)| vec![s.positions.next_position(s.tokens_seen, s.caches[0].len(0))])
+            .map(|(s, _)| s.positions.next_position(s.tokens_seen, s.caches[0].len(0)))
             .collect();
         let heads = self.decoder.head_counts();
         let rope = self
             .rope
-            .tables::<B>(&rope_positions, &heads, &self.device, x.dtype());
+            .tables::<B>(&[rope_positions], &heads, &self.device, x.dtype());
         let want: Vec<bool> = batch
             .iter()
             .map(|(_, p)| p.needs().decode_attention)

@@ -15,6 +15,7 @@ type B = Flex;
 
 #[test]
 fn causal_forward_matches_the_cached_prefill_for_a_batch() {
+    let _rng = common::rng_lock();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-gqa");
     let device = Default::default();
     let (model, config) = Llava::<B>::load(&dir, &device, DType::F32).unwrap();
@@ -44,6 +45,7 @@ fn causal_forward_matches_the_cached_prefill_for_a_batch() {
 
 #[test]
 fn random_init_fills_every_parameter_by_the_rules() {
+    let _rng = common::rng_lock();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-mha");
     let config = LlavaConfig::from_path(&dir.join("config.json")).unwrap();
     let device = Default::default();
@@ -72,6 +74,7 @@ fn random_init_fills_every_parameter_by_the_rules() {
 
 #[test]
 fn an_exported_model_loads_back_identically() {
+    let _rng = common::rng_lock();
     let fixture =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava-mha");
     let dir = std::env::temp_dir().join(format!("ecache-export-{}", std::process::id()));

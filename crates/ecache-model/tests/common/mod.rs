@@ -31,3 +31,11 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
         .join("../../tests/fixtures")
         .join(name)
 }
+
+/// The backend's random generator is one per process: tests that seed it and draw from it
+/// hold this lock, so that a test running beside them cannot draw in between.
+#[allow(dead_code)]
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
