@@ -97,6 +97,7 @@ pub fn command(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| BadInput(format!("cannot listen on {addr}: {e}")))?;
+        let addr = listener.local_addr().unwrap_or(addr);
         let info = engine.info();
         let cap = match engine.stats().kv_cap {
             usize::MAX => "none".to_string(),
@@ -110,6 +111,8 @@ pub fn command(args: ServeArgs) -> Result<()> {
             engine.default_policy().name,
             engine.default_policy().budget,
         );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
         ecache_server::serve(listener, engine, server, ecache_server::shutdown_signal())
             .await
             .context("the server failed")

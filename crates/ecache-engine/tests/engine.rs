@@ -101,6 +101,11 @@ fn the_kv_cap_bounds_what_runs_and_a_smaller_budget_runs_more() {
     let probe = engine(|_| {});
     let per_full = {
         let c = probe.generate(ask(&pngs[0], DESCRIBE, None, 24)).unwrap();
+        let estimate = probe.estimate(ask(&pngs[0], DESCRIBE, None, 24)).unwrap();
+        assert_eq!(estimate.bytes, c.stats.kv_reserved);
+        // 92 prompt slots and 23 fed-back tokens, 4 layers of 2 KV heads of 64 in f32.
+        assert_eq!(estimate.slots, 92 + 23);
+        assert_eq!(estimate.bytes, 115 * 4 * 2 * 2 * 64 * 4);
         c.stats.kv_reserved
     };
     drop(probe);
