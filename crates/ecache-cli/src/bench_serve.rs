@@ -160,7 +160,10 @@ pub fn command(args: BenchServeArgs) -> Result<()> {
         rows.push(sequential(&probe, &full, &args, &pictures, per_full.bytes)?);
     }
     let report = ServeReport {
-        model: probe.info().id.clone(),
+        model: match &args.shape {
+            Some(shape) => format!("{shape} (random weights)"),
+            None => probe.info().id.clone(),
+        },
         machine: crate::machine::Machine::here(),
         kv_cap_bytes: cap,
         prompt_tokens: per_full.prompt_tokens,

@@ -70,6 +70,8 @@ pub fn engine_for(args: &ServeArgs) -> Result<(EngineConfig, ServerConfig)> {
     engine.pad_to_square = args.model.pad_to_square;
     engine.max_batch = args.max_batch;
     engine.max_queue = args.max_queue;
+    // Images come from strangers: refuse big ones from their header (docs/serving.md).
+    engine.image_limits = ecache_server::IMAGE_LIMITS;
     engine.kv_memory = match args.kv_memory.trim() {
         "none" => None,
         text => Some(parse_size("kv-memory", text)?),
@@ -88,6 +90,14 @@ pub fn engine_for(args: &ServeArgs) -> Result<(EngineConfig, ServerConfig)> {
 
 pub fn command(args: ServeArgs) -> Result<()> {
     let (engine_config, server) = engine_for(&args)?;
+    // Logs on standard error; `RUST_LOG` chooses what (default: ecache's at info).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("ecache=info,ecache_server=info,ecache_engine=info")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .map_err(|e| BadInput(format!("--host {} --port {}: {e}", args.host, args.port)))?;

@@ -10,11 +10,19 @@ use std::time::{Duration, Instant};
 fn get(addr: &str, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let status = text.lines().next().unwrap_or_default().to_string();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
     (status, body)
 }
 
@@ -42,7 +50,10 @@ fn serve_answers_on_loopback_and_stops_cleanly_on_sigterm() {
     assert!(status.contains("200"), "{status}");
     assert!(body.contains("ok"), "{body}");
     let (status, body) = get(&addr, "/v1/models");
-    assert!(status.contains("200") && body.contains("ecache-demo"), "{body}");
+    assert!(
+        status.contains("200") && body.contains("ecache-demo"),
+        "{body}"
+    );
     let (status, _) = get(&addr, "/nowhere");
     assert!(status.contains("404"), "{status}");
     let killed = Command::new("kill")
@@ -105,11 +116,17 @@ fn bench_serve_reports_each_policy_under_one_cap() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| elastic | 0.2 | http |"), "{stdout}");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert!(report["machine"]["cpu"].is_string() && report["machine"]["threads"].as_u64() > Some(0));
+    assert!(
+        report["machine"]["cpu"].is_string() && report["machine"]["threads"].as_u64() > Some(0)
+    );
     let cap = report["kv_cap_bytes"].as_u64().unwrap();
     let rows = report["rows"].as_array().unwrap();
     let modes: Vec<(&str, &str)> = rows
@@ -118,12 +135,19 @@ fn bench_serve_reports_each_policy_under_one_cap() {
         .collect();
     assert_eq!(
         modes,
-        [("full", "http"), ("elastic", "http"), ("full", "sequential")]
+        [
+            ("full", "http"),
+            ("elastic", "http"),
+            ("full", "sequential")
+        ]
     );
     for r in rows {
         assert!(r["tokens_per_s"].as_f64() > Some(0.0), "{r}");
         assert!(r["kv_peak_bytes"].as_u64() <= Some(cap), "{r}");
-        assert!(r["ttft_p50_s"].as_f64() <= r["latency_p50_s"].as_f64(), "{r}");
+        assert!(
+            r["ttft_p50_s"].as_f64() <= r["latency_p50_s"].as_f64(),
+            "{r}"
+        );
     }
     assert_eq!(rows[0]["requests"], 12);
     // The cap holds four and a half full-cache requests; a fifth of the cache, far more.

@@ -29,6 +29,7 @@ mod request;
 mod scheduler;
 pub mod text;
 
+pub use ecache_model::preprocess::ImageLimits;
 pub use engine::{Engine, EngineConfig, EngineStats, Estimate, ModelInfo, RequestHandle};
 pub use request::{
     Completion, EngineError, Event, FinishReason, ImageInput, Message, Part, Prompt, Request, Role,

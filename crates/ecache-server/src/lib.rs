@@ -20,6 +20,15 @@ use ecache_engine::Engine;
 pub use error::ApiError;
 pub use metrics::Metrics;
 
+/// What an image sent to a server may cost to decode: 8,192 pixels a side, 32 Mi pixels,
+/// 512 MiB for the decoder; anything larger is refused from its header. `ecache serve`
+/// gives these to its engine.
+pub const IMAGE_LIMITS: ecache_engine::ImageLimits = ecache_engine::ImageLimits {
+    max_side: 8192,
+    max_pixels: 32 << 20,
+    max_alloc: 512 << 20,
+};
+
 /// How the server behaves around the engine.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {

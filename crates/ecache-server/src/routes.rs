@@ -106,7 +106,7 @@ async fn chat(Extract(state): Extract<Shared>, body: Result<Bytes, BytesRejectio
         Ok(response) => response,
         Err(e) => {
             state.metrics.respond(e.status.as_u16());
-            tracing::debug!(status = e.status.as_u16(), "refused: {}", e.message);
+            tracing::info!(status = e.status.as_u16(), "refused: {}", e.message);
             e.into_response()
         }
     }
@@ -179,10 +179,18 @@ async fn answer(
 }
 
 fn observe(state: &Shared, done: &Completion, arrived: Instant) {
-    state
-        .metrics
-        .latency
-        .observe(arrived.elapsed().as_secs_f64());
+    let seconds = arrived.elapsed().as_secs_f64();
+    tracing::info!(
+        policy = %done.stats.policy,
+        budget = done.stats.budget,
+        prompt_tokens = done.usage.prompt_tokens,
+        completion_tokens = done.usage.completion_tokens,
+        finish = done.finish_reason.as_str(),
+        first_token_s = done.stats.first_token_seconds,
+        seconds,
+        "chat completion"
+    );
+    state.metrics.latency.observe(seconds);
     state
         .metrics
         .first_token

@@ -211,6 +211,7 @@ async fn bad_requests_get_their_status_and_an_error_and_others_are_served() {
         b
     };
     let huge = png_claiming(200_000, 200_000);
+    let wide = png_claiming(9000, 100);
     let image_body = |url: String| {
         json!({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}},
@@ -253,6 +254,12 @@ async fn bad_requests_get_their_status_and_an_error_and_others_are_served() {
             400,
             Some("messages"),
             "not a readable image",
+        ),
+        (
+            image_body(data_url(&wide)),
+            400,
+            Some("messages"),
+            "9000 x 100 pixels, over the limit of 8192",
         ),
         (
             image_body(data_url(&huge)),

@@ -35,6 +35,7 @@ impl Server {
         server: impl FnOnce(&mut ServerConfig),
     ) -> Self {
         let mut config = EngineConfig::new(demo_dir());
+        config.image_limits = ecache_server::IMAGE_LIMITS;
         engine(&mut config);
         let engine = Arc::new(
             tokio::task::spawn_blocking(move || Engine::load(config).unwrap())
