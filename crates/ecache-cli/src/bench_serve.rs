@@ -122,7 +122,10 @@ pub fn command(args: BenchServeArgs) -> Result<()> {
         return Err(BadInput(why).into());
     }
     let base = engine_config(dir, &config);
-    let pictures = scenes(args.requests.max(args.baseline_requests) + args.warmup);
+    let pictures = ecache_demo::dataset::held_out_pngs(
+        args.requests.max(args.baseline_requests) + args.warmup,
+        2024,
+    );
     // The probe engine sizes the cap and runs the one-at-a-time baseline.
     let probe = load_engine(base.clone())?;
     let full = PolicyConfig::new("full", 1.0);
@@ -216,20 +219,6 @@ fn random_model(name: &str) -> Result<Scratch> {
     );
     model.export().save(&dir.0.join("model.safetensors"))?;
     Ok(dir)
-}
-
-/// Demo scenes as PNG bytes.
-fn scenes(n: usize) -> Vec<Vec<u8>> {
-    ecache_demo::dataset::held_out_items(n, 2024)
-        .into_iter()
-        .map(|(scene, _)| {
-            let mut png = Vec::new();
-            let _ = scene
-                .render()
-                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png);
-            png
-        })
-        .collect()
 }
 
 /// The engine request the HTTP body below becomes.

@@ -32,6 +32,22 @@ pub fn held_out_items(count: usize, seed: u64) -> Vec<(Scene, [Qa; 2])> {
         .collect()
 }
 
+/// The held-out scenes' pictures as PNG files in memory, in [`held_out_items`]' order
+/// (requests for servers and benchmarks).
+pub fn held_out_pngs(count: usize, seed: u64) -> Vec<Vec<u8>> {
+    held_out_items(count, seed)
+        .into_iter()
+        .map(|(scene, _)| {
+            let mut png = Vec::new();
+            scene
+                .render()
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .expect("a picture encodes to memory");
+            png
+        })
+        .collect()
+}
+
 /// Writes `count` held-out scenes (never drawn by training with the same seed) to `dir`:
 /// `scene-NNNN.png` each, and `dataset.jsonl` with one description and one short question
 /// per scene. Returns the dataset path.

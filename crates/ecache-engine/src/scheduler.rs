@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 use ecache_core::{BackendKind, SlotKind};
-use ecache_model::generate::{SeededRng, sample};
+use ecache_model::generate::{SeededRng, nll, rows_of, sample};
 use ecache_model::{Llava, LlavaConfig, Runner, Sampling, Sequence, splice};
 
 use crate::admission::Admission;
@@ -265,7 +265,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         let logits = self
             .runner
             .prefill_last(&mut seq, req.policy.as_ref(), embeds, &kinds)?;
-        let row = rows(logits).remove(0);
+        let row = rows_of(logits)?.remove(0);
         Ok((seq, row))
     }
 
@@ -308,7 +308,13 @@ impl<'m, B: Backend> Scheduler<'m, B> {
                 return;
             }
         };
-        let rows = rows(logits);
+        let rows = match rows_of(logits) {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.fail_all(&format!("reading the logits failed: {e}"));
+                return;
+            }
+        };
         let live = std::mem::take(&mut self.live);
         for (mut l, row) in live.into_iter().zip(rows) {
             match self.advance(&mut l, &row) {
@@ -453,30 +459,4 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         c.peak_active.fetch_max(self.live.len(), Ordering::Relaxed);
         c.peak_kv_in_use.fetch_max(in_use, Ordering::Relaxed);
     }
-}
-
-/// One host row of logits per sequence.
-///
-/// # Shapes
-/// - `logits`: `[batch, vocab]`
-fn rows<B: Backend>(logits: Tensor<B, 2>) -> Vec<Vec<f32>> {
-    let v = logits.dims()[1];
-    let flat: Vec<f32> = logits
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .expect("converted to f32");
-    flat.chunks(v).map(<[f32]>::to_vec).collect()
-}
-
-/// `-log softmax(row)[target]`, in f64.
-fn nll(row: &[f32], target: u32) -> f64 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_sum = row
-        .iter()
-        .map(|&x| (x as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
-    log_sum - row[target as usize] as f64
 }

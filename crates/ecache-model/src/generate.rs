@@ -236,7 +236,7 @@ fn step_rows<B: Backend>(session: &mut Session<'_, B>, feed: &[u32]) -> Result<V
 ///
 /// # Shapes
 /// - `logits`: `[batch, vocab]`
-fn rows_of<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
+pub fn rows_of<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
     let v = logits.dims()[1];
     let flat: Vec<f32> = logits
         .into_data()
@@ -244,6 +244,19 @@ fn rows_of<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
         .into_vec()
         .expect("converted to f32");
     Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+}
+
+/// `-log softmax(row)[target]`, computed in f64: one answer token's negative
+/// log-likelihood.
+pub fn nll(row: &[f32], target: u32) -> f64 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    log_sum - row[target as usize] as f64
 }
 
 /// Teacher-forced negative log-likelihood of `answer` after the prompt: the prefill predicts
@@ -287,15 +300,7 @@ pub fn answer_nll_batch<B: Backend>(
     for i in 0..longest {
         for (b, answer) in answers.iter().enumerate() {
             if let Some(&a) = answer.get(i) {
-                let row = &rows[b];
-                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let log_sum = row
-                    .iter()
-                    .map(|&x| (x as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln()
-                    + max;
-                nll[b].push(log_sum - row[a as usize] as f64);
+                nll[b].push(self::nll(&rows[b], a));
             }
         }
         if i + 1 < longest {

@@ -68,6 +68,14 @@ fn plans(model: &Llava<B>, config: &LlavaConfig, dir: &std::path::Path) -> Vec<P
         .collect()
 }
 
+/// The largest absolute difference between two rows.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 fn host(logits: Tensor<B, 2>) -> Vec<Vec<f32>> {
     let v = logits.dims()[1];
     let flat: Vec<f32> = logits.into_data().into_vec().unwrap();
@@ -199,11 +207,7 @@ fn check(fixture: &str, policy_index: usize) {
         assert_eq!(rows.len(), plan.feed.len() + 1);
         assert_eq!(batched[i].0.len(), rows.len(), "sequence {i}");
         for (step, (a, b)) in rows.iter().zip(&batched[i].0).enumerate() {
-            let diff = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0f32, f32::max);
+            let diff = max_diff(a, b);
             assert!(
                 diff < 1e-4,
                 "{fixture} {} sequence {i} row {step}: {diff}",
@@ -290,11 +294,7 @@ fn mixed_policies_in_one_batch_match_single_runs() {
             feed: vec![plan.feed[0]],
         };
         let (alone_rows, held) = alone(&runner, &config, chosen[i], &single);
-        let diff = alone_rows[1]
-            .iter()
-            .zip(&rows[i])
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_diff(&alone_rows[1], &rows[i]);
         assert!(
             diff < 1e-4,
             "sequence {i} under {}: {diff}",

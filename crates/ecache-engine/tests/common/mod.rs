@@ -21,17 +21,7 @@ pub fn demo_dir() -> PathBuf {
 
 /// Held-out demo scenes `0..n`, encoded as PNG.
 pub fn scenes(n: usize) -> Vec<Vec<u8>> {
-    ecache_demo::dataset::held_out_items(n, 2024)
-        .into_iter()
-        .map(|(scene, _)| {
-            let mut png = Vec::new();
-            scene
-                .render()
-                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                .unwrap();
-            png
-        })
-        .collect()
+    ecache_demo::dataset::held_out_pngs(n, 2024)
 }
 
 /// An engine on the demo model with `configure` applied to the defaults.

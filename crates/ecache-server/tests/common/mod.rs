@@ -162,17 +162,7 @@ pub fn streamed_text(events: &[String]) -> (String, Option<String>) {
 
 /// Held-out demo scenes as PNG bytes.
 pub fn scenes(n: usize) -> Vec<Vec<u8>> {
-    ecache_demo::dataset::held_out_items(n, 2024)
-        .into_iter()
-        .map(|(scene, _)| {
-            let mut png = Vec::new();
-            scene
-                .render()
-                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                .unwrap();
-            png
-        })
-        .collect()
+    ecache_demo::dataset::held_out_pngs(n, 2024)
 }
 
 pub fn data_url(png: &[u8]) -> String {
