@@ -3,7 +3,7 @@
 use burn::tensor::{DType, backend::Backend};
 use ecache_core::{BackendKind, Precision};
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 
 /// Work that runs on any backend.
 pub trait BackendJob {
@@ -21,7 +21,7 @@ pub fn on_backend<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output>
         #[cfg(not(feature = "cuda"))]
         BackendKind::Cuda => {
             drop(job);
-            Err(ModelError::Config(
+            Err(crate::error::ModelError::Config(
                 "backend `cuda`: this build lacks the `cuda` feature (cargo build --features cuda)"
                     .into(),
             ))
