@@ -2,8 +2,8 @@
 //! crate's dispatch, with the command line's errors).
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 use ecache_core::BackendKind;
+use ecache_model::kernels::KernelBackend;
 
 pub use ecache_model::backend::dtype;
 
@@ -12,14 +12,14 @@ use crate::BadInput;
 /// Work that runs on any backend.
 pub trait BackendJob {
     type Output;
-    fn run<B: Backend>(self, device: &B::Device) -> Result<Self::Output>;
+    fn run<B: KernelBackend>(self, device: &B::Device) -> Result<Self::Output>;
 }
 
 struct Adapt<J>(J);
 
 impl<J: BackendJob> ecache_model::backend::BackendJob for Adapt<J> {
     type Output = Result<J::Output>;
-    fn run<B: Backend>(self, device: &B::Device) -> Self::Output {
+    fn run<B: KernelBackend>(self, device: &B::Device) -> Self::Output {
         self.0.run::<B>(device)
     }
 }

@@ -152,7 +152,10 @@ pub fn decoder_parameters(config: &LlavaConfig) -> usize {
 impl BackendJob for BenchRequest {
     type Output = BenchReport;
 
-    fn run<B: Backend>(self, device: &B::Device) -> Result<BenchReport> {
+    fn run<B: ecache_model::kernels::KernelBackend>(
+        self,
+        device: &B::Device,
+    ) -> Result<BenchReport> {
         let image_tokens = check_request(&self)?;
         let registry = builtin_registry()?;
         let mut configs = vec![PolicyConfig::new("full", 1.0)];
@@ -215,7 +218,7 @@ impl BackendJob for BenchRequest {
 }
 
 /// One timed pass of the protocol under `policy`.
-fn run_once<B: Backend>(
+fn run_once<B: ecache_model::kernels::KernelBackend>(
     request: &BenchRequest,
     decoder: &LlamaDecoder<B>,
     policy: &dyn CachePolicy,

@@ -2,6 +2,7 @@
 //! answer tokens (and EOS) of freshly drawn scenes, each sequence weighted equally, AdamW
 //! with warm-up and cosine decay, gradient clipping. Reproducible from a seed.
 
+use ecache_model::kernels::KernelBackend;
 use std::path::Path;
 use std::time::Instant;
 
@@ -147,7 +148,7 @@ pub fn held_out_rng(seed: u64) -> SeededRng {
 /// # Shapes
 /// - `oracle`: `[batch, image_tokens, hidden]`
 /// - returns `[batch, sequence, vocab]` and `[batch, image_tokens, hidden]`
-pub fn batch_forward<B: Backend>(
+pub fn batch_forward<B: KernelBackend>(
     model: &Llava<B>,
     batch: &Batch,
     rope: &Rope,
@@ -163,7 +164,7 @@ pub fn batch_forward<B: Backend>(
 ///
 /// # Shapes
 /// - returns as [`batch_forward`] and `[batch, heads, sequence, sequence]` per probe
-pub fn batch_forward_probed<B: Backend>(
+pub fn batch_forward_probed<B: KernelBackend>(
     model: &Llava<B>,
     batch: &Batch,
     rope: &Rope,
@@ -205,7 +206,7 @@ pub struct Trainee<B: Backend> {
 }
 
 /// Mean over sequences of each sequence's mean answer-token cross-entropy.
-pub fn batch_loss<B: Backend>(
+pub fn batch_loss<B: KernelBackend>(
     logits: Tensor<B, 3>,
     batch: &Batch,
     device: &B::Device,
@@ -272,7 +273,7 @@ pub struct QuickCheck {
 /// Checks `count` held-out examples of each kind under teacher forcing. With `oracle` the
 /// decoder reads the oracle embeddings in place of the image features.
 #[allow(clippy::too_many_arguments)]
-pub fn quick_check<B: Backend>(
+pub fn quick_check<B: KernelBackend>(
     model: &Llava<B>,
     config: &LlavaConfig,
     tokenizer: &PromptTokenizer,

@@ -54,7 +54,7 @@ pub(crate) fn run(
     }
     impl ecache_model::backend::BackendJob for Job {
         type Output = ();
-        fn run<B: Backend>(self, device: &B::Device) {
+        fn run<B: ecache_model::kernels::KernelBackend>(self, device: &B::Device) {
             let s = &self.settings;
             let model = match Llava::<B>::load(&s.model_dir, device, s.dtype) {
                 Ok((model, _)) => model,
@@ -117,7 +117,7 @@ struct Scheduler<'m, B: Backend> {
     deadline: Option<Instant>,
 }
 
-impl<'m, B: Backend> Scheduler<'m, B> {
+impl<'m, B: ecache_model::kernels::KernelBackend> Scheduler<'m, B> {
     fn new(
         model: &'m Llava<B>,
         settings: &'m Settings,

@@ -1,14 +1,15 @@
 //! Running work that is generic over burn backends on the backend a config names.
 
-use burn::tensor::{DType, backend::Backend};
+use burn::tensor::DType;
 use ecache_core::{BackendKind, Precision};
 
 use crate::error::Result;
+use crate::kernels::KernelBackend;
 
 /// Work that runs on any backend.
 pub trait BackendJob {
     type Output;
-    fn run<B: Backend>(self, device: &B::Device) -> Self::Output;
+    fn run<B: KernelBackend>(self, device: &B::Device) -> Self::Output;
 }
 
 /// Runs `job` on `kind`'s default device; a backend this build lacks is an error.

@@ -7,6 +7,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use ecache_core::SlotKind;
 
 use crate::error::Result;
+use crate::kernels::KernelBackend;
 use crate::session::Session;
 
 /// How tokens are chosen.
@@ -129,7 +130,7 @@ pub struct Generation {
 
 /// Generates for one sequence: prefill the prompt, then sample until EOS or the budget.
 /// `on_token` sees each new token as it is chosen.
-pub fn generate<B: Backend>(
+pub fn generate<B: KernelBackend>(
     session: &mut Session<'_, B>,
     embeds: Tensor<B, 3>,
     kinds: &[SlotKind],
@@ -148,7 +149,7 @@ pub fn generate<B: Backend>(
 ///
 /// # Shapes
 /// - `embeds`: `[batch, prompt, hidden]`; `kinds`: one per prompt slot
-pub fn generate_batch<B: Backend>(
+pub fn generate_batch<B: KernelBackend>(
     session: &mut Session<'_, B>,
     embeds: Tensor<B, 3>,
     kinds: &[SlotKind],
@@ -223,12 +224,15 @@ pub fn generate_batch<B: Backend>(
 }
 
 /// What sequence `b` holds now: slots per layer, and image slots per layer.
-fn held<B: Backend>(session: &Session<'_, B>, b: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+fn held<B: KernelBackend>(session: &Session<'_, B>, b: usize) -> Result<(Vec<usize>, Vec<usize>)> {
     Ok(session.sequences()[b].held())
 }
 
 /// Feeds one token per sequence and returns each sequence's next-token logits.
-fn step_rows<B: Backend>(session: &mut Session<'_, B>, feed: &[u32]) -> Result<Vec<Vec<f32>>> {
+fn step_rows<B: KernelBackend>(
+    session: &mut Session<'_, B>,
+    feed: &[u32],
+) -> Result<Vec<Vec<f32>>> {
     rows_of(session.step(feed)?)
 }
 
@@ -262,7 +266,7 @@ pub fn nll(row: &[f32], target: u32) -> f64 {
 /// Teacher-forced negative log-likelihood of `answer` after the prompt: the prefill predicts
 /// answer token 0, each decode step feeds token `t` and predicts `t + 1`; the policy acts
 /// after every forward. Returns one NLL per answer token (natural log).
-pub fn answer_nll<B: Backend>(
+pub fn answer_nll<B: KernelBackend>(
     session: &mut Session<'_, B>,
     embeds: Tensor<B, 3>,
     kinds: &[SlotKind],
@@ -278,7 +282,7 @@ pub fn answer_nll<B: Backend>(
 ///
 /// # Shapes
 /// - `embeds`: `[batch, prompt, hidden]`; `answers`: one per sequence
-pub fn answer_nll_batch<B: Backend>(
+pub fn answer_nll_batch<B: KernelBackend>(
     session: &mut Session<'_, B>,
     embeds: Tensor<B, 3>,
     kinds: &[SlotKind],

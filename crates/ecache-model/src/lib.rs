@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod generate;
+pub mod kernels;
 pub mod layers;
 pub mod llama;
 pub mod llava;

@@ -11,6 +11,7 @@ use ecache_core::{ImportanceAccumulator, LayerCache, SlotKind};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::export::Exporter;
+use crate::kernels::{KernelBackend, linear};
 use crate::layers::{Loader, Rope, RopeTables};
 
 /// One decoder layer.
@@ -86,7 +87,9 @@ impl<B: Backend> LlamaLayer<B> {
         e.linear(&format!("{p}.mlp.up_proj"), &self.up_proj);
         e.linear(&format!("{p}.mlp.down_proj"), &self.down_proj);
     }
+}
 
+impl<B: KernelBackend> LlamaLayer<B> {
     /// Runs the layer on `t` new tokens per sequence: their keys and values are appended to
     /// `cache` (keys after RoPE) and they attend to every slot the cache holds before them.
     ///
@@ -176,25 +179,46 @@ impl<B: Backend> LlamaLayer<B> {
             )));
         }
         let (q, k, v) = self.qkv(x.clone(), rope);
-        let mut outputs = Vec::with_capacity(n);
-        let mut scores = Vec::with_capacity(n);
+        let one = |t: &Tensor<B, 4>, i: usize| t.clone().narrow(2, i, 1);
         for (i, cache) in caches.iter_mut().enumerate() {
-            let one = |t: &Tensor<B, 4>| t.clone().narrow(2, i, 1);
-            cache.append(one(&k), one(&v), &[&[slot_positions[i]]], &[SlotKind::Text])?;
-            let (attn, probs) = self.attention_explicit(
-                one(&q),
-                cache.keys(),
-                cache.values(),
-                None,
-                want_scores[i],
-            );
-            outputs.push(attn);
-            scores.push(probs.map(ecache_core::importance::column_sums));
+            cache.append(
+                one(&k, i),
+                one(&v, i),
+                &[&[slot_positions[i]]],
+                &[SlotKind::Text],
+            )?;
         }
-        let attn = if n == 1 {
-            outputs.remove(0)
+        let mut scores = vec![None; n];
+        // Every sequence and head in one pass when the backend has the kernel and no
+        // policy needs the probabilities; else written out per sequence.
+        let fused = if want_scores.iter().any(|w| *w) {
+            None
         } else {
-            Tensor::cat(outputs, 2)
+            let keys: Vec<_> = caches.iter().map(|c| c.keys()).collect();
+            let values: Vec<_> = caches.iter().map(|c| c.values()).collect();
+            B::decode_attention(&q, &keys, &values, (self.head_dim as f64).powf(-0.5))
+        };
+        let attn = match fused {
+            Some(attn) => attn,
+            None => {
+                let mut outputs = Vec::with_capacity(n);
+                for (i, cache) in caches.iter().enumerate() {
+                    let (attn, probs) = self.attention_explicit(
+                        one(&q, i),
+                        cache.keys(),
+                        cache.values(),
+                        None,
+                        want_scores[i],
+                    );
+                    outputs.push(attn);
+                    scores[i] = probs.map(ecache_core::importance::column_sums);
+                }
+                if n == 1 {
+                    outputs.remove(0)
+                } else {
+                    Tensor::cat(outputs, 2)
+                }
+            }
         };
         Ok(RaggedOutput {
             hidden: self.finish(x, attn),
@@ -231,19 +255,9 @@ impl<B: Backend> LlamaLayer<B> {
         let [b, t, _] = x.dims();
         let d = self.head_dim;
         let h = self.input_layernorm.forward(x);
-        let q = rope.apply(
-            self.q_proj
-                .forward(h.clone())
-                .reshape([b, t, self.heads, d]),
-        );
-        let k = rope.apply(
-            self.k_proj
-                .forward(h.clone())
-                .reshape([b, t, self.kv_heads, d]),
-        );
-        let v = self
-            .v_proj
-            .forward(h)
+        let q = rope.apply(linear(&self.q_proj, h.clone()).reshape([b, t, self.heads, d]));
+        let k = rope.apply(linear(&self.k_proj, h.clone()).reshape([b, t, self.kv_heads, d]));
+        let v = linear(&self.v_proj, h)
             .reshape([b, t, self.kv_heads, d])
             .swap_dims(1, 2);
         (q, k, v)
@@ -389,10 +403,10 @@ impl<B: Backend> LlamaLayer<B> {
         let attn = attn
             .swap_dims(1, 2)
             .reshape([b, t, self.heads * self.head_dim]);
-        let x = x + self.o_proj.forward(attn);
+        let x = x + linear(&self.o_proj, attn);
         let h = self.post_attention_layernorm.forward(x.clone());
-        let mlp = activation::silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
-        x + self.down_proj.forward(mlp)
+        let mlp = activation::silu(linear(&self.gate_proj, h.clone())) * linear(&self.up_proj, h);
+        x + linear(&self.down_proj, mlp)
     }
 }
 
@@ -543,13 +557,15 @@ impl<B: Backend> LlamaDecoder<B> {
             .select(0, ids.reshape([b * t]))
             .reshape([b, t, hidden])
     }
+}
 
+impl<B: KernelBackend> LlamaDecoder<B> {
     /// Final norm and LM head.
     ///
     /// # Shapes
     /// - `x`: `[batch, t, hidden]` -> logits `[batch, t, vocab]`
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.lm_head.forward(self.norm.forward(x))
+        linear(&self.lm_head, self.norm.forward(x))
     }
 
     /// Logits of every position of whole sequences under a causal mask, at positions

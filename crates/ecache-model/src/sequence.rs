@@ -17,6 +17,7 @@ use ecache_core::{
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::kernels::KernelBackend;
 use crate::layers::Rope;
 use crate::llama::LlamaDecoder;
 
@@ -128,7 +129,7 @@ pub struct Runner<'a, B: Backend> {
     device: B::Device,
 }
 
-impl<'a, B: Backend> Runner<'a, B> {
+impl<'a, B: KernelBackend> Runner<'a, B> {
     /// A runner of `decoder` (built from `config`) on `device`.
     pub fn new(decoder: &'a LlamaDecoder<B>, config: &LlamaConfig, device: &B::Device) -> Self {
         Self {

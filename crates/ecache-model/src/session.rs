@@ -6,6 +6,7 @@ use burn::tensor::{DType, Tensor, backend::Backend};
 use ecache_core::{CachePolicy, PositionMode, SlotKind};
 
 use crate::error::{ModelError, Result};
+use crate::kernels::KernelBackend;
 use crate::llama::LlamaDecoder;
 use crate::sequence::{Runner, Sequence};
 
@@ -16,7 +17,7 @@ pub struct Session<'a, B: Backend> {
     sequences: Vec<Sequence<B>>,
 }
 
-impl<'a, B: Backend> Session<'a, B> {
+impl<'a, B: KernelBackend> Session<'a, B> {
     /// A session for `batch` sequences.
     pub fn new(
         decoder: &'a LlamaDecoder<B>,

@@ -1,13 +1,13 @@
 //! Setup shared by the model's integration tests.
 
-use burn::tensor::{DType, backend::Backend};
+use burn::tensor::DType;
 use ecache_core::{CachePolicy, PositionMode};
 use ecache_model::{Llava, LlavaConfig, Session};
 
 #[allow(dead_code)]
 /// A session on the backend's default device in f32 with absolute positions, for `batch`
 /// sequences.
-pub fn session<'a, B: Backend>(
+pub fn session<'a, B: ecache_model::kernels::KernelBackend>(
     model: &'a Llava<B>,
     config: &LlavaConfig,
     policy: &'a dyn CachePolicy,

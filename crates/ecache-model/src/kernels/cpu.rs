@@ -1,0 +1,613 @@
+//! CPU kernels on plain slices, SIMD through `macerator` (runtime dispatch between
+//! AVX-512, AVX2, SSE, NEON and a scalar fallback), threads through `rayon`. The flex
+//! backend feeds them its buffers ([`super::flex`]); tests hold them to naive loops.
+
+use half::{bf16, f16};
+use macerator::{Scalar, Simd, vload_unaligned, vstore_unaligned};
+use rayon::prelude::*;
+
+/// Multiply-adds below which a kernel runs on the calling thread alone.
+pub const PARALLEL_WORK: usize = 1 << 18;
+
+/// Weights of a `[k, n]` matrix, row-major (`n` contiguous), in their stored type.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl Weights<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::F16(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// Columns one task computes: its accumulators (`rows x COLUMNS` floats) stay in L1.
+const COLUMNS: usize = 256;
+
+/// Weight rows folded into the accumulators per pass: each accumulator is loaded and
+/// stored once per `UNROLL` multiply-adds.
+const UNROLL: usize = 4;
+
+/// `out = x · w` for an `x` of few rows: every weight is read once for all rows, column
+/// blocks run in parallel, and half-precision weights are widened to f32 a block at a time
+/// (accumulation is in f32).
+///
+/// # Shapes
+/// - `x`: `[m, k]` row-major; `w`: `[k, n]` row-major; `out`: `[m, n]` row-major
+pub fn skinny_matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k, "x is [m, k]");
+    assert_eq!(w.len(), k * n, "w is [k, n]");
+    assert_eq!(out.len(), m * n, "out is [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Each task takes a range of weight rows, a contiguous stretch of memory read in order,
+    // and sums its share of every output; the shares are added at the end.
+    let tasks = if m * k * n < PARALLEL_WORK {
+        1
+    } else {
+        rayon::current_num_threads().clamp(1, k.div_ceil(UNROLL).max(1))
+    };
+    let per_task = k.div_ceil(tasks).div_ceil(UNROLL) * UNROLL;
+    let partials: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let (k0, k1) = ((t * per_task).min(k), ((t + 1) * per_task).min(k));
+            let mut acc = vec![0.0f32; m * n];
+            let mut scratch = match w {
+                Weights::F32(_) => Vec::new(),
+                _ => vec![0.0f32; UNROLL * COLUMNS],
+            };
+            rows_range(x, m, k, w, n, k0, k1, &mut acc, &mut scratch);
+            acc
+        })
+        .collect();
+    out.fill(0.0);
+    for partial in partials {
+        for (o, p) in out.iter_mut().zip(partial) {
+            *o += p;
+        }
+    }
+}
+
+/// Weight rows `k0..k1` of [`skinny_matmul`], folded into `acc` (`[m, n]`) column block by
+/// column block, four rows at a time.
+#[allow(clippy::too_many_arguments)]
+#[macerator::with_simd]
+fn rows_range<'a, S: Simd>(
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    w: Weights<'a>,
+    n: usize,
+    k0: usize,
+    k1: usize,
+    acc: &'a mut [f32],
+    scratch: &'a mut [f32],
+) {
+    let mut kk = k0;
+    while kk < k1 {
+        let rows = UNROLL.min(k1 - kk);
+        let mut j0 = 0;
+        while j0 < n {
+            let width = COLUMNS.min(n - j0);
+            let mut slices: [&[f32]; UNROLL] = [&[]; UNROLL];
+            if !matches!(w, Weights::F32(_)) {
+                for r in 0..rows {
+                    let at = (kk + r) * n + j0;
+                    let dst = &mut scratch[r * COLUMNS..r * COLUMNS + width];
+                    match w {
+                        Weights::F16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                            &v[at..at + width],
+                            dst,
+                        ),
+                        Weights::Bf16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                            &v[at..at + width],
+                            dst,
+                        ),
+                        Weights::F32(_) => {}
+                    }
+                }
+            }
+            for (r, slice) in slices.iter_mut().enumerate().take(rows) {
+                let at = (kk + r) * n + j0;
+                *slice = match w {
+                    Weights::F32(v) => &v[at..at + width],
+                    _ => &scratch[r * COLUMNS..r * COLUMNS + width],
+                };
+            }
+            for i in 0..m {
+                let xs = &x[i * k + kk..i * k + kk + rows];
+                fold_rows::<S>(
+                    &mut acc[i * n + j0..i * n + j0 + width],
+                    xs,
+                    &slices[..rows],
+                );
+            }
+            j0 += width;
+        }
+        kk += rows;
+    }
+}
+
+/// `acc += sum_r xs[r] * rows[r]`, all slices of `acc`'s length.
+#[inline(always)]
+fn fold_rows<S: Simd>(acc: &mut [f32], xs: &[f32], rows: &[&[f32]]) {
+    let lanes = f32::lanes::<S>();
+    let len = acc.len();
+    let simd_len = len / lanes * lanes;
+    if rows.len() == UNROLL {
+        let a: [_; UNROLL] = std::array::from_fn(|r| xs[r].splat::<S>());
+        let mut j = 0;
+        while j < simd_len {
+            // SAFETY: j + lanes <= len, and every slice has len elements.
+            unsafe {
+                let mut v = vload_unaligned::<S, f32>(acc.as_ptr().add(j));
+                for r in 0..UNROLL {
+                    v = a[r].mul_add(vload_unaligned(rows[r].as_ptr().add(j)), v);
+                }
+                vstore_unaligned::<S, f32>(acc.as_mut_ptr().add(j), v);
+            }
+            j += lanes;
+        }
+    } else {
+        for (r, row) in rows.iter().enumerate() {
+            let a = xs[r].splat::<S>();
+            let mut j = 0;
+            while j < simd_len {
+                // SAFETY: as above.
+                unsafe {
+                    let v = vload_unaligned::<S, f32>(acc.as_ptr().add(j));
+                    let v = a.mul_add(vload_unaligned(row.as_ptr().add(j)), v);
+                    vstore_unaligned::<S, f32>(acc.as_mut_ptr().add(j), v);
+                }
+                j += lanes;
+            }
+        }
+    }
+    for j in simd_len..len {
+        for (r, row) in rows.iter().enumerate() {
+            acc[j] += xs[r] * row[j];
+        }
+    }
+}
+
+/// Output columns one task of [`skinny_matmul_t`] computes.
+const COLUMNS_T: usize = 32;
+
+/// Weight elements widened to f32 at a time by [`skinny_matmul_t`] (per column).
+const CHUNK: usize = 512;
+
+/// `out = x · w` with `w` stored transposed, as Hugging Face checkpoints store a linear
+/// layer's weight (`[n, k]`: each output column's `k` weights contiguous): every weight is
+/// read once, in memory order, for all rows; tasks take groups of output columns; each
+/// computes four columns by up to four rows at a time in registers, half-precision weights
+/// widened to f32 a chunk at a time. The decode projections' layout (docs/performance.md).
+///
+/// # Shapes
+/// - `x`: `[m, k]` row-major; `w_t`: `[n, k]` row-major; `out`: `[m, n]` row-major
+pub fn skinny_matmul_t(x: &[f32], m: usize, k: usize, w_t: Weights<'_>, n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k, "x is [m, k]");
+    assert_eq!(w_t.len(), k * n, "w_t is [n, k]");
+    assert_eq!(out.len(), m * n, "out is [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let min_len = if m * k * n < PARALLEL_WORK {
+        usize::MAX
+    } else {
+        1
+    };
+    let columns: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLUMNS_T))
+        .into_par_iter()
+        .with_min_len(min_len)
+        .map(|t| {
+            let j0 = t * COLUMNS_T;
+            let width = COLUMNS_T.min(n - j0);
+            let mut acc = vec![0.0f32; width * m];
+            columns_t(x, m, k, w_t, j0, width, &mut acc);
+            (j0, acc)
+        })
+        .collect();
+    for (j0, acc) in columns {
+        let width = acc.len() / m;
+        for c in 0..width {
+            for i in 0..m {
+                out[i * n + j0 + c] = acc[c * m + i];
+            }
+        }
+    }
+}
+
+/// Columns `j0..j0 + width` of [`skinny_matmul_t`], column-major into `acc` (`[width, m]`).
+#[macerator::with_simd]
+fn columns_t<'a, S: Simd>(
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    w_t: Weights<'a>,
+    j0: usize,
+    width: usize,
+    acc: &'a mut [f32],
+) {
+    let mut widened = [[0.0f32; CHUNK]; 4];
+    let mut c = 0;
+    while c < width {
+        let cols = 4.min(width - c);
+        let mut k0 = 0;
+        while k0 < k {
+            let len = CHUNK.min(k - k0);
+            for (q, buffer) in widened.iter_mut().enumerate().take(cols) {
+                let at = (j0 + c + q) * k + k0;
+                match w_t {
+                    Weights::F32(_) => {}
+                    Weights::F16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                        &v[at..at + len],
+                        &mut buffer[..len],
+                    ),
+                    Weights::Bf16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                        &v[at..at + len],
+                        &mut buffer[..len],
+                    ),
+                }
+            }
+            let mut w: [&[f32]; 4] = [&[]; 4];
+            for (q, slot) in w.iter_mut().enumerate().take(cols) {
+                let at = (j0 + c + q) * k + k0;
+                *slot = match w_t {
+                    Weights::F32(v) => &v[at..at + len],
+                    _ => &widened[q][..len],
+                };
+            }
+            let mut i = 0;
+            while i < m {
+                let rows = 4.min(m - i);
+                let mut xs: [&[f32]; 4] = [&[]; 4];
+                for (r, slot) in xs.iter_mut().enumerate().take(rows) {
+                    *slot = &x[(i + r) * k + k0..(i + r) * k + k0 + len];
+                }
+                let sums = dots::<S>(&xs[..rows], &w[..cols]);
+                for q in 0..cols {
+                    for r in 0..rows {
+                        acc[(c + q) * m + i + r] += sums[r][q];
+                    }
+                }
+                i += rows;
+            }
+            k0 += len;
+        }
+        c += cols;
+    }
+}
+
+/// The dot products of up to four rows with up to four columns, all of one length.
+#[inline(always)]
+fn dots<S: Simd>(xs: &[&[f32]], ws: &[&[f32]]) -> [[f32; 4]; 4] {
+    let lanes = f32::lanes::<S>();
+    let len = xs[0].len();
+    let simd_len = len / lanes * lanes;
+    let zero = 0.0f32.splat::<S>();
+    let mut acc = [[zero; 4]; 4];
+    let mut j = 0;
+    while j < simd_len {
+        // SAFETY: j + lanes <= len, the length of every slice.
+        unsafe {
+            let w: [_; 4] = std::array::from_fn(|q| {
+                if q < ws.len() {
+                    vload_unaligned::<S, f32>(ws[q].as_ptr().add(j))
+                } else {
+                    zero
+                }
+            });
+            for (r, x) in xs.iter().enumerate() {
+                let v = vload_unaligned::<S, f32>(x.as_ptr().add(j));
+                for q in 0..4 {
+                    acc[r][q] = v.mul_add(w[q], acc[r][q]);
+                }
+            }
+        }
+        j += lanes;
+    }
+    let mut out = [[0.0f32; 4]; 4];
+    for r in 0..xs.len() {
+        for q in 0..ws.len() {
+            let mut total = macerator::ReduceAdd::reduce_add(acc[r][q]);
+            for t in simd_len..len {
+                total += xs[r][t] * ws[q][t];
+            }
+            out[r][q] = total;
+        }
+    }
+    out
+}
+
+/// Where one sequence's keys (or values) for one layer lie in a buffer: `kv_heads` heads
+/// of `len` rows of `d` contiguous floats, head `g` starting at `offset + g * head_stride`,
+/// rows `row_stride` apart.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheView<'a> {
+    pub data: &'a [f32],
+    pub offset: usize,
+    pub head_stride: usize,
+    pub row_stride: usize,
+    pub len: usize,
+}
+
+/// Decode attention of `queries.len() / (heads * d)` sequences, each over its own keys and
+/// values, every (sequence, head) pair a task: `softmax(q · K^T * scale) · V`, in f32.
+/// Query head `h` reads key/value head `h / (heads / kv_heads)`.
+///
+/// # Shapes
+/// - `queries`: `[heads, B, d]`; `keys[b]`, `values[b]`: sequence `b`'s views
+/// - returns `[heads, B, d]`
+pub fn decode_attention(
+    queries: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    keys: &[CacheView<'_>],
+    values: &[CacheView<'_>],
+    scale: f32,
+) -> Vec<f32> {
+    let batch = keys.len();
+    assert_eq!(
+        queries.len(),
+        heads * batch * d,
+        "queries are [heads, B, d]"
+    );
+    assert_eq!(values.len(), batch, "one value view per sequence");
+    let rep = (heads / kv_heads.max(1)).max(1);
+    let mut out = vec![0.0f32; heads * batch * d];
+    // Small passes run on this thread: handing tiny tasks to other threads costs more
+    // than it saves.
+    let work: usize = keys.iter().map(|k| k.len).sum::<usize>() * heads * d;
+    let min_len = if work < PARALLEL_WORK { usize::MAX } else { 1 };
+    out.par_chunks_mut(d)
+        .with_min_len(min_len)
+        .enumerate()
+        .for_each(|(task, row)| {
+            let (h, b) = (task / batch, task % batch);
+            let g = h / rep;
+            let (k, v) = (&keys[b], &values[b]);
+            let q = &queries[task * d..(task + 1) * d];
+            attend(
+                row,
+                q,
+                &k.data[k.offset + g * k.head_stride..],
+                &v.data[v.offset + g * v.head_stride..],
+                k.row_stride,
+                v.row_stride,
+                k.len,
+                scale,
+            );
+        });
+    out
+}
+
+/// One query row over `len` keys and values (rows `key_stride` / `value_stride` apart).
+#[allow(clippy::too_many_arguments)]
+#[macerator::with_simd]
+fn attend<S: Simd>(
+    out: &mut [f32],
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    key_stride: usize,
+    value_stride: usize,
+    len: usize,
+    scale: f32,
+) {
+    let d = q.len();
+    let mut scores = vec![0.0f32; len];
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = dot::<S>(q, &keys[j * key_stride..j * key_stride + d]) * scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0.0f32;
+    for s in &mut scores {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    for (j, s) in scores.iter().enumerate() {
+        let row = &values[j * value_stride..j * value_stride + d];
+        fold_rows::<S>(out, &[s / sum], &[row]);
+    }
+}
+
+#[inline(always)]
+fn dot<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
+    let lanes = f32::lanes::<S>();
+    let simd_len = a.len() / lanes * lanes;
+    let mut acc = 0.0f32.splat::<S>();
+    let mut j = 0;
+    while j < simd_len {
+        // SAFETY: j + lanes <= a.len() == b.len().
+        unsafe {
+            acc = vload_unaligned::<S, f32>(a.as_ptr().add(j))
+                .mul_add(vload_unaligned(b.as_ptr().add(j)), acc);
+        }
+        j += lanes;
+    }
+    let mut total = macerator::ReduceAdd::reduce_add(acc);
+    for j in simd_len..a.len() {
+        total += a[j] * b[j];
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbers(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0.0f64; m * n];
+        for i in 0..m {
+            for kk in 0..k {
+                for j in 0..n {
+                    out[i * n + j] += x[i * k + kk] as f64 * w[kk * n + j] as f64;
+                }
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// Shapes with remainders everywhere: rows, the unrolled weight rows, column blocks and
+    /// SIMD lanes.
+    #[test]
+    fn skinny_matmul_matches_a_naive_product_in_every_weight_type() {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (3, 7, 5),
+            (8, 64, 300),
+            (5, 130, 517),
+            (16, 33, 1029),
+        ] {
+            let x = numbers(m * k, 1);
+            let w = numbers(k * n, 2);
+            let want = naive(&x, m, k, &w, n);
+            let mut out = vec![0.0; m * n];
+            skinny_matmul(&x, m, k, Weights::F32(&w), n, &mut out);
+            let err = out
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(err < 1e-4, "f32 {m}x{k}x{n}: {err}");
+            // Half weights: the same product of the rounded weights.
+            let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let rounded16: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            let roundedb: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            for (weights, rounded) in [
+                (Weights::F16(&w16), &rounded16),
+                (Weights::Bf16(&wb), &roundedb),
+            ] {
+                let want = naive(&x, m, k, rounded, n);
+                skinny_matmul(&x, m, k, weights, n, &mut out);
+                let err = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(err < 1e-4, "{weights:?} {m}x{k}x{n}: {err}");
+            }
+        }
+    }
+
+    /// The transposed layout gives the same product.
+    #[test]
+    fn skinny_matmul_t_matches_a_naive_product_in_every_weight_type() {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (3, 7, 5),
+            (8, 64, 300),
+            (5, 1030, 37),
+            (16, 33, 1029),
+        ] {
+            let x = numbers(m * k, 4);
+            let w = numbers(k * n, 5);
+            let mut w_t = vec![0.0; k * n];
+            for kk in 0..k {
+                for j in 0..n {
+                    w_t[j * k + kk] = w[kk * n + j];
+                }
+            }
+            let mut out = vec![0.0; m * n];
+            let rounded = |f: fn(f32) -> f32| w.iter().map(|&v| f(v)).collect::<Vec<_>>();
+            let t16: Vec<f16> = w_t.iter().map(|&v| f16::from_f32(v)).collect();
+            let tb: Vec<bf16> = w_t.iter().map(|&v| bf16::from_f32(v)).collect();
+            for (weights, plain) in [
+                (Weights::F32(&w_t), w.clone()),
+                (Weights::F16(&t16), rounded(|v| f16::from_f32(v).to_f32())),
+                (Weights::Bf16(&tb), rounded(|v| bf16::from_f32(v).to_f32())),
+            ] {
+                let want = naive(&x, m, k, &plain, n);
+                skinny_matmul_t(&x, m, k, weights, n, &mut out);
+                let err = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(err < 1e-4, "{weights:?} {m}x{k}x{n}: {err}");
+            }
+        }
+    }
+
+    /// Two sequences of different lengths in buffers with spare rows, grouped-query heads.
+    #[test]
+    fn decode_attention_matches_softmax_written_out() {
+        let (heads, kv_heads, d, cap) = (4, 2, 20, 9);
+        let lens = [3usize, 9];
+        let queries = numbers(heads * 2 * d, 3);
+        let buffers: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
+            .map(|b| {
+                (
+                    numbers(kv_heads * cap * d, 10 + b),
+                    numbers(kv_heads * cap * d, 20 + b),
+                )
+            })
+            .collect();
+        fn view(data: &[f32], len: usize, head_stride: usize, d: usize) -> CacheView<'_> {
+            CacheView {
+                data,
+                offset: 0,
+                head_stride,
+                row_stride: d,
+                len,
+            }
+        }
+        let keys: Vec<_> = (0..2)
+            .map(|b| view(&buffers[b].0, lens[b], cap * d, d))
+            .collect();
+        let values: Vec<_> = (0..2)
+            .map(|b| view(&buffers[b].1, lens[b], cap * d, d))
+            .collect();
+        let scale = 0.3;
+        let got = decode_attention(&queries, heads, kv_heads, d, &keys, &values, scale);
+        for h in 0..heads {
+            for b in 0..2 {
+                let g = h / 2;
+                let q = &queries[(h * 2 + b) * d..][..d];
+                let (k, v) = (&buffers[b].0[g * cap * d..], &buffers[b].1[g * cap * d..]);
+                let s: Vec<f64> = (0..lens[b])
+                    .map(|j| {
+                        (0..d)
+                            .map(|i| q[i] as f64 * k[j * d + i] as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let total: f64 = e.iter().sum();
+                for i in 0..d {
+                    let want: f64 = (0..lens[b])
+                        .map(|j| e[j] / total * v[j * d + i] as f64)
+                        .sum();
+                    let have = got[(h * 2 + b) * d + i] as f64;
+                    assert!((want - have).abs() < 1e-5, "head {h} sequence {b} dim {i}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The flex backend's kernels: its buffers handed to [`super::cpu`].
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorData};
+use burn_flex::FlexTensor;
+use half::{bf16, f16};
+
+use super::KernelBackend;
+use super::cpu::{self, CacheView, Weights};
+
+/// Rows up to which the skinny product beats flex's GEMM on the machines measured
+/// (`cargo run --release -p ecache-model --example skinny_rate`; docs/performance.md).
+pub const SKINNY_ROWS: usize = 16;
+
+/// Weights below which flex's GEMM stays: a matrix that fits in cache is not read from
+/// memory at every step, and GEMM's microkernels compute faster than the skinny product's
+/// (the demo model's 256 x 688 projections: 2.9 against 3.6 ms for a 16-sequence step).
+pub const SKINNY_MIN_WEIGHTS: usize = 1 << 20;
+
+impl KernelBackend for Flex {
+    fn skinny_rows() -> usize {
+        SKINNY_ROWS
+    }
+
+    fn skinny_matmul(x: Tensor<Flex, 2>, w: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
+        let [m, k] = x.dims();
+        let n = w.dims()[1];
+        if k * n < SKINNY_MIN_WEIGHTS {
+            return x.matmul(w);
+        }
+        let dtype = x.dtype();
+        let weights = w.clone().into_primitive().tensor();
+        let Some((stored, transposed)) = weight_slice(&weights, k, n) else {
+            return x.matmul(w);
+        };
+        let rows: Vec<f32> = x
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("converted to f32");
+        let mut out = vec![0.0f32; m * n];
+        if transposed {
+            cpu::skinny_matmul_t(&rows, m, k, stored, n, &mut out);
+        } else {
+            cpu::skinny_matmul(&rows, m, k, stored, n, &mut out);
+        }
+        let device = Default::default();
+        Tensor::<Flex, 2>::from_data(TensorData::new(out, [m, n]), &device).cast(dtype)
+    }
+
+    fn decode_attention(
+        q: &Tensor<Flex, 4>,
+        keys: &[Tensor<Flex, 4>],
+        values: &[Tensor<Flex, 4>],
+        scale: f64,
+    ) -> Option<Tensor<Flex, 4>> {
+        let [_, heads, batch, d] = q.dims();
+        if q.dtype() != DType::F32 || keys.len() != batch || values.len() != batch {
+            return None;
+        }
+        let kv_heads = keys.first()?.dims()[1];
+        let key_bufs: Vec<FlexTensor> = keys.iter().map(primitive).collect();
+        let value_bufs: Vec<FlexTensor> = values.iter().map(primitive).collect();
+        let key_views = key_bufs
+            .iter()
+            .map(|t| view(t, kv_heads, d))
+            .collect::<Option<Vec<_>>>()?;
+        let value_views = value_bufs
+            .iter()
+            .map(|t| view(t, kv_heads, d))
+            .collect::<Option<Vec<_>>>()?;
+        let queries: Vec<f32> = q.clone().into_data().into_vec().ok()?;
+        let out = cpu::decode_attention(
+            &queries,
+            heads,
+            kv_heads,
+            d,
+            &key_views,
+            &value_views,
+            scale as f32,
+        );
+        let device = Default::default();
+        Some(Tensor::from_data(
+            TensorData::new(out, [1, heads, batch, d]),
+            &device,
+        ))
+    }
+}
+
+fn primitive(t: &Tensor<Flex, 4>) -> FlexTensor {
+    t.clone().into_primitive().tensor()
+}
+
+/// A `[k, n]` weight buffer the skinny product reads: row-major (`false`), or stored
+/// transposed as `[n, k]` row-major (`true`, the layout the loader keeps).
+fn weight_slice(t: &FlexTensor, k: usize, n: usize) -> Option<(Weights<'_>, bool)> {
+    let layout = t.layout();
+    let strides = layout.strides();
+    let transposed = match strides {
+        [a, b] if *a == n as isize && *b == 1 => false,
+        [a, b] if *a == 1 && *b == k as isize => true,
+        _ => return None,
+    };
+    let start = layout.start_offset();
+    let range = start..start + k * n;
+    let weights = match t.dtype() {
+        DType::F32 => Weights::F32(t.storage::<f32>().get(range)?),
+        DType::F16 => Weights::F16(t.storage::<f16>().get(range)?),
+        DType::BF16 => Weights::Bf16(t.storage::<bf16>().get(range)?),
+        _ => return None,
+    };
+    Some((weights, transposed))
+}
+
+/// One sequence's `[1, kv_heads, len, d]` cache view in f32 whose rows are contiguous.
+fn view(t: &FlexTensor, kv_heads: usize, d: usize) -> Option<CacheView<'_>> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    let layout = t.layout();
+    let dims = layout.shape().to_vec();
+    let strides = layout.strides();
+    if dims.len() != 4 || dims[1] != kv_heads || dims[3] != d || strides[3] != 1 {
+        return None;
+    }
+    let (head_stride, row_stride) = (
+        usize::try_from(strides[1]).ok()?,
+        usize::try_from(strides[2]).ok()?,
+    );
+    Some(CacheView {
+        data: t.storage::<f32>(),
+        offset: layout.start_offset(),
+        head_stride,
+        row_stride,
+        len: dims[2],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Param;
+    use burn::nn::Linear;
+    use burn::tensor::{Distribution, activation};
+
+    use super::*;
+    use crate::kernels::linear;
+
+    fn max_diff(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> f32 {
+        (a.cast(DType::F32) - b.cast(DType::F32))
+            .abs()
+            .max()
+            .into_scalar()
+    }
+
+    /// A decode-sized product through the skinny kernel equals burn's own, for weights
+    /// stored row-major and stored transposed (a tied LM head), in f32 and half precision.
+    #[test]
+    fn linear_through_the_skinny_kernel_equals_burns() {
+        let device = Default::default();
+        let (k, n) = (1024, 1100);
+        assert!(k * n >= SKINNY_MIN_WEIGHTS);
+        for rows in [1, 5, SKINNY_ROWS] {
+            let x = Tensor::<Flex, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
+            let row_major =
+                Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 0.05), &device);
+            let transposed =
+                Tensor::<Flex, 2>::random([n, k], Distribution::Normal(0.0, 0.05), &device)
+                    .transpose();
+            let bias = Tensor::<Flex, 1>::random([n], Distribution::Normal(0.0, 1.0), &device);
+            for w in [row_major, transposed] {
+                for dtype in [DType::F32, DType::F16, DType::BF16] {
+                    let layer = Linear {
+                        weight: Param::from_tensor(w.clone().cast(dtype)),
+                        bias: Some(Param::from_tensor(bias.clone().cast(dtype))),
+                    };
+                    let input = x.clone().cast(dtype);
+                    let ours = linear(&layer, input.clone());
+                    let theirs = input.matmul(layer.weight.val())
+                        + layer.bias.as_ref().unwrap().val().unsqueeze_dim(0);
+                    let tolerance = if dtype == DType::F32 { 1e-4 } else { 0.1 };
+                    let diff = max_diff(ours.clone(), theirs);
+                    assert!(diff < tolerance, "{rows} rows {dtype:?}: {diff}");
+                    assert_eq!(ours.dtype(), dtype);
+                }
+            }
+        }
+    }
+
+    /// Three sequences of different lengths, grouped-query heads, keys in buffers with
+    /// spare rows: the kernel equals softmax attention written out per sequence.
+    #[test]
+    fn decode_attention_equals_attention_written_out() {
+        let device = Default::default();
+        let (heads, kv_heads, d, cap) = (8, 2, 16, 40);
+        let lens = [5, 40, 17];
+        let q =
+            Tensor::<Flex, 4>::random([1, heads, 3, d], Distribution::Normal(0.0, 1.0), &device);
+        let buffers: Vec<_> = (0..3)
+            .map(|_| {
+                [0, 1].map(|_| {
+                    Tensor::<Flex, 4>::random(
+                        [1, kv_heads, cap, d],
+                        Distribution::Normal(0.0, 1.0),
+                        &device,
+                    )
+                })
+            })
+            .collect();
+        let keys: Vec<_> = buffers
+            .iter()
+            .zip(lens)
+            .map(|(b, l)| b[0].clone().narrow(2, 0, l))
+            .collect();
+        let values: Vec<_> = buffers
+            .iter()
+            .zip(lens)
+            .map(|(b, l)| b[1].clone().narrow(2, 0, l))
+            .collect();
+        let scale = 0.25;
+        let got = Flex::decode_attention(&q, &keys, &values, scale).expect("f32 views");
+        for b in 0..3 {
+            let rep = heads / kv_heads;
+            let expand = |t: &Tensor<Flex, 4>| {
+                let [_, g, l, d] = t.dims();
+                t.clone()
+                    .unsqueeze_dim::<5>(2)
+                    .repeat_dim(2, rep)
+                    .reshape([1, g * rep, l, d])
+            };
+            let qb = q.clone().narrow(2, b, 1);
+            let probs = activation::softmax(qb.matmul(expand(&keys[b]).swap_dims(2, 3)) * scale, 3);
+            let want = probs.matmul(expand(&values[b]));
+            let diff: f32 = (got.clone().narrow(2, b, 1) - want)
+                .abs()
+                .max()
+                .into_scalar();
+            assert!(diff < 1e-5, "sequence {b}: {diff}");
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Operations the decoder runs through its backend, each with a plain-burn fallback: the
+//! way burn intends a backend to be extended with kernels of one's own. The model is
+//! generic over [`KernelBackend`]; a backend with a faster kernel overrides the method,
+//! every other backend gets the fallback.
+//!
+//! - [`KernelBackend::skinny_matmul`]: a product with few rows (a decode step's batch),
+//!   streaming each weight once for all rows. On flex: [`flex`].
+//! - [`KernelBackend::decode_attention`]: one query row per sequence over that sequence's own
+//!   cache, every sequence and head in one pass. On flex: [`flex`].
+
+pub mod cpu;
+pub mod flex;
+
+use burn::nn::Linear;
+use burn::tensor::{Tensor, backend::Backend};
+
+/// A backend the model runs on, with the kernels it may override.
+pub trait KernelBackend: Backend {
+    /// The most rows for which [`KernelBackend::skinny_matmul`] is used (0: never).
+    fn skinny_rows() -> usize {
+        0
+    }
+
+    /// `x · w` for an `x` of few rows.
+    ///
+    /// # Shapes
+    /// - `x`: `[m, k]`, `w`: `[k, n]` -> `[m, n]`
+    fn skinny_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(w)
+    }
+
+    /// Attention of one query row per sequence over that sequence's keys and values, or
+    /// `None` when the backend has no such kernel (or not for these dtypes and layouts):
+    /// the caller then writes attention out per sequence. Query head `h` reads key/value
+    /// head `h / (heads / kv_heads)`.
+    ///
+    /// # Shapes
+    /// - `q`: `[1, heads, B, d]` (sequence `b`'s query in row `b`)
+    /// - `keys[b]`, `values[b]`: `[1, kv_heads, len_b, d]`
+    /// - returns `[1, heads, B, d]`
+    fn decode_attention(
+        q: &Tensor<Self, 4>,
+        keys: &[Tensor<Self, 4>],
+        values: &[Tensor<Self, 4>],
+        scale: f64,
+    ) -> Option<Tensor<Self, 4>> {
+        let _ = (q, keys, values, scale);
+        None
+    }
+}
+
+impl KernelBackend for burn::backend::NdArray {}
+
+#[cfg(feature = "cuda")]
+impl KernelBackend for burn::backend::Cuda {}
+
+/// Training differentiates through the fallbacks.
+impl<B: KernelBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
+    KernelBackend for burn::backend::Autodiff<B, C>
+{
+}
+
+/// A linear layer's forward, through [`KernelBackend::skinny_matmul`] when `x` has at most
+/// [`KernelBackend::skinny_rows`] rows (all dimensions but the last), else burn's own.
+///
+/// # Shapes
+/// - `x`: `[..., in]` -> `[..., out]`
+pub fn linear<B: KernelBackend, const D: usize>(
+    layer: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let rows: usize = dims[..D - 1].iter().product();
+    if rows == 0 || rows > B::skinny_rows() {
+        return layer.forward(x);
+    }
+    let weight = layer.weight.val();
+    let n = weight.dims()[1];
+    let mut y = B::skinny_matmul(x.reshape([rows, k]), weight);
+    if let Some(bias) = &layer.bias {
+        y = y + bias.val().unsqueeze_dim(0);
+    }
+    let mut out = dims;
+    out[D - 1] = n;
+    y.reshape(out)
+}
