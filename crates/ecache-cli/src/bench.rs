@@ -94,6 +94,12 @@ pub struct BenchRow {
     pub prefill_speedup: f64,
     /// This run's KV bytes at the end over the full cache's.
     pub kv_ratio: f64,
+    /// Bytes a decode step reads: the decoder's weights (the embedding table but the rows
+    /// looked up) and the keys and values held, averaged over the steps.
+    pub bytes_per_step: f64,
+    /// Those bytes per step time, as a share of the machine's measured bandwidth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth_share: Option<f64>,
 }
 
 /// The whole measurement, as written to JSON.
@@ -157,6 +163,8 @@ impl BackendJob for BenchRequest {
         device: &B::Device,
     ) -> Result<BenchReport> {
         let image_tokens = check_request(&self)?;
+        // Measured before any weight exists, so the triad has the memory to itself.
+        let machine = crate::machine::Machine::measured();
         let registry = builtin_registry()?;
         let mut configs = vec![PolicyConfig::new("full", 1.0)];
         configs.extend(self.runs.iter().filter(|r| r.name != "full").cloned());
@@ -195,12 +203,19 @@ impl BackendJob for BenchRequest {
             row.decode_speedup = ms / row.ms_per_step;
             row.prefill_speedup = prefill / row.prefill_seconds;
             row.kv_ratio = row.kv_bytes_end as f64 / kv.max(1) as f64;
+            let weights = (decoder_parameters(&self.config)
+                - self.config.text.vocab_size * self.config.text.hidden)
+                * self.dtype.size();
+            row.bytes_per_step += weights as f64;
+            row.bandwidth_share = machine
+                .bandwidth_gb_s
+                .map(|gb_s| row.bytes_per_step / (row.ms_per_step * 1e-3) / (gb_s * 1e9));
             tracing::info!(policy = %row.policy, budget = row.budget, ms_per_step = row.ms_per_step, "bench run");
             rows.push(row);
         }
         Ok(BenchReport {
             shape: self.shape_name.clone(),
-            machine: crate::machine::Machine::here(),
+            machine: machine.clone(),
             backend: std::any::type_name::<B>()
                 .rsplit("::")
                 .next()
@@ -240,6 +255,7 @@ fn run_once<B: ecache_model::kernels::KernelBackend>(
     let embeds = decoder.embed(ids.clone());
     let mut next = greedy(session.prefill_last(embeds, kinds)?)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
+    let kv_after_prefill = session.kv_bytes();
     let start = Instant::now();
     for _ in 0..request.gen_len {
         next = greedy(session.step(&next)?)?;
@@ -259,6 +275,9 @@ fn run_once<B: ecache_model::kernels::KernelBackend>(
         decode_speedup: 1.0,
         prefill_speedup: 1.0,
         kv_ratio: 1.0,
+        // The caller adds the weights; the keys and values read, averaged over the steps.
+        bytes_per_step: (kv_after_prefill + session.kv_bytes()) as f64 / 2.0,
+        bandwidth_share: None,
     })
 }
 
@@ -315,7 +334,16 @@ fn peak_rss() -> Option<u64> {
 
 /// A markdown table of the report.
 pub fn table(report: &BenchReport) -> String {
+    let m = &report.machine;
     let mut out = format!(
+        "{} ({} threads, {}), memory bandwidth {} (triad)\n",
+        m.cpu,
+        m.threads,
+        m.simd,
+        m.bandwidth_gb_s
+            .map_or("not measured".to_string(), |b| format!("{b:.1} GB/s"))
+    );
+    out += &format!(
         "shape {} ({:.1} M decoder parameters), {} {}, batch {}, prompt {} ({} image tokens), {} decode steps\n\n",
         report.shape,
         report.parameters as f64 / 1e6,
@@ -326,20 +354,23 @@ pub fn table(report: &BenchReport) -> String {
         report.image_tokens,
         report.gen_len
     );
-    out.push_str("| policy | budget | params | prefill s | decode tok/s | ms/step | KV MiB at end | peak RSS MiB | decode vs full | prefill vs full | KV vs full |\n");
-    out.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| policy | budget | params | prefill s | decode tok/s | ms/step | GB read per step | share of bandwidth | KV MiB at end | peak RSS MiB | decode vs full | prefill vs full | KV vs full |\n");
+    out.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in &report.rows {
         let rss = r
             .peak_rss_bytes
             .map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1048576.0));
         out.push_str(&format!(
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.1} | {rss} | {:.2}x | {:.2}x | {:.2} |\n",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.3} | {} | {:.1} | {rss} | {:.2}x | {:.2}x | {:.2} |\n",
             r.policy,
             r.budget,
             r.params,
             r.prefill_seconds,
             r.decode_tokens_per_second,
             r.ms_per_step,
+            r.bytes_per_step / 1e9,
+            r.bandwidth_share
+                .map_or("-".to_string(), |s| format!("{:.0}%", s * 100.0)),
             r.kv_bytes_end as f64 / 1048576.0,
             r.decode_speedup,
             r.prefill_speedup,

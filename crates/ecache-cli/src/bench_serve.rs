@@ -167,7 +167,7 @@ pub fn command(args: BenchServeArgs) -> Result<()> {
             Some(shape) => format!("{shape} (random weights)"),
             None => probe.info().id.clone(),
         },
-        machine: crate::machine::Machine::here(),
+        machine: crate::machine::Machine::measured(),
         kv_cap_bytes: cap,
         prompt_tokens: per_full.prompt_tokens,
         max_tokens: args.max_tokens,
@@ -486,11 +486,17 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 pub fn table(report: &ServeReport) -> String {
     let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
     let mut out = format!(
-        "{} on {} ({} threads, {}); {} prompt tokens + {} new per request; KV cap {:.2} MiB\n\n",
+        "{} on {} ({} threads, {}, {}); {} prompt tokens + {} new per request; KV cap {:.2} MiB\n\n",
         report.model,
         report.machine.cpu,
         report.machine.threads,
         report.machine.simd,
+        report
+            .machine
+            .bandwidth_gb_s
+            .map_or("bandwidth not measured".to_string(), |b| format!(
+                "{b:.1} GB/s triad"
+            )),
         report.prompt_tokens,
         report.max_tokens,
         mib(report.kv_cap_bytes)
