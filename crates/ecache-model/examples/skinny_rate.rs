@@ -56,7 +56,7 @@ fn main() {
     println!("[rows x {k}] x [{k} x {n}]: ms (GB/s of weights)");
     println!("| rows | flex GEMM f32 | skinny f32 | skinny f16 | skinny bf16 |");
     println!("|---:|---:|---:|---:|---:|");
-    for rows in [1usize, 2, 4, 8, 16, 24, 32, 64] {
+    for rows in [1usize, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128] {
         let x = Tensor::<Flex, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
         let gemm = time(&|| {
             let _ = x.clone().matmul(w.clone()).into_data();

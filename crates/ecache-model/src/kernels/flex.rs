@@ -9,8 +9,12 @@ use super::KernelBackend;
 use super::cpu::{self, CacheView, Weights};
 
 /// Rows up to which the skinny product beats flex's GEMM on the machines measured
-/// (`cargo run --release -p ecache-model --example skinny_rate`; docs/performance.md).
+/// (`cargo run --release -p ecache-model --example skinny_rate [k n]`; docs/performance.md):
+/// 16 for a 1024 x 2816 weight, 64 from 16 Mi weights on (4096 x 11008: 68.5 against
+/// 81.0 ms at 64 rows, 120 against 105 at 96).
 pub const SKINNY_ROWS: usize = 16;
+pub const SKINNY_ROWS_LARGE: usize = 64;
+pub const SKINNY_LARGE_WEIGHTS: usize = 1 << 24;
 
 /// Weights below which flex's GEMM stays: a matrix that fits in cache is not read from
 /// memory at every step, and GEMM's microkernels compute faster than the skinny product's
@@ -18,16 +22,17 @@ pub const SKINNY_ROWS: usize = 16;
 pub const SKINNY_MIN_WEIGHTS: usize = 1 << 20;
 
 impl KernelBackend for Flex {
-    fn skinny_rows() -> usize {
-        SKINNY_ROWS
+    fn skinny_rows(k: usize, n: usize) -> usize {
+        match k * n {
+            w if w < SKINNY_MIN_WEIGHTS => 0,
+            w if w < SKINNY_LARGE_WEIGHTS => SKINNY_ROWS,
+            _ => SKINNY_ROWS_LARGE,
+        }
     }
 
     fn skinny_matmul(x: Tensor<Flex, 2>, w: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
         let [m, k] = x.dims();
         let n = w.dims()[1];
-        if k * n < SKINNY_MIN_WEIGHTS {
-            return x.matmul(w);
-        }
         let dtype = x.dtype();
         let weights = w.clone().into_primitive().tensor();
         let Some((stored, transposed)) = weight_slice(&weights, k, n) else {

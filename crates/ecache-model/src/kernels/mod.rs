@@ -16,8 +16,10 @@ use burn::tensor::{Tensor, backend::Backend};
 
 /// A backend the model runs on, with the kernels it may override.
 pub trait KernelBackend: Backend {
-    /// The most rows for which [`KernelBackend::skinny_matmul`] is used (0: never).
-    fn skinny_rows() -> usize {
+    /// The most rows for which [`KernelBackend::skinny_matmul`] is used with a `[k, n]`
+    /// weight (0: never).
+    fn skinny_rows(k: usize, n: usize) -> usize {
+        let _ = (k, n);
         0
     }
 
@@ -61,7 +63,8 @@ impl<B: KernelBackend, C: burn::backend::autodiff::checkpoint::strategy::Checkpo
 }
 
 /// A linear layer's forward, through [`KernelBackend::skinny_matmul`] when `x` has at most
-/// [`KernelBackend::skinny_rows`] rows (all dimensions but the last), else burn's own.
+/// [`KernelBackend::skinny_rows`] rows for this weight (all dimensions but the last), else
+/// burn's own.
 ///
 /// # Shapes
 /// - `x`: `[..., in]` -> `[..., out]`
@@ -72,11 +75,11 @@ pub fn linear<B: KernelBackend, const D: usize>(
     let dims = x.dims();
     let k = dims[D - 1];
     let rows: usize = dims[..D - 1].iter().product();
-    if rows == 0 || rows > B::skinny_rows() {
+    let n = layer.weight.dims()[1];
+    if rows == 0 || rows > B::skinny_rows(k, n) {
         return layer.forward(x);
     }
     let weight = layer.weight.val();
-    let n = weight.dims()[1];
     let mut y = B::skinny_matmul(x.reshape([rows, k]), weight);
     if let Some(bias) = &layer.bias {
         y = y + bias.val().unsqueeze_dim(0);
