@@ -81,6 +81,9 @@ pub struct ServeRow {
     pub requests: usize,
     pub concurrency: usize,
     pub tokens_per_s: f64,
+    /// Tokens per second of the time the scheduler was not prefilling: what the decode
+    /// steps alone delivered.
+    pub decode_tokens_per_s: f64,
     pub requests_per_s: f64,
     pub max_concurrent: usize,
     pub ttft_p50_s: f64,
@@ -283,7 +286,7 @@ fn served(
         .build()
         .context("cannot start the async runtime")?;
     let bodies: Vec<Value> = pictures.iter().map(|p| body(p, policy, args)).collect();
-    let (samples, wall) = runtime.block_on(async {
+    let (samples, wall, prefill) = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/v1/chat/completions", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -300,13 +303,15 @@ fn served(
             .build()?;
         drive(&client, &url, &bodies[..args.warmup], args.concurrency).await?;
         engine.reset_peaks();
+        let prefill_before = engine.stats().prefill_seconds;
         let start = Instant::now();
         let measured = &bodies[args.warmup..args.warmup + args.requests];
         let samples = drive(&client, &url, measured, args.concurrency).await?;
         let wall = start.elapsed().as_secs_f64();
+        let prefill = engine.stats().prefill_seconds - prefill_before;
         let _ = stop.send(());
         server.await??;
-        Ok::<_, anyhow::Error>((samples, wall))
+        Ok::<_, anyhow::Error>((samples, wall, prefill))
     })?;
     let stats = engine.stats();
     Ok(row(
@@ -314,7 +319,7 @@ fn served(
         "http",
         args.concurrency,
         &samples,
-        wall,
+        (wall, prefill),
         stats.peak_active,
         stats.peak_kv_in_use,
         reserved,
@@ -407,6 +412,7 @@ fn sequential(
             .map_err(engine_error)?;
     }
     engine.reset_peaks();
+    let prefill_before = engine.stats().prefill_seconds;
     let start = Instant::now();
     let mut samples = Vec::new();
     for png in &pictures[args.warmup..args.warmup + args.baseline_requests] {
@@ -422,12 +428,13 @@ fn sequential(
     }
     let wall = start.elapsed().as_secs_f64();
     let stats = engine.stats();
+    let prefill = stats.prefill_seconds - prefill_before;
     Ok(row(
         policy,
         "sequential",
         1,
         &samples,
-        wall,
+        (wall, prefill),
         stats.peak_active,
         stats.peak_kv_in_use,
         reserved,
@@ -440,7 +447,7 @@ fn row(
     mode: &str,
     concurrency: usize,
     samples: &[Sample],
-    wall: f64,
+    (wall, prefill): (f64, f64),
     max_concurrent: usize,
     kv_peak_bytes: usize,
     reserved: usize,
@@ -460,6 +467,7 @@ fn row(
         requests: samples.len(),
         concurrency,
         tokens_per_s: tokens as f64 / wall,
+        decode_tokens_per_s: tokens as f64 / (wall - prefill).max(1e-9),
         requests_per_s: samples.len() as f64 / wall,
         max_concurrent,
         ttft_p50_s: percentile(&ttft, 0.5),
@@ -501,17 +509,18 @@ pub fn table(report: &ServeReport) -> String {
         report.max_tokens,
         mib(report.kv_cap_bytes)
     );
-    out += "| policy | budget | mode | requests | clients | tokens/s | requests/s | max concurrent | TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s | KV peak MiB | KV per request MiB |\n";
-    out += "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += "| policy | budget | mode | requests | clients | tokens/s | tokens/s outside prefill | requests/s | max concurrent | TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s | KV peak MiB | KV per request MiB |\n";
+    out += "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for r in &report.rows {
         out += &format!(
-            "| {} | {} | {} | {} | {} | {:.1} | {:.2} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.3} |\n",
+            "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.3} |\n",
             r.policy,
             r.budget,
             r.mode,
             r.requests,
             r.concurrency,
             r.tokens_per_s,
+            r.decode_tokens_per_s,
             r.requests_per_s,
             r.max_concurrent,
             r.ttft_p50_s,

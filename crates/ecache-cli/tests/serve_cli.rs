@@ -143,6 +143,11 @@ fn bench_serve_reports_each_policy_under_one_cap() {
     );
     for r in rows {
         assert!(r["tokens_per_s"].as_f64() > Some(0.0), "{r}");
+        // Time not spent prefilling is shorter than the whole run.
+        assert!(
+            r["decode_tokens_per_s"].as_f64() > r["tokens_per_s"].as_f64(),
+            "{r}"
+        );
         assert!(r["kv_peak_bytes"].as_u64() <= Some(cap), "{r}");
         assert!(
             r["ttft_p50_s"].as_f64() <= r["latency_p50_s"].as_f64(),

@@ -112,6 +112,9 @@ pub struct EngineStats {
     /// Tokens generated and prompt tokens prefilled, in all.
     pub tokens_generated: u64,
     pub prompt_tokens: u64,
+    /// Seconds the scheduler spent prefilling (image features included), in all: while
+    /// it prefills, the running sequences wait.
+    pub prefill_seconds: f64,
     /// Requests finished, failed, and cancelled by their clients.
     pub finished: u64,
     pub failed: u64,
@@ -130,6 +133,8 @@ pub(crate) struct Counters {
     pub peak_kv_in_use: AtomicUsize,
     pub tokens_generated: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Microseconds spent prefilling.
+    pub prefill_micros: AtomicU64,
     pub finished: AtomicU64,
     pub failed: AtomicU64,
     pub cancelled: AtomicU64,
@@ -342,6 +347,7 @@ impl Engine {
             peak_kv_in_use: u(&c.peak_kv_in_use),
             tokens_generated: n(&c.tokens_generated),
             prompt_tokens: n(&c.prompt_tokens),
+            prefill_seconds: n(&c.prefill_micros) as f64 * 1e-6,
             finished: n(&c.finished),
             failed: n(&c.failed),
             cancelled: n(&c.cancelled),

@@ -206,7 +206,12 @@ impl<'m, B: ecache_model::kernels::KernelBackend> Scheduler<'m, B> {
     /// Prefills a request and has it join the batch (or finish at once).
     fn start(&mut self, req: Box<Prepared>) {
         let started = Instant::now();
-        match self.prefill(&req) {
+        let prefilled = self.prefill(&req);
+        self.shared
+            .counters
+            .prefill_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match prefilled {
             Ok((seq, row)) => {
                 let image_after_prefill = seq.held().1;
                 let mut live = Live {
