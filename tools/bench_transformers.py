@@ -11,9 +11,15 @@ field names as `ecache bench --output`.
         --batch 1 --prompt-len 900 --gen-len 64 --dtype f32 --threads 2 --output t.json
 
 `--shape` takes the same config.json files as `ecache bench` (a LLaVA config: its
-text_config is used; a model directory: its config.json). `--compress F` also times decode
-after keeping only a fraction F of the prompt's cache (the first and last slots), which
-shows how much a smaller cache alone speeds transformers' decode.
+text_config is used; a model directory: its config.json). `--attn` lists the attention
+implementations to time, one row each: by default transformers' default (`sdpa`) first and
+`eager` second. `--compress F` also times decode after keeping only a fraction F of the
+prompt's cache (the first and last slots), which shows how much a smaller cache alone
+speeds transformers' decode.
+
+`--matmul ROWS,...` instead times the decode projection `[rows, K] @ [K, N]` (`--k`,
+`--n`; LLaVA-1.5-7B's MLP by default), torch's own product, to hold `ecache`'s skinny
+product against (`cargo run --release -p ecache-model --example skinny_rate`).
 """
 import argparse
 import json
@@ -81,6 +87,35 @@ def run(model, ids, gen_len, device, keep=None):
     return prefill, decode, kv
 
 
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def matmul(a):
+    """Times torch's [rows, k] @ [k, n] in f32 (and f16 and bf16 weights and inputs)."""
+    print(f"torch {torch.__version__} on {cpu_name()} ({torch.get_num_threads()} threads)")
+    print(f"| rows | [rows x {a.k}] @ [{a.k} x {a.n}] f32 ms | f16 ms | bf16 ms |")
+    print("|---:|---:|---:|---:|")
+    for rows in [int(r) for r in a.matmul.split(",")]:
+        times = []
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(rows, a.k, dtype=dtype)
+            w = torch.randn(a.k, a.n, dtype=dtype) * 0.02
+            x @ w
+            reps = 8
+            start = time.perf_counter()
+            for _ in range(reps):
+                x @ w
+            times.append((time.perf_counter() - start) / reps * 1e3)
+        print(f"| {rows} | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llava-1.5-7b")
@@ -90,45 +125,55 @@ def main():
     p.add_argument("--dtype", default="f32", choices=DTYPES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--attn", default="eager", help="eager | sdpa")
+    p.add_argument("--attn", default="sdpa,eager", help="comma list: sdpa (the default), eager")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compress", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output")
+    p.add_argument("--matmul", help="comma list of row counts: time [rows, k] @ [k, n] only")
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--n", type=int, default=11008)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.matmul:
+        return matmul(a)
     torch.manual_seed(a.seed)
     config = text_config(a.shape)
-    config._attn_implementation = a.attn
+    attentions = [x.strip() for x in a.attn.split(",") if x.strip()]
+    config._attn_implementation = attentions[0]
     with torch.device(a.device):
         torch.set_default_dtype(DTYPES[a.dtype])
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
     ids = torch.randint(0, config.vocab_size, (a.batch, a.prompt_len), device=a.device)
-    for _ in range(a.warmup):
-        run(model, ids, a.gen_len, a.device)
     rows = []
-    for label, keep in [("full", None)] + (
-        [(f"keep {a.compress}", max(8, int(a.prompt_len * a.compress)))] if a.compress else []
-    ):
-        prefill, decode, kv = run(model, ids, a.gen_len, a.device, keep)
-        rows.append(
-            {
-                "policy": label,
-                "prefill_seconds": prefill,
-                "decode_seconds": decode,
-                "decode_tokens_per_second": a.batch * a.gen_len / decode,
-                "ms_per_step": decode * 1e3 / a.gen_len,
-                "kv_bytes_end": kv,
-            }
-        )
+    for attention in attentions:
+        # The layers read the implementation from the shared config at every forward.
+        model.config._attn_implementation = attention
+        for _ in range(a.warmup):
+            run(model, ids, a.gen_len, a.device)
+        for label, keep in [("full", None)] + (
+            [(f"keep {a.compress}", max(8, int(a.prompt_len * a.compress)))] if a.compress else []
+        ):
+            prefill, decode, kv = run(model, ids, a.gen_len, a.device, keep)
+            rows.append(
+                {
+                    "policy": label,
+                    "attention": attention,
+                    "prefill_seconds": prefill,
+                    "decode_seconds": decode,
+                    "decode_tokens_per_second": a.batch * a.gen_len / decode,
+                    "ms_per_step": decode * 1e3 / a.gen_len,
+                    "kv_bytes_end": kv,
+                }
+            )
     report = {
         "engine": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}",
         "shape": a.shape,
         "device": a.device,
         "threads": torch.get_num_threads(),
-        "attention": a.attn,
+        "cpu": cpu_name(),
         "dtype": a.dtype,
         "batch": a.batch,
         "prompt_len": a.prompt_len,
@@ -137,12 +182,13 @@ def main():
         "rows": rows,
     }
     print(f"{report['engine']} on {a.device} ({report['threads']} threads), {a.shape} {a.dtype}")
-    print("| policy | prefill s | decode tok/s | ms/step | KV MiB at end |")
-    print("|---|---:|---:|---:|---:|")
+    print("| policy | attention | prefill s | decode tok/s | ms/step | KV MiB at end |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['policy']} | {r['prefill_seconds']:.3f} | {r['decode_tokens_per_second']:.2f} "
-            f"| {r['ms_per_step']:.2f} | {r['kv_bytes_end'] / 1048576:.1f} |"
+            f"| {r['policy']} | {r['attention']} | {r['prefill_seconds']:.3f} "
+            f"| {r['decode_tokens_per_second']:.2f} | {r['ms_per_step']:.2f} "
+            f"| {r['kv_bytes_end'] / 1048576:.1f} |"
         )
     if a.output:
         tmp = a.output + ".tmp"
