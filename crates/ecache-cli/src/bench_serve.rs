@@ -30,6 +30,10 @@ pub struct BenchServeArgs {
     /// step reads more weights than it computes with at small batches).
     #[arg(long)]
     pub shape: Option<String>,
+    /// With --shape: write the random model here and keep it (for `step_cost` and other
+    /// tools) instead of a temporary directory.
+    #[arg(long, requires = "shape")]
+    pub keep_model: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Policies to serve, one run each (full is always the budget-1 full cache).
@@ -112,7 +116,7 @@ pub fn command(args: BenchServeArgs) -> Result<()> {
     args.device.apply(&mut config)?;
     config.validate()?;
     let scratch = match &args.shape {
-        Some(name) => Some(random_model(name)?),
+        Some(name) => Some(random_model(name, args.keep_model.as_deref())?),
         None => None,
     };
     let dir = match (&scratch, &args.model) {
@@ -183,17 +187,20 @@ pub fn command(args: BenchServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// A temporary model directory, removed when dropped.
-struct Scratch(PathBuf);
+/// A model directory written for the run, removed when dropped unless kept.
+struct Scratch(PathBuf, bool);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
-/// Writes a model of a named shape with random weights (seed 0).
-fn random_model(name: &str) -> Result<Scratch> {
+/// Writes a model of a named shape with random weights (seed 0), into `keep` or a
+/// temporary directory.
+fn random_model(name: &str, keep: Option<&std::path::Path>) -> Result<Scratch> {
     use ecache_demo::model_dir::{DemoShape, write_descriptors};
     let shape = match name {
         "serve-mid" => DemoShape {
@@ -208,9 +215,13 @@ fn random_model(name: &str) -> Result<Scratch> {
             return Err(BadInput(format!("--shape {other}: the known shape is serve-mid")).into());
         }
     };
-    let dir = Scratch(
-        std::env::temp_dir().join(format!("ecache-bench-serve-{name}-{}", std::process::id())),
-    );
+    let dir = match keep {
+        Some(dir) => Scratch(dir.to_path_buf(), true),
+        None => Scratch(
+            std::env::temp_dir().join(format!("ecache-bench-serve-{name}-{}", std::process::id())),
+            false,
+        ),
+    };
     write_descriptors(&dir.0, &shape)?;
     let config = ecache_model::LlavaConfig::from_path(&dir.0.join("config.json"))?;
     let device = Default::default();

@@ -231,7 +231,8 @@ impl<'m, B: ecache_model::kernels::KernelBackend> Scheduler<'m, B> {
                 c.prompt_tokens
                     .fetch_add(live.req.prompt_tokens as u64, Ordering::Relaxed);
                 // Running before its first token is out (leave() undoes it).
-                c.active.fetch_add(1, Ordering::Relaxed);
+                let active = c.active.fetch_add(1, Ordering::Relaxed) + 1;
+                c.peak_active.fetch_max(active, Ordering::Relaxed);
                 c.kv_in_use
                     .fetch_add(live.seq.kv_bytes(), Ordering::Relaxed);
                 c.kv_allocated
