@@ -33,6 +33,12 @@ const SHAPES: &[(&str, &str)] = &[
         include_str!("../shapes/llava-1.5-13b.json"),
     ),
     ("llava-mid", include_str!("../shapes/llava-mid.json")),
+    // A LLaMA decoder (1024 wide, 8 layers, MHA, vocabulary 32,000) with a vision tower
+    // of 4 image tokens: a text model's decode.
+    (
+        "llama-h1024x8",
+        include_str!("../shapes/llama-h1024x8.json"),
+    ),
 ];
 
 /// A named shape's config, or the `config.json` at a path.

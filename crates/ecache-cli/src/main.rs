@@ -54,7 +54,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// llava-1.5-7b | llava-1.5-13b | llava-mid | a config.json or model directory.
+    /// llava-1.5-7b | llava-1.5-13b | llava-mid | llama-h1024x8 | a config.json or model directory.
     #[arg(long, default_value = "llava-1.5-7b")]
     shape: String,
     #[arg(long, default_value_t = 8)]

@@ -3,7 +3,8 @@
 //! time, and the weights' bytes over the time (the bandwidth it reaches). The crossover
 //! sets `kernels::flex::SKINNY_ROWS`.
 //!
-//! Run: `cargo run --release -p ecache-model --example skinny_rate [k n]` (default 4096 11008).
+//! Run: `cargo run --release -p ecache-model --example skinny_rate [k n]` (default 4096 11008;
+//! `ROWS=1,8` for those row counts only).
 
 use std::time::Instant;
 
@@ -56,7 +57,15 @@ fn main() {
     println!("[rows x {k}] x [{k} x {n}]: ms (GB/s of weights)");
     println!("| rows | flex GEMM f32 | skinny f32 | skinny f16 | skinny bf16 |");
     println!("|---:|---:|---:|---:|---:|");
-    for rows in [1usize, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128] {
+    // `ROWS=1,8` times only those row counts.
+    let rows_list: Vec<usize> = match std::env::var("ROWS") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|r| r.trim().parse().ok())
+            .collect(),
+        Err(_) => vec![1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128],
+    };
+    for rows in rows_list {
         let x = Tensor::<Flex, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
         let gemm = time(&|| {
             let _ = x.clone().matmul(w.clone()).into_data();

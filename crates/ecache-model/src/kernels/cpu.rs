@@ -27,12 +27,16 @@ impl Weights<'_> {
     }
 }
 
-/// Columns one task computes: its accumulators (`rows x COLUMNS` floats) stay in L1.
+/// Columns of a tile: its weights (`UNROLL x COLUMNS` floats) stay in L1.
 const COLUMNS: usize = 256;
 
-/// Weight rows folded into the accumulators per pass: each accumulator is loaded and
-/// stored once per `UNROLL` multiply-adds.
-const UNROLL: usize = 4;
+/// Weight rows of a tile: every accumulator is loaded and stored once per `UNROLL`
+/// multiply-adds.
+const UNROLL: usize = 8;
+
+/// Rows of `x` whose accumulators (two vectors each) stay in registers across a tile: eight
+/// accumulators, two weight vectors and a broadcast fit AVX2's sixteen registers.
+const BLOCK_ROWS: usize = 4;
 
 /// `out = x · w` for an `x` of few rows: every weight is read once for all rows, column
 /// blocks run in parallel, and half-precision weights are widened to f32 a block at a time
@@ -76,8 +80,8 @@ pub fn skinny_matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, ou
     }
 }
 
-/// Weight rows `k0..k1` of [`skinny_matmul`], folded into `acc` (`[m, n]`) column block by
-/// column block, four rows at a time.
+/// Weight rows `k0..k1` of [`skinny_matmul`], folded into `acc` (`[m, n]`) a tile of
+/// `UNROLL` weight rows by `COLUMNS` columns at a time.
 #[allow(clippy::too_many_arguments)]
 #[macerator::with_simd]
 fn rows_range<'a, S: Simd>(
@@ -97,24 +101,18 @@ fn rows_range<'a, S: Simd>(
         let mut j0 = 0;
         while j0 < n {
             let width = COLUMNS.min(n - j0);
-            let mut slices: [&[f32]; UNROLL] = [&[]; UNROLL];
             if !matches!(w, Weights::F32(_)) {
                 for r in 0..rows {
                     let at = (kk + r) * n + j0;
                     let dst = &mut scratch[r * COLUMNS..r * COLUMNS + width];
                     match w {
-                        Weights::F16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                            &v[at..at + width],
-                            dst,
-                        ),
-                        Weights::Bf16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                            &v[at..at + width],
-                            dst,
-                        ),
+                        Weights::F16(v) => widen::f16(&v[at..at + width], dst),
+                        Weights::Bf16(v) => widen::bf16(&v[at..at + width], dst),
                         Weights::F32(_) => {}
                     }
                 }
             }
+            let mut slices: [&[f32]; UNROLL] = [&[]; UNROLL];
             for (r, slice) in slices.iter_mut().enumerate().take(rows) {
                 let at = (kk + r) * n + j0;
                 *slice = match w {
@@ -122,13 +120,23 @@ fn rows_range<'a, S: Simd>(
                     _ => &scratch[r * COLUMNS..r * COLUMNS + width],
                 };
             }
-            for i in 0..m {
-                let xs = &x[i * k + kk..i * k + kk + rows];
-                fold_rows::<S>(
-                    &mut acc[i * n + j0..i * n + j0 + width],
-                    xs,
-                    &slices[..rows],
-                );
+            let tile = Tile {
+                rows: &slices[..rows],
+                k,
+                n,
+                kk,
+                j0,
+            };
+            let mut i0 = 0;
+            while i0 < m {
+                let block = BLOCK_ROWS.min(m - i0);
+                match block {
+                    4 => tile.fold::<S, 4, 2>(acc, x, i0),
+                    3 => tile.fold::<S, 3, 2>(acc, x, i0),
+                    2 => tile.fold::<S, 2, 4>(acc, x, i0),
+                    _ => tile.fold::<S, 1, 4>(acc, x, i0),
+                }
+                i0 += block;
             }
             j0 += width;
         }
@@ -136,44 +144,65 @@ fn rows_range<'a, S: Simd>(
     }
 }
 
-/// `acc += sum_r xs[r] * rows[r]`, all slices of `acc`'s length.
-#[inline(always)]
-fn fold_rows<S: Simd>(acc: &mut [f32], xs: &[f32], rows: &[&[f32]]) {
-    let lanes = f32::lanes::<S>();
-    let len = acc.len();
-    let simd_len = len / lanes * lanes;
-    if rows.len() == UNROLL {
-        let a: [_; UNROLL] = std::array::from_fn(|r| xs[r].splat::<S>());
+/// Weight rows `kk..kk + rows.len()`, columns `j0..j0 + rows[0].len()` of a `[k, n]`
+/// product.
+struct Tile<'a> {
+    rows: &'a [&'a [f32]],
+    k: usize,
+    n: usize,
+    kk: usize,
+    j0: usize,
+}
+
+impl Tile<'_> {
+    /// `acc[i] += sum_r x[i, kk + r] * rows[r]` for the `R` rows `i0..i0 + R`: `V` vectors
+    /// of columns at a time, their `R x V` accumulators in registers across the tile's rows.
+    #[inline(always)]
+    fn fold<S: Simd, const R: usize, const V: usize>(&self, acc: &mut [f32], x: &[f32], i0: usize) {
+        let (k, n, kk, j0) = (self.k, self.n, self.kk, self.j0);
+        let width = self.rows[0].len();
+        assert!((i0 + R - 1) * n + j0 + width <= acc.len());
+        assert!((i0 + R - 1) * k + kk + self.rows.len() <= x.len());
+        assert!(self.rows.iter().all(|row| row.len() == width));
+        let lanes = f32::lanes::<S>();
+        let step = V * lanes;
+        let simd_len = width / step * step;
         let mut j = 0;
         while j < simd_len {
-            // SAFETY: j + lanes <= len, and every slice has len elements.
+            // SAFETY: the asserts above bound every index: j + step <= width, i < i0 + R,
+            // r < rows.len().
             unsafe {
-                let mut v = vload_unaligned::<S, f32>(acc.as_ptr().add(j));
-                for r in 0..UNROLL {
-                    v = a[r].mul_add(vload_unaligned(rows[r].as_ptr().add(j)), v);
+                let at = |i: usize, v: usize| acc.as_ptr().add((i0 + i) * n + j0 + j + v * lanes);
+                let mut a: [[_; V]; R] = std::array::from_fn(|i| {
+                    std::array::from_fn(|v| vload_unaligned::<S, f32>(at(i, v)))
+                });
+                for (r, row) in self.rows.iter().enumerate() {
+                    let w: [_; V] = std::array::from_fn(|v| {
+                        vload_unaligned::<S, f32>(row.as_ptr().add(j + v * lanes))
+                    });
+                    for (i, a) in a.iter_mut().enumerate() {
+                        let s = x.get_unchecked((i0 + i) * k + kk + r).splat::<S>();
+                        for v in 0..V {
+                            a[v] = s.mul_add(w[v], a[v]);
+                        }
+                    }
                 }
-                vstore_unaligned::<S, f32>(acc.as_mut_ptr().add(j), v);
-            }
-            j += lanes;
-        }
-    } else {
-        for (r, row) in rows.iter().enumerate() {
-            let a = xs[r].splat::<S>();
-            let mut j = 0;
-            while j < simd_len {
-                // SAFETY: as above.
-                unsafe {
-                    let v = vload_unaligned::<S, f32>(acc.as_ptr().add(j));
-                    let v = a.mul_add(vload_unaligned(row.as_ptr().add(j)), v);
-                    vstore_unaligned::<S, f32>(acc.as_mut_ptr().add(j), v);
+                for (i, a) in a.iter().enumerate() {
+                    for (v, a) in a.iter().enumerate() {
+                        vstore_unaligned::<S, f32>(at(i, v).cast_mut(), *a);
+                    }
                 }
-                j += lanes;
             }
+            j += step;
         }
-    }
-    for j in simd_len..len {
-        for (r, row) in rows.iter().enumerate() {
-            acc[j] += xs[r] * row[j];
+        for i in i0..i0 + R {
+            for j in simd_len..width {
+                let mut sum = acc[i * n + j0 + j];
+                for (r, row) in self.rows.iter().enumerate() {
+                    sum += x[i * k + kk + r] * row[j];
+                }
+                acc[i * n + j0 + j] = sum;
+            }
         }
     }
 }
@@ -247,14 +276,8 @@ fn columns_t<'a, S: Simd>(
                 let at = (j0 + c + q) * k + k0;
                 match w_t {
                     Weights::F32(_) => {}
-                    Weights::F16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                        &v[at..at + len],
-                        &mut buffer[..len],
-                    ),
-                    Weights::Bf16(v) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                        &v[at..at + len],
-                        &mut buffer[..len],
-                    ),
+                    Weights::F16(v) => widen::f16(&v[at..at + len], &mut buffer[..len]),
+                    Weights::Bf16(v) => widen::bf16(&v[at..at + len], &mut buffer[..len]),
                 }
             }
             let mut w: [&[f32]; 4] = [&[]; 4];
@@ -415,10 +438,27 @@ fn attend<S: Simd>(
         *s = (*s - max).exp();
         sum += *s;
     }
+    for s in &mut scores {
+        *s /= sum;
+    }
+    // The weighted sum of the values is a one-row product `[1, len] x [len, d]`.
     out.fill(0.0);
-    for (j, s) in scores.iter().enumerate() {
-        let row = &values[j * value_stride..j * value_stride + d];
-        fold_rows::<S>(out, &[s / sum], &[row]);
+    let mut j = 0;
+    while j < len {
+        let count = UNROLL.min(len - j);
+        let rows: [&[f32]; UNROLL] = std::array::from_fn(|r| {
+            let at = (j + r.min(count - 1)) * value_stride;
+            &values[at..at + d]
+        });
+        let tile = Tile {
+            rows: &rows[..count],
+            k: len,
+            n: d,
+            kk: j,
+            j0: 0,
+        };
+        tile.fold::<S, 1, 1>(out, &scores, 0);
+        j += count;
     }
 }
 
@@ -441,6 +481,110 @@ fn dot<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
         total += a[j] * b[j];
     }
     total
+}
+
+/// Half-precision to f32, sixteen at a time with AVX-512 (`vcvtph2ps`, and a zero-extend
+/// and shift for bf16), eight with AVX2 and F16C, else through `half` (which also uses
+/// F16C when present, but calls a function per eight values).
+mod widen {
+    use half::{bf16, f16};
+
+    pub fn f16(src: &[f16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature is present; lengths are equal.
+                unsafe { x86::f16_avx512(src, dst) };
+                return;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                // SAFETY: as above.
+                unsafe { x86::f16_f16c(src, dst) };
+                return;
+            }
+        }
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+    }
+
+    pub fn bf16(src: &[bf16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature is present; lengths are equal.
+                unsafe { x86::bf16_avx512(src, dst) };
+                return;
+            }
+        }
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use half::{bf16, f16};
+        use std::arch::x86_64::*;
+
+        /// # Safety
+        /// AVX-512F must be present; `dst` as long as `src`.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn f16_avx512(src: &[f16], dst: &mut [f32]) {
+            let n = src.len() / 16 * 16;
+            let mut i = 0;
+            while i < n {
+                // SAFETY: i + 16 <= len for both slices; unaligned loads and stores.
+                unsafe {
+                    let v = _mm256_loadu_si256(src.as_ptr().add(i).cast());
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(v));
+                }
+                i += 16;
+            }
+            for j in n..src.len() {
+                dst[j] = src[j].to_f32();
+            }
+        }
+
+        /// # Safety
+        /// AVX2 and F16C must be present; `dst` as long as `src`.
+        #[target_feature(enable = "avx2,f16c")]
+        pub unsafe fn f16_f16c(src: &[f16], dst: &mut [f32]) {
+            let n = src.len() / 8 * 8;
+            let mut i = 0;
+            while i < n {
+                // SAFETY: i + 8 <= len for both slices; unaligned loads and stores.
+                unsafe {
+                    let v = _mm_loadu_si128(src.as_ptr().add(i).cast());
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(v));
+                }
+                i += 8;
+            }
+            for j in n..src.len() {
+                dst[j] = src[j].to_f32();
+            }
+        }
+
+        /// # Safety
+        /// AVX-512F must be present; `dst` as long as `src`.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn bf16_avx512(src: &[bf16], dst: &mut [f32]) {
+            let n = src.len() / 16 * 16;
+            let mut i = 0;
+            while i < n {
+                // SAFETY: i + 16 <= len for both slices; unaligned loads and stores.
+                unsafe {
+                    let v = _mm256_loadu_si256(src.as_ptr().add(i).cast());
+                    let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v));
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_castsi512_ps(wide));
+                }
+                i += 16;
+            }
+            for j in n..src.len() {
+                dst[j] = src[j].to_f32();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -511,6 +655,27 @@ mod tests {
                     .fold(0.0, f32::max);
                 assert!(err < 1e-4, "{weights:?} {m}x{k}x{n}: {err}");
             }
+        }
+    }
+
+    /// Widening is exact, every path and every length (tails included).
+    #[test]
+    fn widening_half_precision_is_exact() {
+        for len in [0, 1, 7, 8, 15, 16, 17, 100] {
+            let values = numbers(len, 9);
+            let h: Vec<f16> = values.iter().map(|&v| f16::from_f32(v * 100.0)).collect();
+            let b: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v * 100.0)).collect();
+            let mut out = vec![0.0; len];
+            widen::f16(&h, &mut out);
+            assert!(
+                out.iter().zip(&h).all(|(o, x)| *o == x.to_f32()),
+                "f16 {len}"
+            );
+            widen::bf16(&b, &mut out);
+            assert!(
+                out.iter().zip(&b).all(|(o, x)| *o == x.to_f32()),
+                "bf16 {len}"
+            );
         }
     }
 
