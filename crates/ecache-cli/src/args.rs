@@ -23,7 +23,7 @@ pub struct ModelArgs {
 /// Backend and precision, shared by the commands that run a model.
 #[derive(clap::Args)]
 pub struct DeviceArgs {
-    /// flex | ndarray | cuda (overrides the config's).
+    /// flex | ndarray | cuda | wgpu (overrides the config's).
     #[arg(long)]
     pub backend: Option<String>,
     /// f32 | f16 | bf16 (overrides the config's).

@@ -177,7 +177,7 @@ struct StudyArgs {
     max_new_tokens: usize,
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// flex | ndarray | cuda
+    /// flex | ndarray | cuda | wgpu
     #[arg(long)]
     backend: Option<String>,
 }

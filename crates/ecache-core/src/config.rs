@@ -38,6 +38,10 @@ pub enum BackendKind {
     Ndarray,
     /// NVIDIA GPUs (needs the `cuda` feature).
     Cuda,
+    /// Any GPU through wgpu: Vulkan, Metal, DX12 (needs the `wgpu` feature). The same
+    /// CubeCL kernels as CUDA; on a CPU-only machine Mesa's software Vulkan driver
+    /// (lavapipe) runs them, slowly: a correctness path.
+    Wgpu,
 }
 
 /// Floating-point precision of weights and activations.

@@ -22,12 +22,24 @@ pub fn on_backend<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output>
         #[cfg(not(feature = "cuda"))]
         BackendKind::Cuda => {
             drop(job);
-            Err(crate::error::ModelError::Config(
-                "backend `cuda`: this build lacks the `cuda` feature (cargo build --features cuda)"
-                    .into(),
-            ))
+            Err(missing("cuda"))
+        }
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => Ok(job.run::<burn::backend::Wgpu>(&Default::default())),
+        #[cfg(not(feature = "wgpu"))]
+        BackendKind::Wgpu => {
+            drop(job);
+            Err(missing("wgpu"))
         }
     }
+}
+
+#[allow(dead_code)]
+fn missing(feature: &str) -> crate::error::ModelError {
+    crate::error::ModelError::Config(format!(
+        "backend `{feature}`: this build lacks the `{feature}` feature \
+         (cargo build --release -p ecache-cli --features {feature})"
+    ))
 }
 
 /// Burn dtype of a configured precision.

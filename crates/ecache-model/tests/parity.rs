@@ -11,11 +11,14 @@ use ecache_core::{CachePolicy, PolicyConfig, PositionMode};
 use ecache_model::{Llava, LlavaConfig, PromptTokenizer, Session, splice};
 use safetensors::SafeTensors;
 
-/// The CPU backend, or CUDA when built with `--features cuda` (tools/gpu-check.sh).
-#[cfg(not(feature = "cuda"))]
+/// The CPU backend, or CUDA when built with `--features cuda` (tools/gpu-check.sh), or
+/// wgpu with `--features wgpu` (.ci/run, on Mesa's software Vulkan driver).
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 type B = burn::backend::Flex;
 #[cfg(feature = "cuda")]
 type B = burn::backend::Cuda;
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+type B = burn::backend::Wgpu;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -263,7 +266,13 @@ fn half_precision_stays_close_to_f32() {
     let device = Default::default();
     let expected = Expected::load(&dir);
     let (_, want) = expected.tensor("prompt_logits");
-    for (dtype, tolerance) in [(DType::F16, 0.05), (DType::BF16, 0.4)] {
+    // wgpu has no bf16 (WGSL lacks the type).
+    let dtypes: &[(DType, f32)] = if cfg!(all(feature = "wgpu", not(feature = "cuda"))) {
+        &[(DType::F16, 0.05)]
+    } else {
+        &[(DType::F16, 0.05), (DType::BF16, 0.4)]
+    };
+    for &(dtype, tolerance) in dtypes {
         let (model, config) = Llava::<B>::load(&dir, &device, dtype).unwrap();
         let tokenizer = PromptTokenizer::load(&dir, config.image_token_id).unwrap();
         let (shape, data) = expected.tensor("pixel_values");

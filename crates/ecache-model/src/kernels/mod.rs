@@ -4,11 +4,14 @@
 //! every other backend gets the fallback.
 //!
 //! - [`KernelBackend::skinny_matmul`]: a product with few rows (a decode step's batch),
-//!   streaming each weight once for all rows. On flex: [`flex`].
+//!   streaming each weight once for all rows. On flex: [`flex`]; on CUDA and wgpu: `cube`
+//!   (with the `cuda` or `wgpu` feature).
 //! - [`KernelBackend::decode_attention`]: one query row per sequence over that sequence's own
 //!   cache, every sequence and head in one pass. On flex: [`flex`].
 
 pub mod cpu;
+#[cfg(feature = "cube")]
+pub mod cube;
 pub mod flex;
 
 use burn::nn::Linear;
@@ -53,8 +56,7 @@ pub trait KernelBackend: Backend {
 
 impl KernelBackend for burn::backend::NdArray {}
 
-#[cfg(feature = "cuda")]
-impl KernelBackend for burn::backend::Cuda {}
+// CUDA and wgpu (burn's `CubeBackend` behind its fusion layer): `cube`.
 
 /// Training differentiates through the fallbacks.
 impl<B: KernelBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
