@@ -61,6 +61,22 @@ fn an_answer_equals_a_plain_sessions_and_streams_its_text() {
     assert_eq!(e.generate(chat).unwrap().tokens, done.tokens);
 }
 
+/// A full cache reports budget 1 even when its config carries another budget (the default
+/// config's 0.2); a budgeted policy reports its own.
+#[test]
+fn a_full_cache_reports_budget_one_whatever_its_config_says() {
+    let png = &scenes(1)[0];
+    let e = engine(|_| {});
+    let full = e
+        .generate(ask(png, DESCRIBE, Some(PolicyConfig::new("full", 0.2)), 4))
+        .unwrap();
+    assert_eq!(full.stats.budget, 1.0);
+    let ours = e
+        .generate(ask(png, DESCRIBE, Some(elastic(0.2)), 4))
+        .unwrap();
+    assert_eq!(ours.stats.budget, 0.2);
+}
+
 #[test]
 fn mixed_policies_in_flight_together_each_get_their_solo_answer() {
     let pngs = scenes(8);
