@@ -34,7 +34,8 @@ pub fn on_backend<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output>
     }
 }
 
-#[allow(dead_code)]
+/// The error for a backend whose feature this build lacks.
+#[cfg(not(all(feature = "cuda", feature = "wgpu")))]
 fn missing(feature: &str) -> crate::error::ModelError {
     crate::error::ModelError::Config(format!(
         "backend `{feature}`: this build lacks the `{feature}` feature \

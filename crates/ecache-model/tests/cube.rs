@@ -6,7 +6,7 @@
 
 use burn::module::Param;
 use burn::nn::Linear;
-use burn::tensor::{DType, Distribution, ElementConversion, Tensor, TensorData};
+use burn::tensor::{DType, Distribution, ElementConversion, Tensor};
 use ecache_model::kernels::cube::CUBE_ROWS;
 use ecache_model::kernels::{KernelBackend, linear};
 
@@ -19,26 +19,13 @@ type Fused = burn::backend::Wgpu;
 #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
 type Plain = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
 
-/// Pseudo-random numbers from a seed (host side, so both products see the same data).
-fn numbers(len: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
-
 /// The largest difference between `B::skinny_matmul` and `matmul` over shapes with
 /// remainders in every dimension (columns not a multiple of 32, rows over one block of
 /// `CUBE_ROWS`, inner dimension not a multiple of the 8 slices), in `dtype`.
 fn worst_difference<B: KernelBackend>(dtype: DType) -> f32 {
     let device = Default::default();
+    B::seed(&device, 1);
+    let uniform = Distribution::Uniform(-0.5, 0.5);
     let mut worst = 0.0f32;
     for (m, k, n) in [
         (1, 64, 300),
@@ -46,10 +33,8 @@ fn worst_difference<B: KernelBackend>(dtype: DType) -> f32 {
         (CUBE_ROWS, 1027, 1029),
         (11, 96, 33),
     ] {
-        let x = Tensor::<B, 2>::from_data(TensorData::new(numbers(m * k, 1), [m, k]), &device)
-            .cast(dtype);
-        let w = Tensor::<B, 2>::from_data(TensorData::new(numbers(k * n, 2), [k, n]), &device)
-            .cast(dtype);
+        let x = Tensor::<B, 2>::random([m, k], uniform, &device).cast(dtype);
+        let w = Tensor::<B, 2>::random([k, n], uniform, &device).cast(dtype);
         let ours = B::skinny_matmul(x.clone(), w.clone());
         assert_eq!(ours.dims(), [m, n]);
         assert_eq!(ours.dtype(), dtype);

@@ -17,13 +17,28 @@ pub enum Weights<'a> {
     Bf16(&'a [bf16]),
 }
 
-impl Weights<'_> {
+impl<'a> Weights<'a> {
     fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
             Weights::F16(w) => w.len(),
             Weights::Bf16(w) => w.len(),
         }
+    }
+
+    /// Elements `at..at + len` in f32: borrowed where stored in f32, else widened into
+    /// `buffer` (at least `len` long).
+    fn f32_run<'b>(self, at: usize, len: usize, buffer: &'b mut [f32]) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        let buffer = &mut buffer[..len];
+        match self {
+            Weights::F32(v) => return &v[at..at + len],
+            Weights::F16(v) => widen::f16(&v[at..at + len], buffer),
+            Weights::Bf16(v) => widen::bf16(&v[at..at + len], buffer),
+        }
+        buffer
     }
 }
 
@@ -64,10 +79,7 @@ pub fn skinny_matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, ou
         .map(|t| {
             let (k0, k1) = ((t * per_task).min(k), ((t + 1) * per_task).min(k));
             let mut acc = vec![0.0f32; m * n];
-            let mut scratch = match w {
-                Weights::F32(_) => Vec::new(),
-                _ => vec![0.0f32; UNROLL * COLUMNS],
-            };
+            let mut scratch = vec![0.0f32; UNROLL * COLUMNS];
             rows_range(x, m, k, w, n, k0, k1, &mut acc, &mut scratch);
             acc
         })
@@ -101,24 +113,14 @@ fn rows_range<'a, S: Simd>(
         let mut j0 = 0;
         while j0 < n {
             let width = COLUMNS.min(n - j0);
-            if !matches!(w, Weights::F32(_)) {
-                for r in 0..rows {
-                    let at = (kk + r) * n + j0;
-                    let dst = &mut scratch[r * COLUMNS..r * COLUMNS + width];
-                    match w {
-                        Weights::F16(v) => widen::f16(&v[at..at + width], dst),
-                        Weights::Bf16(v) => widen::bf16(&v[at..at + width], dst),
-                        Weights::F32(_) => {}
-                    }
-                }
-            }
             let mut slices: [&[f32]; UNROLL] = [&[]; UNROLL];
-            for (r, slice) in slices.iter_mut().enumerate().take(rows) {
-                let at = (kk + r) * n + j0;
-                *slice = match w {
-                    Weights::F32(v) => &v[at..at + width],
-                    _ => &scratch[r * COLUMNS..r * COLUMNS + width],
-                };
+            for (r, (slice, buffer)) in slices
+                .iter_mut()
+                .zip(scratch.chunks_mut(COLUMNS))
+                .enumerate()
+                .take(rows)
+            {
+                *slice = w.f32_run((kk + r) * n + j0, width, buffer);
             }
             let tile = Tile {
                 rows: &slices[..rows],
@@ -272,21 +274,9 @@ fn columns_t<'a, S: Simd>(
         let mut k0 = 0;
         while k0 < k {
             let len = CHUNK.min(k - k0);
-            for (q, buffer) in widened.iter_mut().enumerate().take(cols) {
-                let at = (j0 + c + q) * k + k0;
-                match w_t {
-                    Weights::F32(_) => {}
-                    Weights::F16(v) => widen::f16(&v[at..at + len], &mut buffer[..len]),
-                    Weights::Bf16(v) => widen::bf16(&v[at..at + len], &mut buffer[..len]),
-                }
-            }
             let mut w: [&[f32]; 4] = [&[]; 4];
-            for (q, slot) in w.iter_mut().enumerate().take(cols) {
-                let at = (j0 + c + q) * k + k0;
-                *slot = match w_t {
-                    Weights::F32(v) => &v[at..at + len],
-                    _ => &widened[q][..len],
-                };
+            for (q, (slot, buffer)) in w.iter_mut().zip(widened.iter_mut()).enumerate().take(cols) {
+                *slot = w_t.f32_run((j0 + c + q) * k + k0, len, buffer);
             }
             let mut i = 0;
             while i < m {
