@@ -219,7 +219,8 @@ const CHUNK: usize = 512;
 /// layer's weight (`[n, k]`: each output column's `k` weights contiguous): every weight is
 /// read once, in memory order, for all rows; tasks take groups of output columns; each
 /// computes four columns by up to four rows at a time in registers, half-precision weights
-/// widened to f32 a chunk at a time. The decode projections' layout (docs/performance.md).
+/// widened to f32 a chunk at a time. Used for a tied LM head (the embedding table seen
+/// transposed); the loader stores linear layers row-major, for [`skinny_matmul`].
 ///
 /// # Shapes
 /// - `x`: `[m, k]` row-major; `w_t`: `[n, k]` row-major; `out`: `[m, n]` row-major

@@ -94,8 +94,9 @@ fn primitive(t: &Tensor<Flex, 4>) -> FlexTensor {
     t.clone().into_primitive().tensor()
 }
 
-/// A `[k, n]` weight buffer the skinny product reads: row-major (`false`), or stored
-/// transposed as `[n, k]` row-major (`true`, the layout the loader keeps).
+/// A `[k, n]` weight buffer the skinny product reads: row-major (`false`, as the loader
+/// stores linear layers), or stored transposed as `[n, k]` row-major (`true`: a tied LM
+/// head, the embedding table seen transposed).
 fn weight_slice(t: &FlexTensor, k: usize, n: usize) -> Option<(Weights<'_>, bool)> {
     let layout = t.layout();
     let strides = layout.strides();
