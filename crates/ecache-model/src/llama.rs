@@ -90,6 +90,11 @@ impl<B: Backend> LlamaLayer<B> {
 }
 
 impl<B: KernelBackend> LlamaLayer<B> {
+    /// Attention's score scale, `1 / sqrt(head_dim)`.
+    fn scale(&self) -> f64 {
+        (self.head_dim as f64).powf(-0.5)
+    }
+
     /// Runs the layer on `t` new tokens per sequence: their keys and values are appended to
     /// `cache` (keys after RoPE) and they attend to every slot the cache holds before them.
     ///
@@ -196,7 +201,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
         } else {
             let keys: Vec<_> = caches.iter().map(|c| c.keys()).collect();
             let values: Vec<_> = caches.iter().map(|c| c.values()).collect();
-            B::decode_attention(&q, &keys, &values, (self.head_dim as f64).powf(-0.5))
+            B::decode_attention(&q, &keys, &values, self.scale())
         };
         let attn = match fused {
             Some(attn) => attn,
@@ -289,7 +294,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
             }
         };
         let options = AttentionModuleOptions {
-            scale: Some((self.head_dim as f64).powf(-0.5)),
+            scale: Some(self.scale()),
             softcap: None,
             is_causal,
         };
@@ -382,7 +387,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
         // Query head `g * rep + r` becomes rows `r * t .. (r + 1) * t` of group `g`.
         let q = q.reshape([b, kv, rep * t, d]);
         let dtype = q.dtype();
-        let logits = (q.matmul(keys.swap_dims(2, 3)) * (d as f64).powf(-0.5)).cast(DType::F32);
+        let logits = (q.matmul(keys.swap_dims(2, 3)) * self.scale()).cast(DType::F32);
         let logits = match mask {
             Some(mask) if rep > 1 => logits.mask_fill(mask.repeat_dim(2, rep), f32::NEG_INFINITY),
             Some(mask) => logits.mask_fill(mask, f32::NEG_INFINITY),
