@@ -3,6 +3,7 @@
 //! The `ecache` binary's building blocks: the registry of built-in policies and the
 //! commands' input and output formats. No numerics live here.
 
+pub mod alloc;
 pub mod args;
 pub mod backend;
 pub mod bench;

@@ -480,6 +480,7 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
 }
 
 fn main() -> ExitCode {
+    ecache_cli::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Trace(args) => trace_command(args),
