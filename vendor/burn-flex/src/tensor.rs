@@ -252,7 +252,16 @@ impl FlexTensor {
     pub fn empty(shape: Shape, dtype: DType) -> Self {
         let num_elements = shape.num_elements();
         let elem_size = dtype_size(dtype);
-        let bytes = Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * elem_size]);
+        // ecache patch: `Bytes::from_bytes_vec` of a `Vec<u8>` (alignment 1) copied every
+        // new buffer into a fresh `MAX_ALIGN` allocation: each matmul output, twice written.
+        // A zeroed vector of an element type of the dtype's size is aligned for it, which
+        // is what `from_elems` records and what reading it back as that type requires.
+        let bytes = match elem_size {
+            2 => Bytes::from_elems(alloc::vec![0u16; num_elements]),
+            4 => Bytes::from_elems(alloc::vec![0u32; num_elements]),
+            8 => Bytes::from_elems(alloc::vec![0u64; num_elements]),
+            _ => Bytes::from_bytes_vec(alloc::vec![0u8; num_elements * elem_size]),
+        };
         let layout = Layout::contiguous(shape);
         Self {
             data: Arc::new(bytes),
