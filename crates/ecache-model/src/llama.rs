@@ -410,7 +410,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
             .reshape([b, t, self.heads * self.head_dim]);
         let x = x + linear(&self.o_proj, attn);
         let h = self.post_attention_layernorm.forward(x.clone());
-        let mlp = activation::silu(linear(&self.gate_proj, h.clone())) * linear(&self.up_proj, h);
+        let mlp = B::swiglu(linear(&self.gate_proj, h.clone()), linear(&self.up_proj, h));
         x + linear(&self.down_proj, mlp)
     }
 }

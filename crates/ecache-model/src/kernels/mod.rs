@@ -8,14 +8,17 @@
 //!   (with the `cuda` or `wgpu` feature).
 //! - [`KernelBackend::decode_attention`]: one query row per sequence over that sequence's own
 //!   cache, every sequence and head in one pass. On flex: [`flex`].
+//! - [`KernelBackend::swiglu`]: the MLP's `silu(gate) * up` in one pass. On flex:
+//!   [`activation`].
 
+pub mod activation;
 pub mod cpu;
 #[cfg(feature = "cube")]
 pub mod cube;
 pub mod flex;
 
 use burn::nn::Linear;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor, activation::silu, backend::Backend};
 
 /// A backend the model runs on, with the kernels it may override.
 pub trait KernelBackend: Backend {
@@ -51,6 +54,14 @@ pub trait KernelBackend: Backend {
     ) -> Option<Tensor<Self, 4>> {
         let _ = (q, keys, values, scale);
         None
+    }
+
+    /// The gated MLP's activation, `silu(gate) * up` element by element.
+    ///
+    /// # Shapes
+    /// - `gate`, `up`: `[batch, t, intermediate]` -> `[batch, t, intermediate]`
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        silu(gate) * up
     }
 }
 
