@@ -412,6 +412,106 @@ trait FlashGemm: Float + Pod + Copy + core::ops::AddAssign {
     /// # Safety
     /// All pointers must be valid for the given dimensions and strides.
     unsafe fn block_gemm(args: BlockGemmArgs<Self>);
+
+    /// ecache patch: the largest element of `row` (`-inf` for none; NaN ignored), over
+    /// independent lanes so that the loop vectorises.
+    fn row_max(row: &[Self]) -> Self {
+        let mut lanes = [Self::neg_infinity(); LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (lane, &x) in lanes.iter_mut().zip(chunk) {
+                if x > *lane {
+                    *lane = x;
+                }
+            }
+        }
+        let mut max = Self::neg_infinity();
+        for &x in lanes.iter().chain(chunks.remainder()) {
+            if x > max {
+                max = x;
+            }
+        }
+        max
+    }
+
+    /// ecache patch: `row[i] = exp(row[i] - shift)`, and the sum of the new row.
+    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
+        for x in row.iter_mut() {
+            *x = (*x - shift).exp();
+        }
+        lane_sum(row)
+    }
+}
+
+/// ecache patch: lanes of the vectorisable row loops (16 f32 fill an AVX-512 register).
+const LANES: usize = 16;
+
+/// ecache patch: the sum of `row` over independent lanes (vectorises; the order of the
+/// additions differs from a sequential sum by rounding only).
+#[inline(always)]
+fn lane_sum<T: Float + core::ops::AddAssign>(row: &[T]) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += x;
+        }
+    }
+    let mut sum = T::zero();
+    for &x in lanes.iter().chain(chunks.remainder()) {
+        sum += x;
+    }
+    sum
+}
+
+/// ecache patch: `e^x` in f32 within 2 ulp (Cephes' `expf` reduction and polynomial),
+/// branch-free so that a loop of it vectorises; 0 below -87.3 (where `e^x` is subnormal;
+/// `exp(-inf)` is 0, so masked scores weigh nothing), about `3.3e38` above 88.7, NaN stays
+/// NaN. The same function as `ecache_model::kernels::activation::exp`, tested there.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = core::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0;
+    let input = x;
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let n = n as i32;
+    let half = n / 2;
+    let scale = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+    let y = er * scale(half) * scale(n - half);
+    // Below the range the result would be subnormal or 0: flushed to 0 (a select, not a
+    // branch).
+    if input < -87.3 { 0.0 } else { y }
+}
+
+/// ecache patch: [`FlashGemm::exp_shifted_sum`] for f32 with [`exp_f32`], compiled for
+/// the machine's widest SIMD level.
+#[cfg(feature = "simd")]
+#[allow(clippy::extra_unused_type_parameters)]
+#[macerator::with_simd]
+fn exp_shifted_sum_f32<S: macerator::Simd>(row: &mut [f32], shift: f32) -> f32 {
+    for x in row.iter_mut() {
+        *x = exp_f32(*x - shift);
+    }
+    lane_sum(row)
+}
+
+#[cfg(not(feature = "simd"))]
+fn exp_shifted_sum_f32(row: &mut [f32], shift: f32) -> f32 {
+    for x in row.iter_mut() {
+        *x = exp_f32(*x - shift);
+    }
+    lane_sum(row)
 }
 
 /// Arguments for a block matrix multiply: dst = alpha * dst + beta * (lhs @ rhs).
@@ -434,8 +534,14 @@ struct BlockGemmArgs<T> {
 }
 
 macro_rules! impl_flash_gemm {
-    ($ty:ty) => {
+    ($ty:ty $(, $exp_shifted_sum:path)?) => {
         impl FlashGemm for $ty {
+            $(
+                fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
+                    $exp_shifted_sum(row, shift)
+                }
+            )?
+
             unsafe fn block_gemm(a: BlockGemmArgs<Self>) {
                 unsafe {
                     gemm::gemm(
@@ -465,7 +571,7 @@ macro_rules! impl_flash_gemm {
     };
 }
 
-impl_flash_gemm!(f32);
+impl_flash_gemm!(f32, exp_shifted_sum_f32);
 impl_flash_gemm!(f64);
 
 /// Scratch buffers reused across (batch, head) pairs to avoid per-head allocation.
@@ -578,37 +684,40 @@ fn flash_attention_head<T: FlashGemm>(
         for qi in row_start..seq_q {
             let score_row = &mut scores[qi * tile_kv..(qi + 1) * tile_kv];
 
-            let mut tile_max = neg_inf;
-
-            for (ki, score) in score_row.iter_mut().enumerate() {
-                let kv_idx = kv_start + ki;
-                let mut val = *score * scale;
-
-                if let Some(cap) = softcap {
-                    val = cap * (val / cap).tanh();
-                }
-
-                if let Some(m) = mask
-                    && m[qi * seq_kv + kv_idx] != 0
-                {
-                    val = neg_inf;
-                }
-
-                if let Some(offset) = causal_offset
-                    && (kv_idx as isize) > (qi as isize) + offset
-                {
-                    val = neg_inf;
-                }
-
-                if let Some(b) = bias {
-                    val += b[qi * seq_kv + kv_idx];
-                }
-
-                *score = val;
-                if val > tile_max {
-                    tile_max = val;
+            // ecache patch: each step a separate pass over the row (the same operations in
+            // the same order per element as the element-by-element loop they replace), so
+            // that each vectorises; the causal mask is a cut, not a test per element.
+            for score in score_row.iter_mut() {
+                *score = *score * scale;
+            }
+            if let Some(cap) = softcap {
+                for score in score_row.iter_mut() {
+                    *score = cap * (*score / cap).tanh();
                 }
             }
+            if let Some(m) = mask {
+                let m = &m[qi * seq_kv + kv_start..qi * seq_kv + kv_end];
+                for (score, &hidden) in score_row.iter_mut().zip(m) {
+                    if hidden != 0 {
+                        *score = neg_inf;
+                    }
+                }
+            }
+            if let Some(offset) = causal_offset {
+                // Key `kv_start + ki` is visible to query `qi` when `kv_start + ki <= qi + offset`.
+                let visible = (qi as isize + offset + 1 - kv_start as isize)
+                    .clamp(0, tile_kv as isize) as usize;
+                for score in &mut score_row[visible..] {
+                    *score = neg_inf;
+                }
+            }
+            if let Some(b) = bias {
+                let b = &b[qi * seq_kv + kv_start..qi * seq_kv + kv_end];
+                for (score, &add) in score_row.iter_mut().zip(b) {
+                    *score += add;
+                }
+            }
+            let tile_max = T::row_max(score_row);
 
             if tile_max == neg_inf {
                 // All masked: zero out scores so gemm contributes nothing
@@ -624,12 +733,7 @@ fn flash_attention_head<T: FlashGemm>(
                 tile_max
             };
 
-            let mut tile_sum = T::zero();
-            for score in score_row.iter_mut() {
-                let e = (*score - new_max).exp();
-                *score = e;
-                tile_sum += e;
-            }
+            let tile_sum = T::exp_shifted_sum(score_row, new_max);
 
             let correction = if row_max[qi] == neg_inf {
                 T::zero()
