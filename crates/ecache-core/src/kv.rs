@@ -180,15 +180,22 @@ impl<B: Backend> LayerCache<B> {
         for (table, pos) in self.tables.iter().zip(positions) {
             table.check_push(pos, kinds)?;
         }
-        self.reserve(self.max_len() + t);
         let lens: Vec<usize> = self.tables.iter().map(SlotTable::len).collect();
-        if lens.iter().all(|&l| l == lens[0]) {
+        if self.max_len() == 0 && t >= self.capacity() && keys.dtype() == self.keys.dtype() {
+            // An empty cache given at least its capacity (a prefill) takes the new keys and
+            // values as its buffers: growing a buffer and copying them in would cost two
+            // copies of each for the same contents.
+            self.keys = keys;
+            self.values = values;
+        } else if lens.iter().all(|&l| l == lens[0]) {
+            self.reserve(self.max_len() + t);
             let at = lens[0]..lens[0] + t;
             self.keys =
                 take(&mut self.keys).slice_assign([0..batch, 0..heads, at.clone(), 0..dim], keys);
             self.values =
                 take(&mut self.values).slice_assign([0..batch, 0..heads, at, 0..dim], values);
         } else {
+            self.reserve(self.max_len() + t);
             for (b, &len) in lens.iter().enumerate() {
                 let region = [b..b + 1, 0..heads, len..len + t, 0..dim];
                 let k = keys.clone().narrow(0, b, 1);
@@ -471,6 +478,40 @@ mod tests {
             data[6..8],
             "the view still reads the old rows"
         );
+    }
+
+    /// A prompt of at least the capacity, appended to an empty cache, becomes its buffers
+    /// (no copy); the next appends land after it, and the caller's handle on the prompt's
+    /// keys is not written through.
+    #[test]
+    fn a_prefill_into_an_empty_cache_keeps_its_rows_and_the_next_appends() {
+        let device = Default::default();
+        let mut cache = empty(1, 4, false);
+        let data: Vec<f32> = (0..6 * 2 * 3).map(|x| x as f32).collect();
+        let prompt = Tensor::<B, 4>::from_data(TensorData::new(data, [1, 2, 6, 3]), &device);
+        let positions: Vec<usize> = (0..6).collect();
+        cache
+            .append(
+                prompt.clone(),
+                -prompt.clone(),
+                &[&positions],
+                &[SlotKind::Text; 6],
+            )
+            .unwrap();
+        assert_eq!(cache.capacity(), 6);
+        append_numbered(&mut cache, 6);
+        append_numbered(&mut cache, 7);
+        assert_eq!(cache.len(0), 8);
+        // Head 1, dim 2 of prompt token i is 6 * 3 + 3 i + 2.
+        let want: Vec<f32> = (0..6)
+            .map(|i| (20 + 3 * i) as f32)
+            .chain([6.0, 7.0])
+            .collect();
+        assert_eq!(column(&cache, 0, false), want);
+        let negated: Vec<f32> = want.iter().map(|x| -x).collect();
+        assert_eq!(column(&cache, 0, true), negated);
+        let untouched: Vec<f32> = prompt.into_data().into_vec().unwrap();
+        assert_eq!(untouched, (0..36).map(|x| x as f32).collect::<Vec<_>>());
     }
 
     #[test]

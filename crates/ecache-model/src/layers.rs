@@ -7,6 +7,7 @@ use burn::tensor::{DType, Tensor, TensorData, activation, backend::Backend};
 
 use crate::config::Activation;
 use crate::error::Result;
+use crate::kernels::KernelBackend;
 use crate::weights::Checkpoint;
 
 /// Where and how weights are loaded.
@@ -175,7 +176,13 @@ impl<B: Backend> RopeTables<B> {
     /// # Shapes
     /// - `x`: `[batch, t, heads, head_dim]` (a projection's output, reshaped)
     /// - returns `[batch, heads, t, head_dim]`
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4>
+    where
+        B: KernelBackend,
+    {
+        if let Some(out) = B::rope(&x, &self.one.cos, &self.one.sin_signed) {
+            return out;
+        }
         let [b, t, h, d] = x.dims();
         let built;
         let table = match self.by_heads.iter().find(|(heads, _)| *heads == h) {

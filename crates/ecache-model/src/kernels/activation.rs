@@ -27,6 +27,29 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         .for_each(|(out, (gate, up))| swiglu_run(gate, up, out));
 }
 
+/// [`swiglu`] with the result written over `gate`.
+///
+/// # Shapes
+/// - `gate`, `up`: the same length
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up have one length");
+    if gate.len() < PARALLEL_WORK {
+        swiglu_in_place_run(gate, up);
+        return;
+    }
+    gate.par_chunks_mut(CHUNK)
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|(gate, up)| swiglu_in_place_run(gate, up));
+}
+
+#[allow(clippy::extra_unused_type_parameters)]
+#[macerator::with_simd]
+fn swiglu_in_place_run<S: macerator::Simd>(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp(-*g)) * u;
+    }
+}
+
 /// One run of [`swiglu`], compiled for the machine's widest SIMD level; the loop is plain
 /// arithmetic, which the compiler vectorises at that width (`S` is unused in the body: it
 /// only selects the target features the body is compiled with).
@@ -40,9 +63,9 @@ fn swiglu_run<S: macerator::Simd>(gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 /// `e^x` in f32 within 2 ulp over the whole range (Cephes' `expf` reduction and
 /// polynomial): `x = n ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` by a degree-6 polynomial,
-/// `2^n` put into the exponent bits. Inputs past the range saturate: `e^x` for `x < -87.3`
-/// is the smallest normal float's order (not 0) and for `x > 88.7` about `3.3e38` (not
-/// infinity); NaN stays NaN. Branch-free, so a loop of it vectorises.
+/// `2^n` put into the exponent bits. Past the range: 0 for `x < -87.3` (where `e^x` is
+/// subnormal), about `3.3e38` for `x > 88.7` (not infinity); NaN stays NaN. Branch-free,
+/// so a loop of it vectorises.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -51,6 +74,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
+    let input = x;
     let x = x.clamp(-87.3, 88.7);
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -65,7 +89,10 @@ pub fn exp(x: f32) -> f32 {
     let n = n as i32;
     let half = n / 2;
     let scale = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
-    er * scale(half) * scale(n - half)
+    let y = er * scale(half) * scale(n - half);
+    // Below the range the result would be subnormal or 0: flushed to 0 (a select, not a
+    // branch).
+    if input < -87.3 { 0.0 } else { y }
 }
 
 #[cfg(test)]
@@ -79,8 +106,8 @@ mod tests {
         (got as f64 - want).abs() / ulp
     }
 
-    /// Within 2 ulp of f64's `exp` on a dense grid of the whole range, and saturating
-    /// (finite, positive) beyond it.
+    /// Within 2 ulp of f64's `exp` on a dense grid of the whole range; 0 below it (as
+    /// `e^-inf`), finite above it.
     #[test]
     fn exp_is_within_two_ulp_of_f64() {
         let mut worst = (0.0, 0.0f32);
@@ -94,9 +121,12 @@ mod tests {
         }
         assert!(worst.0 <= 2.0, "{} ulp at x = {}", worst.0, worst.1);
         assert_eq!(exp(0.0), 1.0);
-        for x in [-1e30, -200.0, -88.0, 89.0, 200.0, f32::INFINITY] {
+        for x in [f32::NEG_INFINITY, -1e30, -200.0, -88.0] {
+            assert_eq!(exp(x), 0.0, "exp({x})");
+        }
+        for x in [89.0, 200.0, f32::INFINITY] {
             let e = exp(x);
-            assert!(e.is_finite() && e > 0.0, "exp({x}) = {e}");
+            assert!(e.is_finite() && e > 3e38, "exp({x}) = {e}");
         }
         assert!(exp(f32::NAN).is_nan());
     }

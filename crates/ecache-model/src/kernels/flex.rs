@@ -1,11 +1,12 @@
 //! The flex backend's kernels: its buffers handed to [`super::cpu`].
 
 use burn::backend::Flex;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use half::{bf16, f16};
 
 use super::cpu::{self, CacheView, Weights};
+use super::rope::{self, RopeShape};
 use super::{KernelBackend, activation};
 
 /// Rows up to which the skinny product is used. In isolation it beats flex's GEMM up to 64
@@ -90,17 +91,52 @@ impl KernelBackend for Flex {
     }
 
     fn swiglu(gate: Tensor<Flex, 3>, up: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
-        let shape = gate.dims();
-        let (g, u) = (primitive(&gate), primitive(&up));
-        let (Some(gs), Some(us)) = (contiguous_f32(&g), contiguous_f32(&u)) else {
+        let u = primitive(&up);
+        let Some(us) = contiguous_f32(&u) else {
             return burn::tensor::activation::silu(gate) * up;
         };
-        if gs.len() != us.len() {
-            return burn::tensor::activation::silu(gate) * up;
+        // In place in the gate's buffer when nothing else holds it (a projection's fresh
+        // output): no new buffer to zero and write.
+        let mut g = gate.into_primitive().tensor();
+        if g.is_unique() && contiguous_f32(&g).is_some_and(|gs| gs.len() == us.len()) {
+            let start = g.layout().start_offset();
+            let n = us.len();
+            activation::swiglu_in_place(&mut g.storage_mut::<f32>()[start..start + n], us);
+            return Tensor::from_primitive(TensorPrimitive::Float(g));
         }
+        let Some(gs) = contiguous_f32(&g).filter(|gs| gs.len() == us.len()) else {
+            let gate = Tensor::from_primitive(TensorPrimitive::Float(g));
+            return burn::tensor::activation::silu(gate) * up;
+        };
         let mut out = vec![0.0f32; gs.len()];
         activation::swiglu(gs, us, &mut out);
-        Tensor::from_data(TensorData::new(out, shape), &Default::default())
+        Tensor::from_data(
+            TensorData::new(out, u.layout().shape().clone()),
+            &Default::default(),
+        )
+    }
+
+    fn rope(
+        x: &Tensor<Flex, 4>,
+        cos: &Tensor<Flex, 4>,
+        sin: &Tensor<Flex, 4>,
+    ) -> Option<Tensor<Flex, 4>> {
+        let [batch, t, heads, d] = x.dims();
+        if cos.dims() != [batch, t, 1, d] || sin.dims() != [batch, t, 1, d] {
+            return None;
+        }
+        let (xt, ct, st) = (primitive(x), primitive(cos), primitive(sin));
+        let (xs, cs, ss) = (
+            contiguous_f32(&xt)?,
+            contiguous_f32(&ct)?,
+            contiguous_f32(&st)?,
+        );
+        let mut out = vec![0.0f32; xs.len()];
+        rope::rope(xs, cs, ss, RopeShape { batch, t, heads, d }, &mut out);
+        Some(Tensor::from_data(
+            TensorData::new(out, [batch, heads, t, d]),
+            &Default::default(),
+        ))
     }
 }
 
@@ -214,8 +250,9 @@ mod tests {
         }
     }
 
-    /// The fused SwiGLU equals burn's `silu(gate) * up`, on contiguous tensors (the
-    /// kernel) and on a transposed view (the fallback).
+    /// The fused SwiGLU equals burn's `silu(gate) * up`: in place on a gate nothing else
+    /// holds, into a new buffer when the gate is shared, and through the fallback on a
+    /// transposed view; a shared gate keeps its values.
     #[test]
     fn swiglu_equals_silu_times_up() {
         let device = Default::default();
@@ -223,9 +260,15 @@ mod tests {
             Tensor::<Flex, 3>::random([2, 300, 700], Distribution::Normal(0.0, 4.0), &device);
         let up = Tensor::<Flex, 3>::random([2, 300, 700], Distribution::Normal(0.0, 1.0), &device);
         let want = activation::silu(gate.clone()) * up.clone();
+        let before: Vec<f32> = gate.clone().into_data().to_vec().unwrap();
         let got = Flex::swiglu(gate.clone(), up.clone());
+        let diff: f32 = (got - want.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-5, "shared gate: {diff}");
+        assert_eq!(gate.clone().into_data().to_vec::<f32>().unwrap(), before);
+        let fresh = gate.clone() * 1.0;
+        let got = Flex::swiglu(fresh, up.clone());
         let diff: f32 = (got - want).abs().max().into_scalar();
-        assert!(diff < 1e-5, "contiguous: {diff}");
+        assert!(diff < 1e-5, "unique gate: {diff}");
         let (gate_t, up_t) = (gate.swap_dims(1, 2), up.swap_dims(1, 2));
         let want = activation::silu(gate_t.clone()) * up_t.clone();
         let diff: f32 = (Flex::swiglu(gate_t, up_t) - want)
@@ -233,6 +276,38 @@ mod tests {
             .max()
             .into_scalar();
         assert!(diff < 1e-5, "transposed: {diff}");
+    }
+
+    /// The RoPE kernel equals the burn operations it replaces, bit for bit (the same
+    /// products and sum per element), over several sequences, heads and tokens, both at a
+    /// size run on one thread and at one split across threads; a strided input falls back.
+    #[test]
+    fn rope_equals_the_burn_operations() {
+        let device = Default::default();
+        for [batch, t, heads, d] in [[2, 5, 3, 8], [1, 300, 16, 64]] {
+            let normal = Distribution::Normal(0.0, 1.0);
+            let x = Tensor::<Flex, 4>::random([batch, t, heads, d], normal, &device);
+            let cos = Tensor::<Flex, 4>::random([batch, t, 1, d], normal, &device);
+            let sin = Tensor::<Flex, 4>::random([batch, t, 1, d], normal, &device);
+            let got = Flex::rope(&x, &cos, &sin).expect("contiguous f32");
+            let rotated = Tensor::cat(
+                vec![
+                    x.clone().narrow(3, d / 2, d / 2),
+                    x.clone().narrow(3, 0, d / 2),
+                ],
+                3,
+            );
+            let want = (x.clone() * cos.clone().repeat_dim(2, heads)
+                + rotated * sin.clone().repeat_dim(2, heads))
+            .swap_dims(1, 2);
+            assert_eq!(got.dims(), [batch, heads, t, d]);
+            let (got, want): (Vec<f32>, Vec<f32>) = (
+                got.into_data().to_vec().unwrap(),
+                want.into_data().to_vec().unwrap(),
+            );
+            assert_eq!(got, want, "{batch} x {t} x {heads} x {d}");
+            assert!(Flex::rope(&x.swap_dims(1, 2), &cos, &sin).is_none());
+        }
     }
 
     /// Three sequences of different lengths, grouped-query heads, keys in buffers with

@@ -10,12 +10,15 @@
 //!   cache, every sequence and head in one pass. On flex: [`flex`].
 //! - [`KernelBackend::swiglu`]: the MLP's `silu(gate) * up` in one pass. On flex:
 //!   [`activation`].
+//! - [`KernelBackend::rope`]: rotate-half RoPE written heads-first in one pass. On flex:
+//!   [`rope`].
 
 pub mod activation;
 pub mod cpu;
 #[cfg(feature = "cube")]
 pub mod cube;
 pub mod flex;
+pub mod rope;
 
 use burn::nn::Linear;
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
@@ -62,6 +65,22 @@ pub trait KernelBackend: Backend {
     /// - `gate`, `up`: `[batch, t, intermediate]` -> `[batch, t, intermediate]`
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         silu(gate) * up
+    }
+
+    /// Rotate-half RoPE with the head axis moved before the token axis, or `None` when
+    /// the backend has no such kernel (or not for these dtypes and layouts): the caller
+    /// then rotates with burn operations. `sin` has the first half of each row negated.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, t, heads, d]`; `cos`, `sin`: `[batch, t, 1, d]`
+    /// - returns `[batch, heads, t, d]`
+    fn rope(
+        x: &Tensor<Self, 4>,
+        cos: &Tensor<Self, 4>,
+        sin: &Tensor<Self, 4>,
+    ) -> Option<Tensor<Self, 4>> {
+        let _ = (x, cos, sin);
+        None
     }
 }
 
