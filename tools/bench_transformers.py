@@ -116,6 +116,52 @@ def matmul(a):
         print(f"| {rows} | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} |")
 
 
+def best_ms(f, reps):
+    """Milliseconds per call of f, the fastest of five rounds of reps calls."""
+    f()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            f()
+        best = min(best, (time.perf_counter() - start) / reps * 1e3)
+    return best
+
+
+def parts(a):
+    """One decoder layer's prefill part by part at llava-mid's shape, as the example
+    `prefill_parts` of ecache-model times it (f32, 900 tokens)."""
+    import torch.nn.functional as F
+
+    t, hidden, heads, d, inter = 900, 1024, 16, 64, 2816
+    x = torch.randn(1, t, hidden)
+    gate = torch.randn(1, t, inter)
+    q, k, v = (torch.randn(1, heads, t, d) for _ in range(3))
+    proj = torch.nn.Linear(hidden, hidden, bias=False)
+    up = torch.nn.Linear(hidden, inter, bias=False)
+    down = torch.nn.Linear(inter, hidden, bias=False)
+    norm = torch.nn.RMSNorm(hidden, eps=1e-5)
+    rows = [
+        ("q, k, v, o projections (GEMM)", best_ms(lambda: proj(x), 5), 4),
+        ("gate, up projections (GEMM)", best_ms(lambda: up(x), 5), 2),
+        ("down projection (GEMM)", best_ms(lambda: down(gate), 5), 1),
+        ("causal attention (sdpa)", best_ms(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125), 5), 1),
+        ("RMSNorm", best_ms(lambda: norm(x), 10), 2),
+        ("SwiGLU", best_ms(lambda: F.silu(gate) * gate, 10), 1),
+        ("residual add", best_ms(lambda: x + x, 10), 2),
+        ("heads merged", best_ms(lambda: q.transpose(1, 2).reshape(1, t, heads * d), 10), 1),
+    ]
+    print(f"torch {torch.__version__} on {cpu_name()} ({torch.get_num_threads()} threads)")
+    print("| part | ms each | per layer | ms per layer |")
+    print("|---|---:|---:|---:|")
+    total = 0.0
+    for name, ms, n in rows:
+        print(f"| {name} | {ms:.2f} | {n} | {ms * n:.2f} |")
+        total += ms * n
+    print(f"| sum | | | {total:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llava-1.5-7b")
@@ -133,11 +179,15 @@ def main():
     p.add_argument("--matmul", help="comma list of row counts: time [rows, k] @ [k, n] only")
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=11008)
+    p.add_argument("--parts", action="store_true",
+                   help="time one llava-mid layer's prefill part by part only")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.matmul:
         return matmul(a)
+    if a.parts:
+        return parts(a)
     torch.manual_seed(a.seed)
     config = text_config(a.shape)
     attentions = [x.strip() for x in a.attn.split(",") if x.strip()]

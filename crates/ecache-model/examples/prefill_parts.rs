@@ -1,0 +1,99 @@
+//! What one decoder layer's prefill costs, part by part, on the CPU backend at llava-mid's
+//! shape (900 tokens, hidden 1024, 16 heads of 64, intermediate 2816): the GEMMs, the fused
+//! causal attention, and the element-wise passes between them. Compare with
+//! `python3 tools/bench_transformers.py --parts --threads 2`.
+//!
+//! Run: `cargo run --release -p ecache-model --example prefill_parts`.
+
+use std::time::Instant;
+
+use burn::backend::Flex;
+use burn::nn::RmsNormConfig;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Distribution, Tensor};
+use ecache_model::kernels::KernelBackend;
+
+/// Milliseconds per call of `f`, the fastest of five rounds of `reps` calls.
+fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
+    std::hint::black_box(f());
+    (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(f());
+            }
+            start.elapsed().as_secs_f64() * 1e3 / reps as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let device = Default::default();
+    let (t, hidden, heads, d, inter) = (900, 1024, 16, 64, 2816);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let x = Tensor::<Flex, 3>::random([1, t, hidden], normal, &device);
+    let w = Tensor::<Flex, 2>::random([hidden, hidden], normal, &device);
+    let w_up = Tensor::<Flex, 2>::random([hidden, inter], normal, &device);
+    let w_down = Tensor::<Flex, 2>::random([inter, hidden], normal, &device);
+    let gate = Tensor::<Flex, 3>::random([1, t, inter], normal, &device);
+    let q = Tensor::<Flex, 4>::random([1, heads, t, d], normal, &device);
+    let k = Tensor::<Flex, 4>::random([1, heads, t, d], normal, &device);
+    let v = Tensor::<Flex, 4>::random([1, heads, t, d], normal, &device);
+    let norm = RmsNormConfig::new(hidden).init::<Flex>(&device);
+    let options = AttentionModuleOptions {
+        scale: Some(0.125),
+        softcap: None,
+        is_causal: true,
+    };
+    let rows: Vec<(&str, f64, usize)> = vec![
+        (
+            "q, k, v, o projections (GEMM)",
+            time(5, || x.clone().matmul(w.clone().unsqueeze())),
+            4,
+        ),
+        (
+            "gate, up projections (GEMM)",
+            time(5, || x.clone().matmul(w_up.clone().unsqueeze())),
+            2,
+        ),
+        (
+            "down projection (GEMM)",
+            time(5, || gate.clone().matmul(w_down.clone().unsqueeze())),
+            1,
+        ),
+        (
+            "causal attention (fused)",
+            time(5, || {
+                attention(q.clone(), k.clone(), v.clone(), None, None, options)
+            }),
+            1,
+        ),
+        ("RMSNorm", time(10, || norm.forward(x.clone())), 2),
+        (
+            "SwiGLU (kernel)",
+            time(10, || Flex::swiglu(gate.clone(), gate.clone())),
+            1,
+        ),
+        ("residual add", time(10, || x.clone() + x.clone()), 2),
+        (
+            "heads merged ([1, h, t, d] -> [1, t, h d])",
+            time(10, || {
+                q.clone()
+                    .swap_dims(1, 2)
+                    .reshape([1, t, heads * d])
+                    .slice([0..1, 0..1, 0..1])
+                    .into_scalar()
+            }),
+            1,
+        ),
+    ];
+    let mut total = 0.0;
+    println!("| part | ms each | per layer | ms per layer |");
+    println!("|---|---:|---:|---:|");
+    for (name, ms, n) in rows {
+        println!("| {name} | {ms:.2} | {n} | {:.2} |", ms * n as f64);
+        total += ms * n as f64;
+    }
+    println!("| sum | | | {total:.2} |");
+}
