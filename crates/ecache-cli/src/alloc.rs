@@ -8,7 +8,7 @@ pub const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// says otherwise (`MIMALLOC_PURGE_DELAY`). By default it purges freed spans after 10 ms,
 /// and a prefill frees and takes again buffers of megabytes every layer: each one came back
 /// as fresh pages the kernel zeroed, about 20,000 page faults and a tenth of the llava-mid
-/// prefill (docs/performance.md, "Prefill: where the rest goes"). The cost is that the
+/// prefill (docs/performance.md, "Prefill: where the rest went"). The cost is that the
 /// process keeps its peak footprint (+4% peak RSS there).
 pub fn keep_freed_memory() {
     // SAFETY: a plain integer option; the binary calls this first thing in `main`, before
