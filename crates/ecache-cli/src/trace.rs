@@ -6,16 +6,20 @@ use anyhow::{Context, Result};
 
 use crate::BadInput;
 use ecache_core::CachePolicy;
-use ecache_core::trace::{LayerScores, LayerTrace, trace_layer};
+use ecache_core::SlotKind;
+use ecache_core::trace::{LayerScores, LayerTrace, trace_layer_kinds};
 use serde::{Deserialize, Serialize};
 
-/// The input file: a prompt length, a step count and per-layer scores.
+/// The input file: a prompt length, a step count, per-layer scores and, optionally, each
+/// prompt slot's kind (`"text"` or `"image"`; absent: all text).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TraceInput {
     pub prompt_len: usize,
     #[serde(default)]
     pub decode_steps: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<SlotKind>>,
     pub layers: Vec<LayerScores>,
 }
 
@@ -42,18 +46,41 @@ impl TraceInput {
             ))
             .into());
         }
+        if let Some(kinds) = &input.kinds
+            && kinds.len() != input.prompt_len
+        {
+            return Err(BadInput(format!(
+                "trace input {}: kinds has {} entries, prompt_len is {}",
+                path.display(),
+                kinds.len(),
+                input.prompt_len
+            ))
+            .into());
+        }
         Ok(input)
     }
 }
 
 /// Runs `policy` over every layer of `input`.
 pub fn run(policy: &dyn CachePolicy, input: &TraceInput) -> Result<TraceOutput> {
+    let kinds = match &input.kinds {
+        Some(kinds) => kinds.clone(),
+        None => vec![SlotKind::Text; input.prompt_len],
+    };
+    if kinds.len() != input.prompt_len {
+        return Err(BadInput(format!(
+            "kinds has {} entries, prompt_len is {}",
+            kinds.len(),
+            input.prompt_len
+        ))
+        .into());
+    }
     let layers = input
         .layers
         .iter()
         .enumerate()
         .map(|(layer, scores)| {
-            trace_layer(policy, layer, input.prompt_len, input.decode_steps, scores)
+            trace_layer_kinds(policy, layer, &kinds, input.decode_steps, scores)
                 .with_context(|| format!("layer {layer}"))
         })
         .collect::<Result<Vec<_>>>()?;

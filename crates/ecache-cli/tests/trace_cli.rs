@@ -63,6 +63,61 @@ fn set_overrides_parameters_and_config_supplies_the_policy() {
     );
 }
 
+/// Slot kinds in the input: `protect=instruction` keeps every slot after the last image
+/// slot, where the paper's tail of one lets the question go; a `kinds` of the wrong length
+/// is refused with both lengths named.
+#[test]
+fn kinds_let_instruction_protection_be_traced() {
+    let dir = std::env::temp_dir().join(format!("ecache-trace-kinds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("kinds.json");
+    // Slot 0 text, 1..7 image, 7..10 the question; summed attention falls with the index.
+    std::fs::write(
+        &input,
+        r#"{"prompt_len": 10,
+            "kinds": ["text", "image", "image", "image", "image", "image", "image",
+                      "text", "text", "text"],
+            "layers": [{"prefill_scores": [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]}]}"#,
+    )
+    .unwrap();
+    let kept = |protect: &str| {
+        let out = ecache()
+            .args(["trace", "--policy", "elastic", "--budget", "0.5", "--set"])
+            .arg(format!("protect={protect}"))
+            .arg("--input")
+            .arg(&input)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["layers"][0]["after_prefill"].clone()
+    };
+    // target(10) = 5: the sink, anchors, and the tail.
+    assert_eq!(kept("tail"), serde_json::json!([0, 1, 2, 3, 9]));
+    assert_eq!(kept("instruction"), serde_json::json!([0, 1, 7, 8, 9]));
+    let wrong = dir.join("wrong.json");
+    std::fs::write(
+        &wrong,
+        r#"{"prompt_len": 3, "kinds": ["text"], "layers": [{"prefill_scores": [1, 2, 3]}]}"#,
+    )
+    .unwrap();
+    let out = ecache()
+        .args(["trace", "--policy", "elastic", "--budget", "0.5", "--input"])
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kinds has 1 entries, prompt_len is 3"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_input_exits_with_2_and_a_named_cause() {
     let dir = std::env::temp_dir().join(format!("ecache-trace-{}", std::process::id()));

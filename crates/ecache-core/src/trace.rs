@@ -41,6 +41,20 @@ pub fn trace_layer(
     decode_steps: usize,
     scores: &LayerScores,
 ) -> Result<LayerTrace> {
+    let kinds = vec![SlotKind::Text; prompt_len];
+    trace_layer_kinds(policy, layer, &kinds, decode_steps, scores)
+}
+
+/// [`trace_layer`] for a prompt whose slots have the given kinds (`kinds.len()` is the
+/// prompt's length; image slots where the prompt held an image).
+pub fn trace_layer_kinds(
+    policy: &dyn CachePolicy,
+    layer: usize,
+    kinds: &[SlotKind],
+    decode_steps: usize,
+    scores: &LayerScores,
+) -> Result<LayerTrace> {
+    let prompt_len = kinds.len();
     let needs = policy.needs();
     if scores.prefill_scores.len() != prompt_len {
         return Err(Error::shape(
@@ -58,7 +72,7 @@ pub fn trace_layer(
     }
     let mut table = SlotTable::new(needs.tracks_scores());
     let positions: Vec<usize> = (0..prompt_len).collect();
-    table.push(&positions, &vec![SlotKind::Text; prompt_len])?;
+    table.push(&positions, kinds)?;
     if needs.prefill_importance {
         table.accumulate(&scores.prefill_scores)?;
     }

@@ -4,11 +4,19 @@
 //! most important candidate slots become anchors and every other candidate is merged into
 //! its nearest anchor. Decode: whenever a layer exceeds `target(N)`, the slot at the fixed
 //! truncation point `P = max(S, L0 - offset)` is removed, first in, first out.
+//!
+//! Two choices beyond the paper (the spec's "Additions (second round)"): `protect =
+//! "instruction"` widens the protected tail to every slot after the last image slot (the
+//! question and the template's closing tokens), within what the budget leaves after the
+//! sinks; `importance = "mean"` divides a slot's summed attention by the number of prompt
+//! queries that can see it, so late slots are not penalised for being seen by fewer.
+
+use std::borrow::Cow;
 
 use ecache_core::selection::{TieBreak, nearest_anchor, top_k};
 use ecache_core::{
     Budget, CachePolicy, Decision, Error, LayerView, MergeWeighting, Needs, Phase, PolicyConfig,
-    Registry, Result, parse_params,
+    Registry, Result, SlotKind, parse_params,
 };
 
 /// Registry name of this policy.
@@ -23,6 +31,29 @@ pub enum MergeMode {
     Mean,
     /// Weighted by each slot's importance.
     Weighted,
+}
+
+/// Which trailing prompt slots prefill protects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protect {
+    /// The last `protected_tail` slots (the paper).
+    #[default]
+    Tail,
+    /// At least the slots after the last image slot (the instruction), never more than the
+    /// budget leaves after the sinks.
+    Instruction,
+}
+
+/// How a slot's importance is read from the attention it received at prefill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Importance {
+    /// The sum over heads' mean and every prompt query (the paper).
+    #[default]
+    Sum,
+    /// That sum divided by the `T - j` prompt queries that can see slot `j`.
+    Mean,
 }
 
 /// Parameters of `elastic` (`[policy.params]`).
@@ -45,6 +76,12 @@ pub struct ElasticParams {
     /// `mean` (default) or `weighted`.
     #[serde(default)]
     pub merge: MergeMode,
+    /// `tail` (default, the paper) or `instruction`.
+    #[serde(default)]
+    pub protect: Protect,
+    /// `sum` (default, the paper) or `mean`.
+    #[serde(default)]
+    pub importance: Importance,
 }
 
 fn one() -> usize {
@@ -62,6 +99,8 @@ pub struct ElasticCache {
     offset: usize,
     truncation_point: Option<usize>,
     merge: MergeMode,
+    protect: Protect,
+    importance: Importance,
 }
 
 impl ElasticCache {
@@ -83,6 +122,8 @@ impl ElasticCache {
             offset: params.offset,
             truncation_point: params.truncation_point,
             merge: params.merge,
+            protect: params.protect,
+            importance: params.importance,
         })
     }
 
@@ -96,15 +137,52 @@ impl ElasticCache {
         })
     }
 
+    /// `R'`: the trailing prompt slots prefill protects in a layer of `len` slots whose
+    /// compressed size is `target`.
+    fn protected_tail(&self, kinds: &[SlotKind], len: usize, target: usize) -> usize {
+        let tail = self.budget.protected_tail();
+        match self.protect {
+            Protect::Tail => tail,
+            Protect::Instruction => {
+                let instruction = kinds
+                    .iter()
+                    .rposition(|k| *k == SlotKind::Image)
+                    .map_or(0, |last| len - 1 - last);
+                tail.max(instruction)
+                    .min(target.saturating_sub(self.budget.sinks()))
+            }
+        }
+    }
+
+    /// Importance per slot at prefill: the accumulated sums, or under `mean` each divided
+    /// by the `len - j` prompt queries that can see slot `j`.
+    fn importance<'v>(&self, view: &'v LayerView<'_>) -> Cow<'v, [f32]> {
+        let scores = view.scores_or_zeros();
+        match self.importance {
+            Importance::Sum => scores,
+            Importance::Mean => {
+                let len = scores.len();
+                Cow::Owned(
+                    scores
+                        .iter()
+                        .enumerate()
+                        .map(|(j, s)| s / (len - j) as f32)
+                        .collect(),
+                )
+            }
+        }
+    }
+
     fn prefill(&self, view: &LayerView<'_>) -> Decision {
         let len = view.len();
         let target = self.budget.target(view.tokens_seen);
         if len <= target {
             return Decision::KeepAll;
         }
-        let (sinks, tail) = (self.budget.sinks(), self.budget.protected_tail());
+        let sinks = self.budget.sinks();
+        let tail = self.protected_tail(view.kinds, len, target);
         let candidates: Vec<usize> = (sinks..len - tail).collect();
-        let scores = view.scores_or_zeros();
+        let scores = self.importance(view);
         let anchors = top_k(
             &scores,
             &candidates,

@@ -1,6 +1,6 @@
 use burn::backend::Flex;
 use burn::tensor::{DType, Distribution, Tensor};
-use ecache_core::trace::{LayerScores, Protected, check_trace, trace_layer};
+use ecache_core::trace::{LayerScores, Protected, check_trace, trace_layer, trace_layer_kinds};
 use ecache_core::{
     CachePolicy, CacheShape, LayerCache, Phase, PolicyConfig, SlotKind, StepContext,
 };
@@ -107,6 +107,112 @@ proptest! {
             prop_assert_eq!(&kept[p..], &queue[..], "step {}", k + 1);
         }
     }
+}
+
+/// A prompt of `t` slots with image slots `image.0..image.1` (none when empty).
+fn kinds(t: usize, image: (usize, usize)) -> Vec<SlotKind> {
+    (0..t)
+        .map(|i| {
+            if (image.0..image.1).contains(&i) {
+                SlotKind::Image
+            } else {
+                SlotKind::Text
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    /// Every `protect` x `importance` setting against brute force: `R'` from the slots
+    /// after the last image slot (spec: `min(max(R, I), target(T) - S)`), importance the sum
+    /// or the sum over `T - j`, anchors the top `K = target(T) - S - R'` by (importance
+    /// descending, index ascending), and every other candidate merged into an anchor.
+    #[test]
+    fn protect_and_importance_follow_the_spec(
+        t in 3usize..120, b in 0.05f64..=1.0, sinks in 0usize..4, tail in 1usize..4,
+        image_start in 0usize..60, image_len in 0usize..60, seed in any::<u64>(),
+        instruction in any::<bool>(), mean in any::<bool>(),
+    ) {
+        let image = (image_start.min(t), (image_start + image_len).min(t));
+        let prompt = kinds(t, image);
+        let s = int_scores(t, seed);
+        let protect = if instruction { "instruction" } else { "tail" };
+        let importance = if mean { "mean" } else { "sum" };
+        let policy = build(b, &[
+            ("sinks", &sinks.to_string()),
+            ("protected_tail", &tail.to_string()),
+            ("protect", protect),
+            ("importance", importance),
+        ]);
+        let tr = trace_layer_kinds(policy.as_ref(), 0, &prompt, 0, &scores(s.clone())).unwrap();
+        let target = policy.target(t).unwrap();
+        if t <= target {
+            prop_assert_eq!(&tr.after_prefill, &(0..t).collect::<Vec<_>>());
+            return Ok(());
+        }
+        let after_image = match prompt.iter().rposition(|k| *k == SlotKind::Image) {
+            Some(last) => t - 1 - last,
+            None => 0,
+        };
+        let protected = if instruction { tail.max(after_image).min(target - sinks) } else { tail };
+        let weights: Vec<f32> = if mean {
+            s.iter().enumerate().map(|(j, x)| x / (t - j) as f32).collect()
+        } else {
+            s.clone()
+        };
+        let anchors = brute_anchors(&weights, sinks, protected, target - sinks - protected);
+        let expected: Vec<usize> = (0..sinks)
+            .chain(anchors.iter().copied())
+            .chain(t - protected..t)
+            .collect();
+        prop_assert_eq!(&tr.after_prefill, &expected);
+        prop_assert_eq!(tr.after_prefill.len(), target);
+        let merged: usize = tr.merged_into.values().map(Vec::len).sum();
+        let dropped = t - target;
+        prop_assert_eq!(merged, if anchors.is_empty() { 0 } else { dropped });
+    }
+}
+
+/// The question after an image survives prefill under `protect = "instruction"` and is
+/// merged away under the paper's tail of one, on scores where late slots receive little
+/// summed attention (as the study found).
+#[test]
+fn instruction_protection_keeps_the_question_the_tail_loses() {
+    let t = 40;
+    // Slots 1..=24 an image, 25..40 the question; summed attention falls with the index.
+    let prompt = kinds(t, (1, 25));
+    let s: Vec<f32> = (0..t).map(|j| (t - j) as f32).collect();
+    let question: Vec<usize> = (25..t).collect();
+    let keeps_question = |protect: &str| {
+        let policy = build(0.5, &[("protect", protect)]);
+        let tr = trace_layer_kinds(policy.as_ref(), 0, &prompt, 0, &scores(s.clone())).unwrap();
+        question.iter().all(|q| tr.after_prefill.contains(q))
+    };
+    assert!(keeps_question("instruction"));
+    assert!(!keeps_question("tail"));
+}
+
+/// Under `importance = "mean"` a late slot with as much attention per query as an early
+/// one but fewer queries wins over it; under `sum` it loses.
+#[test]
+fn mean_importance_does_not_penalise_late_slots() {
+    let t = 10;
+    // Slot 2 is seen by 8 queries and receives 8 (1 a query); slot 7 by 3 queries and
+    // receives 3.6 (1.2 a query): the sum favours slot 2, the mean slot 7.
+    let mut s = vec![0.0f32; t];
+    s[2] = 8.0;
+    s[7] = 3.6;
+    let kept = |importance: &str| {
+        // Room for the sink, one anchor and the protected tail of one.
+        let policy = build(0.3, &[("importance", importance)]);
+        let target = policy.target(t).unwrap();
+        assert_eq!(target, 3, "sink, one anchor, tail");
+        trace_layer(policy.as_ref(), 0, t, 0, &scores(s.clone()))
+            .unwrap()
+            .after_prefill
+    };
+    assert_eq!(kept("sum"), vec![0, 2, 9]);
+    assert_eq!(kept("mean"), vec![0, 7, 9]);
 }
 
 #[test]
