@@ -1,6 +1,6 @@
 //! `ecache trace` as a user runs it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn ecache() -> Command {
@@ -11,11 +11,13 @@ fn example_input() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/trace-input.json")
 }
 
-#[test]
-fn traces_the_worked_example() {
+/// `ecache trace ARGS --input INPUT`, which must succeed: its JSON output.
+fn trace_ok(args: &[&str], input: &Path) -> serde_json::Value {
     let out = ecache()
-        .args(["trace", "--policy", "elastic", "--budget", "0.7", "--input"])
-        .arg(example_input())
+        .arg("trace")
+        .args(args)
+        .arg("--input")
+        .arg(input)
         .output()
         .unwrap();
     assert!(
@@ -23,7 +25,22 @@ fn traces_the_worked_example() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A fresh scratch directory for this test process.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ecache-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn traces_the_worked_example() {
+    let json = trace_ok(
+        &["--policy", "elastic", "--budget", "0.7"],
+        &example_input(),
+    );
     let layer = &json["layers"][0];
     assert_eq!(
         layer["after_prefill"],
@@ -44,19 +61,11 @@ fn traces_the_worked_example() {
 #[test]
 fn set_overrides_parameters_and_config_supplies_the_policy() {
     let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/local.toml");
-    let out = ecache()
-        .args(["trace", "--budget", "0.5", "--set", "sinks=2", "--config"])
-        .arg(config)
-        .arg("--input")
-        .arg(example_input())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let config = config.to_str().unwrap();
+    let json = trace_ok(
+        &["--budget", "0.5", "--set", "sinks=2", "--config", config],
+        &example_input(),
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         json["layers"][1]["after_prefill"],
         serde_json::json!([0, 1, 7, 8, 9])
@@ -68,8 +77,7 @@ fn set_overrides_parameters_and_config_supplies_the_policy() {
 /// is refused with both lengths named.
 #[test]
 fn kinds_let_instruction_protection_be_traced() {
-    let dir = std::env::temp_dir().join(format!("ecache-trace-kinds-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("trace-kinds");
     let input = dir.join("kinds.json");
     // Slot 0 text, 1..7 image, 7..10 the question; summed attention falls with the index.
     std::fs::write(
@@ -81,20 +89,9 @@ fn kinds_let_instruction_protection_be_traced() {
     )
     .unwrap();
     let kept = |protect: &str| {
-        let out = ecache()
-            .args(["trace", "--policy", "elastic", "--budget", "0.5", "--set"])
-            .arg(format!("protect={protect}"))
-            .arg("--input")
-            .arg(&input)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        json["layers"][0]["after_prefill"].clone()
+        let set = format!("protect={protect}");
+        let args = ["--policy", "elastic", "--budget", "0.5", "--set", &set];
+        trace_ok(&args, &input)["layers"][0]["after_prefill"].clone()
     };
     // target(10) = 5: the sink, anchors, and the tail.
     assert_eq!(kept("tail"), serde_json::json!([0, 1, 2, 3, 9]));
@@ -120,8 +117,7 @@ fn kinds_let_instruction_protection_be_traced() {
 
 #[test]
 fn bad_input_exits_with_2_and_a_named_cause() {
-    let dir = std::env::temp_dir().join(format!("ecache-trace-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("trace");
     let short = dir.join("short.json");
     std::fs::write(
         &short,
