@@ -117,8 +117,32 @@ def target(budget, n, sinks=1, tail=1):
     return max(sinks + tail + 1, math.floor(budget * n + 1e-9))
 
 
-def decide(policy, budget, phase, keys_len, scores, n, prompt_len, sinks=1, tail=1, offset=24, rf=0.5):
+# SnapKV's parameters in the fixtures: a window shorter than the tiny prompts' budget, so
+# that the pooled selection (not only the window) decides what is kept.
+SNAPKV = {"window": 4, "kernel": 5, "sinks": 0}
+
+
+def snapkv_prefill(budget, rows, keys_len, window, kernel, sinks):
+    """SnapKV at prefill from the head-mean causal attention rows (all T of them)."""
+    tg = target(budget, keys_len, sinks, 0)
+    if keys_len <= tg:
+        return list(range(keys_len))
+    wp = min(window, tg - sinks)
+    prefix = keys_len - wp
+    w = [sum(rows[i][j] for i in range(keys_len - wp, keys_len)) / wp for j in range(prefix)]
+    half = kernel // 2
+    p = [sum(w[j + d] for d in range(-half, half + 1) if 0 <= j + d < prefix) / kernel for j in range(prefix)]
+    k = tg - sinks - wp
+    best = sorted(sorted(range(sinks, prefix), key=lambda j: (-p[j], j))[:k])
+    return list(range(sinks)) + best + list(range(prefix, keys_len))
+
+
+def decide(policy, budget, phase, keys_len, scores, n, prompt_len, sinks=1, tail=1, offset=24, rf=0.5, rows=None):
     """Returns (keep, merges) on slot indices; merges maps anchor index -> member indices."""
+    if policy == "snapkv":
+        if phase != "prefill":
+            return list(range(keys_len)), {}
+        return snapkv_prefill(budget, rows, keys_len, SNAPKV["window"], SNAPKV["kernel"], SNAPKV["sinks"]), {}
     tg = target(budget, n, sinks, tail)
     if keys_len <= tg:
         return list(range(keys_len)), {}
@@ -203,7 +227,8 @@ def spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, po
                 x = x + a.o_proj(out)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
                 scores = c["score"].tolist() if c["score"] is not None else [0.0] * s
-                keep, merges = decide(policy, budget, phase, s, scores, n_after, prompt_len)
+                rows = probs.mean(1)[0].tolist() if phase == "prefill" else None
+                keep, merges = decide(policy, budget, phase, s, scores, n_after, prompt_len, rows=rows)
                 newk, newv, news = [], [], []
                 for i in keep:
                     members = [i] + merges.get(i, [])
@@ -306,7 +331,7 @@ def build(name, words, vision, text, feature_layer, image_px, image_wh, seed, le
         nll = [-float(logp[t - 1 + i, a]) for i, a in enumerate(answer_ids)]
         ppl = math.exp(sum(nll) / len(nll))
         spec_nll = {"full": spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, "local", 1.0)}
-        for policy in ("elastic", "h2o", "local"):
+        for policy in ("elastic", "h2o", "local", "snapkv"):
             spec_nll[policy] = spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, policy, 0.5)
         assert abs(math.exp(sum(spec_nll["full"]) / len(nll)) - ppl) / ppl < 1e-4, "spec model disagrees at budget 1"
         policy_ppl = {p: math.exp(sum(v) / len(v)) for p, v in spec_nll.items() if p != "full"}
@@ -336,6 +361,7 @@ def build(name, words, vision, text, feature_layer, image_px, image_wh, seed, le
                 "ppl": ppl,
                 "policy_budget": 0.5,
                 "policy_ppl": policy_ppl,
+                "snapkv_params": SNAPKV,
                 "last_logit_gap": float(top2[0] - top2[1]),
                 "transformers": __import__("transformers").__version__,
                 "torch": torch.__version__,

@@ -68,6 +68,13 @@ pub struct PolicyArgs {
     /// A policy parameter, `key=value` (repeatable; overrides the config's).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// How the budget is spread over layers: `uniform` or `pyramid` (overrides the
+    /// config's `layer_budgets`).
+    #[arg(long, value_name = "uniform|pyramid")]
+    pub layer_budgets: Option<String>,
+    /// The pyramid's first-to-last layer ratio, >= 1 (overrides the config's).
+    #[arg(long)]
+    pub pyramid_beta: Option<f64>,
     /// A run config (TOML).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -88,12 +95,32 @@ pub fn run_config(
     if let Some(budget) = args.budget {
         config.policy.budget = budget;
     }
+    if let Some(spread) = &args.layer_budgets {
+        config.policy.layer_budgets = parse_value("--layer-budgets", spread)?;
+    }
+    if let Some(beta) = args.pyramid_beta {
+        config.policy.pyramid_beta = beta;
+    }
     for pair in &args.set {
         let (key, value) = pair
             .split_once('=')
             .ok_or_else(|| BadInput(format!("--set {pair:?}: expected KEY=VALUE")))?;
-        config.policy.set_param(key, value)?;
+        match key.trim() {
+            // Keys of the `[policy]` section itself, beside `budget`.
+            "layer_budgets" => {
+                config.policy.layer_budgets = parse_value("--set layer_budgets", value)?
+            }
+            "pyramid_beta" => {
+                config.policy.pyramid_beta = value.trim().parse().map_err(|_| {
+                    BadInput(format!(
+                        "--set pyramid_beta={value}: expected a number >= 1"
+                    ))
+                })?
+            }
+            _ => config.policy.set_param(key, value)?,
+        }
     }
+    config.validate()?;
     Ok(config)
 }
 

@@ -160,6 +160,8 @@ pub fn grid(config: &RunConfig, policies: &[String], budgets: &[f64]) -> Vec<Pol
         for &budget in budgets {
             let mut run = PolicyConfig::new(name, budget);
             run.positions = config.policy.positions;
+            run.layer_budgets = config.policy.layer_budgets;
+            run.pyramid_beta = config.policy.pyramid_beta;
             if *name == config.policy.name {
                 run.params = config.policy.params.clone();
             }
@@ -447,11 +449,23 @@ fn check_item(
     Ok(())
 }
 
-/// `key=value` pairs of a run's parameters, sorted.
+/// `key=value` pairs of a run's parameters, sorted, after its layer budgets when they are
+/// not uniform (`layer_budgets=pyramid pyramid_beta=20`).
 pub fn params_label(run: &PolicyConfig) -> String {
-    run.params
-        .iter()
-        .map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"')))
+    let spread = match run.layer_budgets {
+        ecache_core::LayerBudgets::Uniform => None,
+        ecache_core::LayerBudgets::Pyramid => Some(format!(
+            "layer_budgets=pyramid pyramid_beta={}",
+            run.pyramid_beta
+        )),
+    };
+    spread
+        .into_iter()
+        .chain(
+            run.params
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"'))),
+        )
         .collect::<Vec<_>>()
         .join(" ")
 }

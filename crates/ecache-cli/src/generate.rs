@@ -70,12 +70,7 @@ pub fn run(request: &GenerateRequest, compare_full: bool) -> Result<()> {
             .submit(r)
             .map_err(|e| engine_error(EngineError::Submit(e)))?;
         if compare_full {
-            let budget = if policy.name == "full" {
-                1.0
-            } else {
-                policy.budget
-            };
-            print!("{} (budget {budget}): ", policy.name);
+            print!("{} (budget {}): ", policy.name, policy.budget);
         }
         let mut stdout = std::io::stdout();
         let done = loop {

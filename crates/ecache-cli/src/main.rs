@@ -434,7 +434,12 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     g.top_p = args.top_p.unwrap_or(g.top_p);
     g.seed = args.seed.unwrap_or(g.seed);
     config.validate()?;
-    builtin_registry()?.build(&config.policy)?;
+    let policy = builtin_registry()?.build(&config.policy)?;
+    // A policy without a target (the full cache) keeps everything: budget 1 in every
+    // line printed, whatever budget the defaults or the config carried.
+    if policy.target(ecache_core::TargetAt::single(1, 1)).is_none() {
+        config.policy.budget = 1.0;
+    }
     let request = ecache_cli::generate::GenerateRequest {
         model_dir,
         image,
@@ -468,8 +473,8 @@ fn policies_command() -> Result<()> {
         let policy = registry.build(&PolicyConfig::new(&name, 0.5))?;
         let needs = policy.needs();
         println!(
-            "{name:<10} prefill importance: {:<5} decode attention: {}",
-            needs.prefill_importance, needs.decode_attention
+            "{name:<10} prefill importance: {:<5} decode attention: {:<5} prefill rows: {}",
+            needs.prefill_importance, needs.decode_attention, needs.prefill_rows
         );
     }
     Ok(())

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use crate::BadInput;
 use ecache_core::CachePolicy;
 use ecache_core::SlotKind;
-use ecache_core::trace::{LayerScores, LayerTrace, trace_layer_kinds};
+use ecache_core::trace::{LayerOf, LayerScores, LayerTrace, trace_layer_kinds};
 use serde::{Deserialize, Serialize};
 
 /// The input file: a prompt length, a step count, per-layer scores and, optionally, each
@@ -80,8 +80,17 @@ pub fn run(policy: &dyn CachePolicy, input: &TraceInput) -> Result<TraceOutput> 
         .iter()
         .enumerate()
         .map(|(layer, scores)| {
-            trace_layer_kinds(policy, layer, &kinds, input.decode_steps, scores)
-                .with_context(|| format!("layer {layer}"))
+            trace_layer_kinds(
+                policy,
+                LayerOf {
+                    layer,
+                    layers: input.layers.len(),
+                },
+                &kinds,
+                input.decode_steps,
+                scores,
+            )
+            .with_context(|| format!("layer {layer}"))
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(TraceOutput { layers })

@@ -25,7 +25,7 @@ fn every_example_config_loads_and_builds() {
         }
     }
     seen.sort();
-    assert_eq!(seen, ["elastic", "full", "h2o", "local"]);
+    assert_eq!(seen, ["elastic", "full", "h2o", "local", "snapkv"]);
 }
 
 #[test]
@@ -34,7 +34,7 @@ fn bad_policy_sections_name_the_problem() {
     let cases = [
         (
             "[policy]\nname = \"streaming\"\nbudget = 0.2\n",
-            "known policies: elastic, full, h2o, local",
+            "known policies: elastic, full, h2o, local, snapkv",
         ),
         (
             "[policy]\nname = \"elastic\"\nbudget = 0.2\n[policy.params]\nwindow = 4\n",

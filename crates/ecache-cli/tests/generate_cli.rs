@@ -27,8 +27,6 @@ fn full_cache_greedy_answer_matches_transformers() {
         "what is the colour of the circle ?",
         "--policy",
         "full",
-        "--budget",
-        "1",
         "--max-new-tokens",
         "12",
     ]);
@@ -53,6 +51,8 @@ fn full_cache_greedy_answer_matches_transformers() {
         stdout.contains("prompt tokens 27 (image 16), new tokens 12"),
         "{stdout}"
     );
+    // The default budget (0.2) does not apply to a cache that keeps everything.
+    assert!(stdout.contains("[full budget 1]"), "{stdout}");
 }
 
 #[test]

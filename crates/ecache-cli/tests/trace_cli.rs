@@ -115,6 +115,89 @@ fn kinds_let_instruction_protection_be_traced() {
     );
 }
 
+/// SnapKV reads `prefill_rows`; `--config` spreads the budget as a pyramid, and each
+/// layer then keeps its own share; without rows the trace is refused, exit 2.
+#[test]
+fn prefill_rows_and_pyramid_budgets_are_traced() {
+    let dir = scratch("trace-snapkv");
+    let input = dir.join("rows.json");
+    // Two layers, T = 10, the last two queries' rows (row 0 is query 8).
+    let layer = r#"{"prefill_rows": [[0.1, 0.2, 0, 0.4, 0, 0, 0.1, 0, 0.2, 0],
+                                      [0.1, 0, 0.2, 0.4, 0, 0.3, 0, 0, 0, 0]]}"#;
+    std::fs::write(
+        &input,
+        format!(r#"{{"prompt_len": 10, "decode_steps": 2, "layers": [{layer}, {layer}]}}"#),
+    )
+    .unwrap();
+    let params = ["--set", "window=2", "--set", "sinks=1", "--set", "kernel=3"];
+    let uniform = [&["--policy", "snapkv", "--budget", "0.6"][..], &params].concat();
+    let json = trace_ok(&uniform, &input);
+    for l in 0..2 {
+        assert_eq!(
+            json["layers"][l]["after_prefill"],
+            serde_json::json!([0, 2, 3, 4, 8, 9])
+        );
+        // Decode removes nothing.
+        assert_eq!(
+            json["layers"][l]["after_step"][1].as_array().unwrap().len(),
+            8
+        );
+    }
+    // Pyramid, beta 3, two layers: w = 1.5 and 0.5 of 0.4 * 10, targets 6 and 2; the
+    // upper layer's W' = min(2, 2 - 1) = 1 keeps the last query's row's vote.
+    let config = dir.join("pyramid.toml");
+    std::fs::write(
+        &config,
+        "[policy]\nname = \"snapkv\"\nbudget = 0.4\nlayer_budgets = \"pyramid\"\npyramid_beta = 3.0\n",
+    )
+    .unwrap();
+    let pyramid = [&["--config", config.to_str().unwrap()][..], &params].concat();
+    let json = trace_ok(&pyramid, &input);
+    assert_eq!(
+        json["layers"][0]["after_prefill"],
+        serde_json::json!([0, 2, 3, 4, 8, 9])
+    );
+    assert_eq!(
+        json["layers"][1]["after_prefill"],
+        serde_json::json!([0, 9])
+    );
+    // The same from flags.
+    let flags = [
+        &[
+            "--policy",
+            "snapkv",
+            "--budget",
+            "0.4",
+            "--layer-budgets",
+            "pyramid",
+        ][..],
+        &[
+            "--pyramid-beta",
+            "3",
+            "--set",
+            "window=2",
+            "--set",
+            "sinks=1",
+        ],
+    ]
+    .concat();
+    assert_eq!(
+        trace_ok(&flags, &input)["layers"][1]["after_prefill"],
+        serde_json::json!([0, 9])
+    );
+    let out = ecache()
+        .args(["trace", "--policy", "snapkv", "--budget", "0.5", "--input"])
+        .arg(example_input())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("prefill_rows") && err.contains("missing"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_input_exits_with_2_and_a_named_cause() {
     let dir = scratch("trace");
@@ -154,6 +237,24 @@ fn bad_input_exits_with_2_and_a_named_cause() {
                 "colour=3".into(),
             ],
             "colour",
+        ),
+        (
+            vec![
+                "--budget".into(),
+                "0.5".into(),
+                "--layer-budgets".into(),
+                "cone".into(),
+            ],
+            "cone",
+        ),
+        (
+            vec![
+                "--budget".into(),
+                "0.5".into(),
+                "--set".into(),
+                "pyramid_beta=0.5".into(),
+            ],
+            "pyramid_beta",
         ),
     ];
     for (args, needle) in cases {

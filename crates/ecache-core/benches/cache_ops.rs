@@ -81,7 +81,7 @@ impl CachePolicy for ElasticPrefill {
     fn needs(&self) -> Needs {
         Needs {
             prefill_importance: true,
-            decode_attention: false,
+            ..Needs::default()
         }
     }
     fn decide(&self, view: &LayerView<'_>) -> Decision {
@@ -109,14 +109,15 @@ impl CachePolicy for ElasticPrefill {
             weighting: ecache_core::MergeWeighting::Mean,
         }
     }
-    fn target(&self, n: usize) -> Option<usize> {
-        Some(self.0.target(n))
+    fn target(&self, at: ecache_core::TargetAt) -> Option<usize> {
+        Some(self.0.target(at.tokens_seen))
     }
 }
 
 fn prefill_ctx() -> StepContext {
     StepContext {
         layer: 0,
+        layers: 1,
         phase: Phase::Prefill,
         tokens_seen: PROMPT,
         prompt_len: PROMPT,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::budget::LayerBudgets;
 use crate::error::{Error, Result};
 
 /// A whole run configuration.
@@ -100,6 +101,12 @@ pub struct PolicyConfig {
     /// RoPE positions after eviction.
     #[serde(default)]
     pub positions: PositionMode,
+    /// How the budget is spread over layers: `uniform` or `pyramid`.
+    #[serde(default)]
+    pub layer_budgets: LayerBudgets,
+    /// The pyramid's first-to-last layer weight ratio, >= 1 (ignored when uniform).
+    #[serde(default = "default_beta")]
+    pub pyramid_beta: f64,
     /// Policy-specific parameters, checked by the policy's constructor.
     #[serde(default)]
     pub params: toml::Table,
@@ -112,6 +119,8 @@ impl PolicyConfig {
             name: name.to_string(),
             budget,
             positions: PositionMode::default(),
+            layer_budgets: LayerBudgets::Uniform,
+            pyramid_beta: default_beta(),
             params: toml::Table::new(),
         }
     }
@@ -165,6 +174,10 @@ impl Default for GenerationConfig {
             seed: 0,
         }
     }
+}
+
+fn default_beta() -> f64 {
+    crate::budget::DEFAULT_PYRAMID_BETA
 }
 
 fn default_max_new_tokens() -> usize {
@@ -239,6 +252,7 @@ impl RunConfig {
             expected: expected.to_string(),
         };
         crate::budget::check_fraction(self.policy.budget)?;
+        crate::budget::check_beta(self.policy.pyramid_beta)?;
         if self.policy.name.trim().is_empty() {
             return Err(value(
                 "policy.name",
@@ -322,6 +336,14 @@ mod tests {
             (
                 "[policy]\nname = \"x\"\nbudget = 0.5\npositions = \"relative\"\n",
                 "relative",
+            ),
+            (
+                "[policy]\nname = \"x\"\nbudget = 0.5\nlayer_budgets = \"cone\"\n",
+                "cone",
+            ),
+            (
+                "[policy]\nname = \"x\"\nbudget = 0.5\npyramid_beta = 0.5\n",
+                "pyramid_beta",
             ),
             ("[polcy]\nname = \"x\"\n", "polcy"),
             ("[policy\nname = \"x\"\n", "test.toml"),

@@ -27,12 +27,12 @@ pub mod selection;
 pub mod slots;
 pub mod trace;
 
-pub use budget::Budget;
+pub use budget::{Budget, LayerBudgets, TargetAt};
 pub use config::{BackendKind, PolicyConfig, PositionMode, Precision, RunConfig};
 pub use decision::{Decision, MergeWeighting, Plan};
 pub use error::{Error, Result};
 pub use importance::ImportanceAccumulator;
 pub use kv::{CacheShape, LayerCache};
-pub use policy::{CachePolicy, LayerView, Needs, Phase};
+pub use policy::{AttentionRows, CachePolicy, LayerView, Needs, Phase};
 pub use registry::{PolicyConstructor, Registry, parse_params};
 pub use slots::{SlotKind, SlotTable, StepContext};

@@ -1,5 +1,6 @@
 //! The plug-in interface: what a policy sees, what it declares it needs, what it returns.
 
+use crate::budget::TargetAt;
 use crate::decision::Decision;
 use crate::slots::SlotKind;
 
@@ -20,12 +21,61 @@ pub struct Needs {
     pub prefill_importance: bool,
     /// Each decode query's head-mean attention row, accumulated into the slot scores.
     pub decode_attention: bool,
+    /// At prefill, the head-mean causal attention rows of the last this-many prompt
+    /// queries (fewer when the prompt is shorter), handed to the decision as
+    /// [`LayerView::prefill_rows`] and then dropped: `m x T` numbers, never `T x T`.
+    /// 0: none (SnapKV's observation window asks for its `window`).
+    pub prefill_rows: usize,
 }
 
 impl Needs {
     /// Whether per-slot scores must be kept at all.
     pub fn tracks_scores(&self) -> bool {
         self.prefill_importance || self.decode_attention
+    }
+
+    /// Whether the prefill must write any attention probabilities out.
+    pub fn prefill_probabilities(&self) -> bool {
+        self.prefill_importance || self.prefill_rows > 0
+    }
+}
+
+/// Head-mean attention rows of the last `rows` prompt queries over the prompt's `keys`
+/// slots, row-major: row `r` is query `keys - rows + r`; entries past the query are 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionRows<'a> {
+    data: &'a [f32],
+    rows: usize,
+    keys: usize,
+}
+
+impl<'a> AttentionRows<'a> {
+    /// Rows over `keys` slots; `None` unless `data` holds whole rows of `keys` entries.
+    pub fn new(data: &'a [f32], keys: usize) -> Option<Self> {
+        if keys == 0 || !data.len().is_multiple_of(keys) {
+            return None;
+        }
+        Some(Self {
+            data,
+            rows: data.len() / keys,
+            keys,
+        })
+    }
+
+    /// Number of rows (the last queries they belong to).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Entries per row: the prompt's slots.
+    pub fn keys(&self) -> usize {
+        self.keys
+    }
+
+    /// The row of the `back`-th last query (0: the prompt's last query).
+    pub fn from_end(&self, back: usize) -> &'a [f32] {
+        let r = self.rows - 1 - back;
+        &self.data[r * self.keys..(r + 1) * self.keys]
     }
 }
 
@@ -42,6 +92,11 @@ pub struct LayerView<'a> {
     pub kinds: &'a [SlotKind],
     /// Accumulated importance per slot, when the policy's [`Needs`] asked for it.
     pub importance: Option<&'a [f32]>,
+    /// At prefill, the last prompt queries' attention rows when [`Needs::prefill_rows`]
+    /// asked for them (their keys are the prompt's slots, in slot order).
+    pub prefill_rows: Option<AttentionRows<'a>>,
+    /// `L`: decoder layers in the model (per-layer budgets depend on it).
+    pub layers: usize,
     /// `N`: tokens processed so far (prompt plus fed-back generated tokens).
     pub tokens_seen: usize,
     /// `T`: the prompt length at prefill, image tokens included.
@@ -49,6 +104,17 @@ pub struct LayerView<'a> {
 }
 
 impl LayerView<'_> {
+    /// This layer at this step, for [`CachePolicy::target`] and
+    /// [`crate::Budget::target_at`].
+    pub fn at(&self) -> TargetAt {
+        TargetAt {
+            layer: self.layer,
+            layers: self.layers,
+            prompt_len: self.prompt_len,
+            tokens_seen: self.tokens_seen,
+        }
+    }
+
     /// Current number of slots.
     pub fn len(&self) -> usize {
         self.positions.len()
@@ -82,7 +148,16 @@ pub trait CachePolicy: Send + Sync {
     /// The decision for one layer of one sequence after a prefill or decode step.
     fn decide(&self, view: &LayerView<'_>) -> Decision;
 
-    /// The most slots a layer may hold after `tokens_seen` tokens, or `None` when unbounded.
-    /// Engines use it to size cache buffers; tests use it to check the policy's promise.
-    fn target(&self, tokens_seen: usize) -> Option<usize>;
+    /// The most slots layer `at.layer` may hold after `at.tokens_seen` tokens of a
+    /// sequence whose prompt had `at.prompt_len`, or `None` when unbounded. It never
+    /// decreases as tokens are added. Engines size cache buffers by it; tests check the
+    /// policy's promise with it.
+    fn target(&self, at: TargetAt) -> Option<usize>;
+
+    /// How many of the [`LayerView::prefill_rows`] the prefill decision of layer
+    /// `at.layer` reads (at most [`Needs::prefill_rows`]): `ecache trace` refuses input
+    /// with fewer.
+    fn prefill_rows_read(&self, _at: TargetAt) -> usize {
+        0
+    }
 }

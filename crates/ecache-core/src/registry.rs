@@ -91,7 +91,7 @@ mod tests {
         fn decide(&self, _: &LayerView<'_>) -> Decision {
             Decision::KeepAll
         }
-        fn target(&self, _: usize) -> Option<usize> {
+        fn target(&self, _: crate::TargetAt) -> Option<usize> {
             None
         }
     }

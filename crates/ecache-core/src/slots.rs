@@ -3,7 +3,7 @@
 
 use crate::decision::{Decision, Plan};
 use crate::error::{Error, Result};
-use crate::policy::{CachePolicy, LayerView, Phase};
+use crate::policy::{AttentionRows, CachePolicy, LayerView, Phase};
 
 /// What produced a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -20,6 +20,8 @@ pub enum SlotKind {
 pub struct StepContext {
     /// Decoder layer index.
     pub layer: usize,
+    /// `L`: decoder layers in the model.
+    pub layers: usize,
     /// Prefill or decode step.
     pub phase: Phase,
     /// `N`: tokens processed so far.
@@ -120,12 +122,23 @@ impl SlotTable {
 
     /// The view a policy decides on.
     pub fn view(&self, ctx: StepContext) -> LayerView<'_> {
+        self.view_with_rows(ctx, None)
+    }
+
+    /// The view a policy decides on, with the prefill's last attention rows.
+    pub fn view_with_rows<'a>(
+        &'a self,
+        ctx: StepContext,
+        prefill_rows: Option<AttentionRows<'a>>,
+    ) -> LayerView<'a> {
         LayerView {
             layer: ctx.layer,
+            layers: ctx.layers,
             phase: ctx.phase,
             positions: &self.positions,
             kinds: &self.kinds,
             importance: self.scores(),
+            prefill_rows,
             tokens_seen: ctx.tokens_seen,
             prompt_len: ctx.prompt_len,
         }
@@ -133,7 +146,30 @@ impl SlotTable {
 
     /// Asks `policy` for its decision on this layer and validates it.
     pub fn decide(&self, policy: &dyn CachePolicy, ctx: StepContext) -> Result<Plan> {
-        let decision = policy.decide(&self.view(ctx));
+        self.decide_with_rows(policy, ctx, None)
+    }
+
+    /// [`SlotTable::decide`] with the prefill's last attention rows (see
+    /// [`crate::Needs::prefill_rows`]); rows that do not cover the slots are refused.
+    pub fn decide_with_rows(
+        &self,
+        policy: &dyn CachePolicy,
+        ctx: StepContext,
+        prefill_rows: Option<AttentionRows<'_>>,
+    ) -> Result<Plan> {
+        if let Some(rows) = prefill_rows
+            && rows.keys() != self.len()
+        {
+            return Err(Error::shape(
+                format!(
+                    "layer {} prefill attention rows (entries per row)",
+                    ctx.layer
+                ),
+                self.len(),
+                rows.keys(),
+            ));
+        }
+        let decision = policy.decide(&self.view_with_rows(ctx, prefill_rows));
         if decision == Decision::KeepAll {
             return Ok(Plan::identity(self.len()));
         }

@@ -6,19 +6,27 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::budget::TargetAt;
 use crate::error::{Error, Result};
-use crate::policy::{CachePolicy, Phase};
+use crate::policy::{AttentionRows, CachePolicy, Phase};
 use crate::slots::{SlotKind, SlotTable, StepContext};
 
 /// Scores of one layer, indexed by absolute position.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerScores {
-    /// Importance column sums of the prompt's `T` slots.
+    /// Importance column sums of the prompt's `T` slots (needed by policies that read
+    /// prefill importance; may be left out for the others).
+    #[serde(default)]
     pub prefill_scores: Vec<f32>,
     /// Row `k`: attention of decode step `k`'s query over positions `0..=T+k`.
     #[serde(default)]
     pub decode_scores: Vec<Vec<f32>>,
+    /// The head-mean causal attention rows of the last `m` prompt queries, `T` entries
+    /// each: row `r` is query `T - m + r` (entries past it are 0). SnapKV reads its
+    /// window from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_rows: Option<Vec<Vec<f32>>>,
 }
 
 /// What the policy did to one layer.
@@ -32,31 +40,50 @@ pub struct LayerTrace {
     pub after_step: Vec<Vec<usize>>,
 }
 
-/// Runs `policy` over one layer: a prompt of `prompt_len` text slots, then
-/// `decode_steps` steps each appending the next position.
+/// Which layer of how many a trace runs (per-layer budgets depend on both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerOf {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// `L`: decoder layers.
+    pub layers: usize,
+}
+
+impl LayerOf {
+    /// The one layer of a one-layer model.
+    pub const SINGLE: LayerOf = LayerOf {
+        layer: 0,
+        layers: 1,
+    };
+}
+
+/// Runs `policy` over the one layer of a one-layer model: a prompt of `prompt_len` text
+/// slots, then `decode_steps` steps each appending the next position.
 pub fn trace_layer(
     policy: &dyn CachePolicy,
-    layer: usize,
     prompt_len: usize,
     decode_steps: usize,
     scores: &LayerScores,
 ) -> Result<LayerTrace> {
     let kinds = vec![SlotKind::Text; prompt_len];
-    trace_layer_kinds(policy, layer, &kinds, decode_steps, scores)
+    trace_layer_kinds(policy, LayerOf::SINGLE, &kinds, decode_steps, scores)
 }
 
-/// [`trace_layer`] for a prompt whose slots have the given kinds (`kinds.len()` is the
-/// prompt's length; image slots where the prompt held an image).
+/// [`trace_layer`] for layer `of` and a prompt whose slots have the given kinds
+/// (`kinds.len()` is the prompt's length; image slots where the prompt held an image).
 pub fn trace_layer_kinds(
     policy: &dyn CachePolicy,
-    layer: usize,
+    of: LayerOf,
     kinds: &[SlotKind],
     decode_steps: usize,
     scores: &LayerScores,
 ) -> Result<LayerTrace> {
+    let LayerOf { layer, layers } = of;
     let prompt_len = kinds.len();
     let needs = policy.needs();
-    if scores.prefill_scores.len() != prompt_len {
+    let rows = prefill_rows(policy, of, prompt_len, scores)?;
+    let given = !scores.prefill_scores.is_empty();
+    if (needs.prefill_importance || given) && scores.prefill_scores.len() != prompt_len {
         return Err(Error::shape(
             format!("layer {layer} prefill_scores"),
             prompt_len,
@@ -81,11 +108,18 @@ pub fn trace_layer_kinds(
         |table: &mut SlotTable, phase: Phase, tokens_seen: usize| -> Result<Vec<usize>> {
             let ctx = StepContext {
                 layer,
+                layers,
                 phase,
                 tokens_seen,
                 prompt_len,
             };
-            let plan = table.decide(policy, ctx)?;
+            let rows = match phase {
+                Phase::Prefill => rows
+                    .as_deref()
+                    .and_then(|r| AttentionRows::new(r, prompt_len)),
+                Phase::Decode { .. } => None,
+            };
+            let plan = table.decide_with_rows(policy, ctx, rows)?;
             for (new, &old) in plan.kept().iter().enumerate() {
                 let members = plan.merged_into(new);
                 if !members.is_empty() {
@@ -132,6 +166,58 @@ pub fn trace_layer_kinds(
     })
 }
 
+/// The layer's `prefill_rows`, flattened, when the policy reads any; a clear error when
+/// they are missing, ragged or fewer than the policy reads.
+fn prefill_rows(
+    policy: &dyn CachePolicy,
+    of: LayerOf,
+    prompt_len: usize,
+    scores: &LayerScores,
+) -> Result<Option<Vec<f32>>> {
+    if policy.needs().prefill_rows == 0 {
+        return Ok(None);
+    }
+    let at = TargetAt {
+        layer: of.layer,
+        layers: of.layers,
+        prompt_len,
+        tokens_seen: prompt_len,
+    };
+    let read = policy.prefill_rows_read(at);
+    let name = policy.name();
+    let given = scores.prefill_rows.as_deref().unwrap_or(&[]);
+    if given.len() < read {
+        let what = if scores.prefill_rows.is_none() {
+            "missing".to_string()
+        } else {
+            format!("{} rows", given.len())
+        };
+        return Err(Error::shape(
+            format!(
+                "layer {} prefill_rows ({name} reads the attention rows of the last {read} prompt queries; {what})",
+                of.layer
+            ),
+            format!("at least {read} rows"),
+            given.len(),
+        ));
+    }
+    let mut flat = Vec::with_capacity(given.len() * prompt_len);
+    for (r, row) in given.iter().enumerate() {
+        if row.len() != prompt_len {
+            return Err(Error::shape(
+                format!(
+                    "layer {} prefill_rows[{r}] (one entry per prompt slot)",
+                    of.layer
+                ),
+                prompt_len,
+                row.len(),
+            ));
+        }
+        flat.extend_from_slice(row);
+    }
+    Ok(Some(flat))
+}
+
 /// Slots a policy promised to protect, for [`check_trace`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Protected {
@@ -151,7 +237,26 @@ pub fn check_trace(
     trace: &LayerTrace,
     protected: Protected,
 ) -> std::result::Result<(), String> {
-    let target = |n: usize| policy.target(n).unwrap_or(usize::MAX);
+    check_trace_of(policy, LayerOf::SINGLE, prompt_len, trace, protected)
+}
+
+/// [`check_trace`] for layer `of` of a model (per-layer targets).
+pub fn check_trace_of(
+    policy: &dyn CachePolicy,
+    of: LayerOf,
+    prompt_len: usize,
+    trace: &LayerTrace,
+    protected: Protected,
+) -> std::result::Result<(), String> {
+    let target = |n: usize| {
+        let at = TargetAt {
+            layer: of.layer,
+            layers: of.layers,
+            prompt_len,
+            tokens_seen: n,
+        };
+        policy.target(at).unwrap_or(usize::MAX)
+    };
     let check_step = |name: &str, before: &[usize], after: &[usize], n: usize| {
         let expected = before.len().min(target(n));
         if after.len() != expected {

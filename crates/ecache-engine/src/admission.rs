@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 
-use ecache_core::CachePolicy;
+use ecache_core::{CachePolicy, TargetAt};
 
 /// The shape of a model's KV cache: what one slot costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +34,16 @@ impl KvLayout {
     pub fn bytes(&self, slots: usize) -> usize {
         slots * self.layers * self.slot_bytes()
     }
+
+    /// Bytes of `per_layer[l]` slots in layer `l`.
+    pub fn bytes_per_layer(&self, per_layer: &[usize]) -> usize {
+        per_layer.iter().sum::<usize>() * self.slot_bytes()
+    }
 }
 
-/// The most slots one layer holds at any time for a prompt of `prompt_len` slots and up to
-/// `max_new_tokens` new tokens under `policy`.
+/// The most slots each of `layers` layers holds at any time for a prompt of `prompt_len`
+/// slots and up to `max_new_tokens` new tokens under `policy` (per-layer budgets give each
+/// layer its own).
 ///
 /// After the prefill a layer holds `min(T, target(T))`. The last new token is never fed
 /// back, so at most `N = T + max_new_tokens - 1` tokens are processed; a decode step that
@@ -47,19 +53,34 @@ impl KvLayout {
 /// between layer decisions. The prefill also holds the whole prompt in the layer being
 /// computed until that layer's decision; that transient is not part of the reservation
 /// (see `docs/serving.md`).
-pub fn reserved_slots(policy: &dyn CachePolicy, prompt_len: usize, max_new_tokens: usize) -> usize {
-    let held = |n: usize, extra: usize| {
-        policy
-            .target(n)
-            .map_or(n + extra, |t| (n + extra).min(t + extra))
-    };
-    let seen = prompt_len + max_new_tokens.max(1) - 1;
-    let after_prefill = held(prompt_len, 0);
-    if seen > prompt_len {
-        after_prefill.max(held(seen - 1, 1))
-    } else {
-        after_prefill
-    }
+pub fn reserved_slots(
+    policy: &dyn CachePolicy,
+    layers: usize,
+    prompt_len: usize,
+    max_new_tokens: usize,
+) -> Vec<usize> {
+    (0..layers.max(1))
+        .map(|layer| {
+            let at = TargetAt {
+                layer,
+                layers: layers.max(1),
+                prompt_len,
+                tokens_seen: prompt_len,
+            };
+            let held = |n: usize, extra: usize| {
+                policy
+                    .target(at.with_tokens(n))
+                    .map_or(n + extra, |t| (n + extra).min(t + extra))
+            };
+            let seen = prompt_len + max_new_tokens.max(1) - 1;
+            let after_prefill = held(prompt_len, 0);
+            if seen > prompt_len {
+                after_prefill.max(held(seen - 1, 1))
+            } else {
+                after_prefill
+            }
+        })
+        .collect()
 }
 
 /// A request waiting to start: its reservation, and whether it is still wanted.
@@ -187,7 +208,8 @@ mod tests {
         fn decide(&self, _: &LayerView<'_>) -> Decision {
             Decision::KeepAll
         }
-        fn target(&self, n: usize) -> Option<usize> {
+        fn target(&self, at: TargetAt) -> Option<usize> {
+            let n = at.tokens_seen;
             self.0.map(|f| ((f * n as f64) as usize).max(3))
         }
     }
@@ -202,17 +224,42 @@ mod tests {
         };
         assert_eq!(layout.slot_bytes(), 1024);
         // Full: every token but the last new one, 100 + 48 - 1.
-        assert_eq!(reserved_slots(&Frac(None), 100, 48), 147);
+        assert_eq!(reserved_slots(&Frac(None), 4, 100, 48), vec![147; 4]);
         assert_eq!(layout.bytes(147), 147 * 4 * 1024);
+        assert_eq!(layout.bytes_per_layer(&[147; 4]), layout.bytes(147));
         // A fifth: target(146) = 29, plus the slot appended before each decision.
-        assert_eq!(reserved_slots(&Frac(Some(0.2)), 100, 48), 30);
+        assert_eq!(reserved_slots(&Frac(Some(0.2)), 1, 100, 48)[0], 30);
         // One new token is never fed: only the prompt, compressed.
-        assert_eq!(reserved_slots(&Frac(Some(0.2)), 100, 1), 20);
+        assert_eq!(reserved_slots(&Frac(Some(0.2)), 1, 100, 1)[0], 20);
         // One decode step: target(100) = 20 held, and the step's slot on top.
-        assert_eq!(reserved_slots(&Frac(Some(0.2)), 100, 2), 21);
+        assert_eq!(reserved_slots(&Frac(Some(0.2)), 1, 100, 2)[0], 21);
         // A prompt shorter than the minimum target is held whole.
-        assert_eq!(reserved_slots(&Frac(Some(0.2)), 2, 1), 2);
-        assert_eq!(reserved_slots(&Frac(Some(0.2)), 2, 3), 4);
+        assert_eq!(reserved_slots(&Frac(Some(0.2)), 1, 2, 1)[0], 2);
+        assert_eq!(reserved_slots(&Frac(Some(0.2)), 1, 2, 3)[0], 4);
+    }
+
+    /// Pyramid budgets reserve each layer's own target: more below, less above, about
+    /// the uniform total.
+    #[test]
+    fn pyramid_reservations_are_per_layer() {
+        let mut config = ecache_core::PolicyConfig::new("local", 0.2);
+        config.layer_budgets = ecache_core::LayerBudgets::Pyramid;
+        config.pyramid_beta = 3.0;
+        let pyramid = ecache_policy_local::build(&config).unwrap();
+        let uniform =
+            ecache_policy_local::build(&ecache_core::PolicyConfig::new("local", 0.2)).unwrap();
+        // w = (2 / 4) * (3 - 2 * l / 3): 1.5, 1.1667, 0.8333, 0.5 of floor(0.2 * n).
+        // One decode step: target_l(100) held and the step's slot on top.
+        let per_layer = reserved_slots(pyramid.as_ref(), 4, 100, 2);
+        assert_eq!(per_layer, vec![31, 24, 17, 11]);
+        assert_eq!(reserved_slots(uniform.as_ref(), 4, 100, 2), vec![21; 4]);
+        let layout = KvLayout {
+            layers: 4,
+            kv_heads: 1,
+            head_dim: 1,
+            dtype_bytes: 1,
+        };
+        assert_eq!(layout.bytes_per_layer(&per_layer), 2 * (31 + 24 + 17 + 11));
     }
 
     #[test]

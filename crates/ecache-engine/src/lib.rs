@@ -36,12 +36,14 @@ pub use request::{
     Stats, SubmitError, Task, Usage,
 };
 
-/// A registry holding the built-in policies: `elastic`, `h2o`, `local` and `full`. A new
+/// A registry holding the built-in policies: `elastic`, `h2o`, `snapkv`, `local` and
+/// `full`. A new
 /// policy crate adds one line here.
 pub fn builtin_registry() -> ecache_core::Result<ecache_core::Registry> {
     let mut registry = ecache_core::Registry::new();
     ecache_policy_elastic::register(&mut registry)?;
     ecache_policy_h2o::register(&mut registry)?;
+    ecache_policy_snapkv::register(&mut registry)?;
     ecache_policy_local::register(&mut registry)?;
     ecache_policy_full::register(&mut registry)?;
     Ok(registry)

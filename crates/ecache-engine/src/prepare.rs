@@ -38,8 +38,9 @@ pub(crate) struct Prepared {
     pub ignore_eos: bool,
     /// The answer to score, for a score task.
     pub score: Option<Vec<u32>>,
-    /// Slots per layer and bytes reserved.
+    /// The most slots a layer can grow to, each layer's, and the bytes reserved.
     pub slots: usize,
+    pub layer_slots: Vec<usize>,
     pub reservation: usize,
     pub submitted: Instant,
     pub tx: tokio::sync::mpsc::UnboundedSender<Event>,
@@ -156,18 +157,32 @@ impl Checker<'_> {
                 },
             ));
         }
-        let policy_config = self.policy_config(request.policy);
+        let mut policy_config = self.policy_config(request.policy);
         let policy = self
             .registry
             .build(&policy_config)
             .map_err(|e| SubmitError::invalid(e.to_string(), "policy"))?;
-        let slots = reserved_slots(policy.as_ref(), prompt_tokens, max_new_tokens);
-        let reservation = self.layout.bytes(slots);
+        // A policy without a target keeps every slot: its budget is 1, whatever the
+        // config said (the full cache under a config written for elastic at 0.2).
+        if policy
+            .target(ecache_core::TargetAt::single(prompt_tokens, prompt_tokens))
+            .is_none()
+        {
+            policy_config.budget = 1.0;
+        }
+        let layer_slots = reserved_slots(
+            policy.as_ref(),
+            self.layout.layers,
+            prompt_tokens,
+            max_new_tokens,
+        );
+        let slots = layer_slots.iter().copied().max().unwrap_or(0);
+        let reservation = self.layout.bytes_per_layer(&layer_slots);
         if reservation > self.cap {
             let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
             return Err(SubmitError::invalid(
                 format!(
-                    "{prompt_tokens} prompt tokens and up to {max_new_tokens} more need {slots} slots per layer ({:.2} MiB of KV cache) under policy `{}` at budget {}, more than the cap of {:.2} MiB",
+                    "{prompt_tokens} prompt tokens and up to {max_new_tokens} more need up to {slots} slots per layer ({:.2} MiB of KV cache) under policy `{}` at budget {}, more than the cap of {:.2} MiB",
                     mib(reservation),
                     policy_config.name,
                     policy_config.budget,
@@ -192,6 +207,7 @@ impl Checker<'_> {
             ignore_eos: request.ignore_eos,
             score,
             slots,
+            layer_slots,
             reservation,
             submitted: Instant::now(),
             tx,

@@ -267,7 +267,7 @@ impl<'m, B: ecache_model::kernels::KernelBackend> Scheduler<'m, B> {
             &self.device,
             self.dtype,
         );
-        seq.set_capacity_after_prefill(req.slots);
+        seq.set_capacity_after_prefill(req.layer_slots.clone());
         let logits = self
             .runner
             .prefill_last(&mut seq, req.policy.as_ref(), embeds, &kinds)?;

@@ -86,6 +86,7 @@ fn benches(c: &mut Criterion) {
                             &[&[slots]],
                             &[SlotKind::Text],
                             scores,
+                            0,
                         )
                         .unwrap();
                     // Reading one value waits for the step.

@@ -38,6 +38,9 @@ pub struct LayerOutput<B: Backend> {
     /// Head-mean attention column sums over this step's queries, `[batch, slots]`, when
     /// asked for (the policy's importance or decode row).
     pub scores: Option<Tensor<B, 2>>,
+    /// Head-mean attention rows of the last `m` new tokens, `[batch, m, slots]`, when
+    /// asked for (SnapKV's observation window).
+    pub window_rows: Option<Tensor<B, 3>>,
 }
 
 /// What a ragged decode step of a layer hands back ([`LlamaLayer::forward_ragged`]).
@@ -101,7 +104,9 @@ impl<B: KernelBackend> LlamaLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, t, hidden]`; `rope`: tables for the `t` new tokens
     /// - `slot_positions[b]`: the `t` absolute positions recorded for the new slots
-    /// - returns `hidden`: `[batch, t, hidden]`, `scores`: `[batch, slots]` if `want_scores`
+    /// - returns `hidden`: `[batch, t, hidden]`, `scores`: `[batch, slots]` if `want_scores`,
+    ///   `window_rows`: `[batch, min(window_rows, t), slots]` if `window_rows > 0`
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -110,12 +115,26 @@ impl<B: KernelBackend> LlamaLayer<B> {
         slot_positions: &[&[usize]],
         kinds: &[SlotKind],
         want_scores: bool,
+        window_rows: usize,
     ) -> Result<LayerOutput<B>> {
         let t = x.dims()[1];
         let (q, k, v) = self.qkv(x.clone(), rope);
         cache.append(k, v, slot_positions, kinds)?;
         let visibility = Visibility::of(cache, t);
         let (keys, values) = (cache.keys(), cache.values());
+        let window_rows = (window_rows > 0).then(|| {
+            let m = window_rows.min(t);
+            let mask = Visibility::mask::<B>(cache, t, &x.device()).narrow(2, t - m, m);
+            let (_, probs) = self.attention_explicit(
+                q.clone().narrow(2, t - m, m),
+                keys.clone(),
+                values.clone(),
+                Some(mask),
+                true,
+            );
+            let [b, _, m, slots] = probs.as_ref().expect("asked for").dims();
+            probs.expect("asked for").mean_dim(1).reshape([b, m, slots])
+        });
         let (attn, scores) = if want_scores {
             let mask = Visibility::mask::<B>(cache, t, &x.device());
             let (attn, scores) = self.attention_with_scores(
@@ -146,6 +165,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
         Ok(LayerOutput {
             hidden: self.finish(x, attn),
             scores,
+            window_rows,
         })
     }
 

@@ -11,7 +11,7 @@
 
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use ecache_core::{
-    CachePolicy, CacheShape, LayerCache, Phase, PositionMode, SlotKind, StepContext,
+    AttentionRows, CachePolicy, CacheShape, LayerCache, Phase, PositionMode, SlotKind, StepContext,
     importance::rows_to_host,
 };
 
@@ -33,7 +33,7 @@ pub struct Sequence<B: Backend> {
     prompt_len: usize,
     steps: usize,
     /// Capacity each layer's buffers get right after that layer's prefill decision.
-    capacity_after_prefill: Option<usize>,
+    capacity_after_prefill: Option<Vec<usize>>,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -103,11 +103,12 @@ impl<B: Backend> Sequence<B> {
             .unzip()
     }
 
-    /// Has the prefill size each layer's buffers to exactly `slots` right after that
-    /// layer's decision: the uncompressed prompt is then held by one layer at a time, and
-    /// the sequence never allocates again if `slots` is what it can grow to.
-    pub fn set_capacity_after_prefill(&mut self, slots: usize) {
-        self.capacity_after_prefill = Some(slots);
+    /// Has the prefill size layer `l`'s buffers to exactly `slots[l]` right after that
+    /// layer's decision (layers past the list keep its last entry): the uncompressed
+    /// prompt is then held by one layer at a time, and the sequence never allocates again
+    /// if `slots` is what each layer can grow to.
+    pub fn set_capacity_after_prefill(&mut self, slots: Vec<usize>) {
+        self.capacity_after_prefill = (!slots.is_empty()).then_some(slots);
     }
 
     /// Sizes every layer's buffers to exactly `slots` (see [`LayerCache::set_capacity`]):
@@ -193,26 +194,39 @@ impl<'a, B: KernelBackend> Runner<'a, B> {
             &self.device,
             embeds.dtype(),
         );
-        let want = policy.needs().prefill_importance;
+        let needs = policy.needs();
         seq.prompt_len = t;
+        let layers = self.decoder.layers.len();
         let mut x = embeds;
         for (layer, block) in self.decoder.layers.iter().enumerate() {
             let cache = &mut seq.caches[layer];
-            let out = block.forward(x, &rope, cache, &[&positions], kinds, want)?;
+            let out = block.forward(
+                x,
+                &rope,
+                cache,
+                &[&positions],
+                kinds,
+                needs.prefill_importance,
+                needs.prefill_rows,
+            )?;
             x = out.hidden;
             if let Some(scores) = out.scores {
                 accumulate(cache, scores)?;
             }
+            let rows = out.window_rows.map(|r| window_rows(cache, r)).transpose()?;
             let ctx = StepContext {
                 layer,
+                layers,
                 phase: Phase::Prefill,
                 tokens_seen: t,
                 prompt_len: t,
             };
-            let plan = cache.table(0)?.decide(policy, ctx)?;
+            let rows = rows.as_deref().and_then(|r| AttentionRows::new(r, t));
+            let plan = cache.table(0)?.decide_with_rows(policy, ctx, rows)?;
             cache.apply(0, &plan)?;
-            if let Some(slots) = seq.capacity_after_prefill {
-                cache.set_capacity(slots)?;
+            if let Some(slots) = &seq.capacity_after_prefill {
+                let n = slots[layer.min(slots.len() - 1)];
+                cache.set_capacity(n)?;
             }
         }
         seq.tokens_seen = t;
@@ -304,6 +318,7 @@ impl<'a, B: KernelBackend> Runner<'a, B> {
                 }
                 let ctx = StepContext {
                     layer,
+                    layers: self.decoder.layers.len(),
                     phase: Phase::Decode { step: seq.steps },
                     tokens_seen: seq.tokens_seen + 1,
                     prompt_len: seq.prompt_len,
@@ -319,6 +334,18 @@ impl<'a, B: KernelBackend> Runner<'a, B> {
         let v = logits.dims()[2];
         Ok(logits.reshape([n, v]))
     }
+}
+
+/// A sequence's window rows (`[1, m, slots]`, buffer-row order) on the host, row after
+/// row, each in slot order.
+fn window_rows<B: Backend>(cache: &LayerCache<B>, rows: Tensor<B, 3>) -> Result<Vec<f32>> {
+    let [_, m, slots] = rows.dims();
+    let by_row = rows_to_host(rows.reshape([m, slots]), &vec![slots; m])?;
+    let order = cache.rows(0)?;
+    Ok(by_row
+        .iter()
+        .flat_map(|row| order.iter().map(|&r| row[r]))
+        .collect())
 }
 
 /// Adds a sequence's score row (`[1, slots]`, buffer-row order) to its slot scores.

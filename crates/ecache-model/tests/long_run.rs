@@ -7,6 +7,7 @@
 
 mod common;
 
+use ecache_core::TargetAt;
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
@@ -82,7 +83,7 @@ fn elastic_stays_on_budget_and_in_memory_over_a_long_generation() {
     let mut peak = 0;
     for step in 0..tokens {
         let n = prompt_len + step;
-        let target = n.min(policy.target(n).unwrap());
+        let target = n.min(policy.target(TargetAt::single(prompt_len, n)).unwrap());
         for cache in session.sequences()[0].caches() {
             let table = cache.table(0).unwrap();
             assert_eq!(table.len(), target, "step {step}");

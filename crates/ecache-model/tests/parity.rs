@@ -220,9 +220,10 @@ fn gqa_sharded_legacy_fixture_matches_transformers() {
     check_fixture("tiny-llava-gqa");
 }
 
-/// Policy-level agreement: the engine's teacher-forced PPL under elastic, h2o and local at
-/// budget 0.5 against the straightforward spec implementation written on transformers'
-/// modules in tools/make_fixtures.py (two independent implementations).
+/// Policy-level agreement: the engine's teacher-forced PPL under elastic, h2o, local and
+/// snapkv (with the fixture's `snapkv_params`) at budget 0.5 against the straightforward
+/// spec implementation written on transformers' modules in tools/make_fixtures.py (two
+/// independent implementations).
 fn check_policies(name: &str) {
     let l = load(name);
     let budget = l.expected.json["policy_budget"].as_f64().unwrap();
@@ -234,8 +235,15 @@ fn check_policies(name: &str) {
         ),
         ("h2o", ecache_policy_h2o::build),
         ("local", ecache_policy_local::build),
+        ("snapkv", ecache_policy_snapkv::build),
     ] {
-        let policy = build(&PolicyConfig::new(policy_name, budget)).unwrap();
+        let mut config = PolicyConfig::new(policy_name, budget);
+        if policy_name == "snapkv" {
+            for (key, value) in l.expected.json["snapkv_params"].as_object().unwrap() {
+                config.set_param(key, &value.to_string()).unwrap();
+            }
+        }
+        let policy = build(&config).unwrap();
         let (embeds, kinds) = prompt(&l);
         let mut session = common::session(&l.model, &l.config, policy.as_ref(), 1);
         let nll = ecache_model::answer_nll(&mut session, embeds, &kinds, &answer).unwrap();

@@ -201,6 +201,8 @@ fn policy(kv: KvCache, default: &PolicyConfig) -> Result<PolicyConfig, ApiError>
     };
     let mut config = PolicyConfig::new(&kv.policy, budget);
     config.positions = default.positions;
+    config.layer_budgets = default.layer_budgets;
+    config.pyramid_beta = default.pyramid_beta;
     match kv.params {
         Some(params) => {
             for (key, value) in params {

@@ -9,7 +9,7 @@
 
 use ecache_core::{
     Budget, CachePolicy, Decision, LayerView, Needs, PolicyConfig, Registry, Result, SlotKind,
-    parse_params,
+    TargetAt, parse_params,
 };
 
 /// Registry name of this policy.
@@ -46,7 +46,7 @@ impl CachePolicy for TextPriority {
 
     fn decide(&self, view: &LayerView<'_>) -> Decision {
         let len = view.len();
-        let target = self.budget.target(view.tokens_seen);
+        let target = self.budget.target_at(view.at());
         if len <= target {
             return Decision::KeepAll;
         }
@@ -59,15 +59,15 @@ impl CachePolicy for TextPriority {
         Decision::remove(len, &remove)
     }
 
-    fn target(&self, tokens_seen: usize) -> Option<usize> {
-        Some(self.budget.target(tokens_seen))
+    fn target(&self, at: TargetAt) -> Option<usize> {
+        Some(self.budget.target_at(at))
     }
 }
 
 /// Builds the policy from its `[policy]` section.
 pub fn build(config: &PolicyConfig) -> Result<Box<dyn CachePolicy>> {
     let p: Params = parse_params(NAME, &config.params)?;
-    let budget = Budget::new(config.budget, p.sinks, p.protected_tail)?;
+    let budget = Budget::from_config(config, p.sinks, p.protected_tail)?;
     Ok(Box::new(TextPriority { budget }))
 }
 

@@ -24,12 +24,12 @@ fn registers_without_touching_the_core_and_builds_from_toml() {
     assert_eq!(policy.name(), "text-priority");
     let tr = trace_layer(
         policy.as_ref(),
-        0,
         30,
         20,
         &LayerScores {
             prefill_scores: vec![0.0; 30],
             decode_scores: vec![],
+            ..Default::default()
         },
     )
     .unwrap();
@@ -77,6 +77,7 @@ fn image_slots_go_first_on_real_tensors() {
         .unwrap();
     let ctx = StepContext {
         layer: 0,
+        layers: 1,
         phase: Phase::Prefill,
         tokens_seen: 12,
         prompt_len: 12,

@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use ecache_core::selection::{TieBreak, nearest_anchor, top_k};
 use ecache_core::{
     Budget, CachePolicy, Decision, Error, LayerView, MergeWeighting, Needs, Phase, PolicyConfig,
-    Registry, Result, SlotKind, parse_params,
+    Registry, Result, SlotKind, TargetAt, parse_params,
 };
 
 /// Registry name of this policy.
@@ -127,9 +127,11 @@ impl ElasticCache {
         })
     }
 
-    /// The fixed truncation point for a prompt of `prompt_len` tokens.
-    pub fn truncation_point(&self, prompt_len: usize) -> usize {
-        let compressed = prompt_len.min(self.budget.target(prompt_len));
+    /// The fixed truncation point of layer `at.layer` for a prompt of `at.prompt_len`
+    /// tokens (`at.tokens_seen` is not read).
+    pub fn truncation_point(&self, at: TargetAt) -> usize {
+        let prompt_len = at.prompt_len;
+        let compressed = prompt_len.min(self.budget.target_at(at.with_tokens(prompt_len)));
         self.truncation_point.unwrap_or_else(|| {
             compressed
                 .saturating_sub(self.offset)
@@ -175,7 +177,7 @@ impl ElasticCache {
 
     fn prefill(&self, view: &LayerView<'_>) -> Decision {
         let len = view.len();
-        let target = self.budget.target(view.tokens_seen);
+        let target = self.budget.target_at(view.at());
         if len <= target {
             return Decision::KeepAll;
         }
@@ -212,12 +214,12 @@ impl ElasticCache {
 
     fn evict_at_truncation_point(&self, view: &LayerView<'_>) -> Decision {
         let len = view.len();
-        let target = self.budget.target(view.tokens_seen);
+        let target = self.budget.target_at(view.at());
         if len <= target {
             return Decision::KeepAll;
         }
         let excess = len - target;
-        let start = self.truncation_point(view.prompt_len).min(len - excess);
+        let start = self.truncation_point(view.at()).min(len - excess);
         Decision::Keep((0..start).chain(start + excess..len).collect())
     }
 }
@@ -230,7 +232,7 @@ impl CachePolicy for ElasticCache {
     fn needs(&self) -> Needs {
         Needs {
             prefill_importance: true,
-            decode_attention: false,
+            ..Needs::default()
         }
     }
 
@@ -241,15 +243,15 @@ impl CachePolicy for ElasticCache {
         }
     }
 
-    fn target(&self, tokens_seen: usize) -> Option<usize> {
-        Some(self.budget.target(tokens_seen))
+    fn target(&self, at: TargetAt) -> Option<usize> {
+        Some(self.budget.target_at(at))
     }
 }
 
 /// Builds the policy from its config section.
 pub fn build(config: &PolicyConfig) -> Result<Box<dyn CachePolicy>> {
     let p: ElasticParams = parse_params(NAME, &config.params)?;
-    let budget = Budget::new(config.budget, p.sinks, p.protected_tail)?;
+    let budget = Budget::from_config(config, p.sinks, p.protected_tail)?;
     Ok(Box::new(ElasticCache::new(budget, &p)?))
 }
 

@@ -1,8 +1,10 @@
 use burn::backend::Flex;
 use burn::tensor::{DType, Distribution, Tensor};
-use ecache_core::trace::{LayerScores, Protected, check_trace, trace_layer, trace_layer_kinds};
+use ecache_core::trace::{
+    LayerOf, LayerScores, Protected, check_trace, trace_layer, trace_layer_kinds,
+};
 use ecache_core::{
-    CachePolicy, CacheShape, LayerCache, Phase, PolicyConfig, SlotKind, StepContext,
+    CachePolicy, CacheShape, LayerCache, Phase, PolicyConfig, SlotKind, StepContext, TargetAt,
 };
 use proptest::prelude::*;
 
@@ -18,13 +20,14 @@ fn scores(prefill: Vec<f32>) -> LayerScores {
     LayerScores {
         prefill_scores: prefill,
         decode_scores: vec![],
+        ..Default::default()
     }
 }
 
 #[test]
 fn the_worked_example_of_the_spec() {
     let s = scores(vec![0.0, 5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0, 0.0]);
-    let tr = trace_layer(build(0.7, &[]).as_ref(), 0, 10, 0, &s).unwrap();
+    let tr = trace_layer(build(0.7, &[]).as_ref(), 10, 0, &s).unwrap();
     assert_eq!(tr.after_prefill, vec![0, 1, 3, 5, 7, 8, 9]);
     let merges: Vec<(usize, Vec<usize>)> = tr.merged_into.into_iter().collect();
     assert_eq!(merges, vec![(1, vec![2]), (3, vec![4]), (5, vec![6])]);
@@ -58,8 +61,8 @@ proptest! {
     ) {
         let s = int_scores(t, seed);
         let policy = build(b, &[("sinks", &sinks.to_string())]);
-        let tr = trace_layer(policy.as_ref(), 0, t, 0, &scores(s.clone())).unwrap();
-        let target = policy.target(t).unwrap();
+        let tr = trace_layer(policy.as_ref(), t, 0, &scores(s.clone())).unwrap();
+        let target = policy.target(TargetAt::single(t, t)).unwrap();
         if t <= target {
             prop_assert_eq!(&tr.after_prefill, &(0..t).collect::<Vec<_>>());
             return Ok(());
@@ -85,7 +88,7 @@ proptest! {
     #[test]
     fn budget_and_protection_hold(t in 1usize..150, steps in 0usize..60, b in 0.05f64..=1.0, offset in 0usize..40) {
         let policy = build(b, &[("offset", &offset.to_string())]);
-        let tr = trace_layer(policy.as_ref(), 0, t, steps, &scores(int_scores(t, t as u64))).unwrap();
+        let tr = trace_layer(policy.as_ref(), t, steps, &scores(int_scores(t, t as u64))).unwrap();
         check_trace(policy.as_ref(), t, &tr, Protected { sinks: 1, protected_tail: 1 }).map_err(TestCaseError::fail)?;
     }
 
@@ -94,7 +97,7 @@ proptest! {
         t in 8usize..120, steps in 1usize..80, b in 0.1f64..0.9, offset in 0usize..30
     ) {
         let policy = build(b, &[("offset", &offset.to_string())]);
-        let tr = trace_layer(policy.as_ref(), 0, t, steps, &scores(int_scores(t, 7))).unwrap();
+        let tr = trace_layer(policy.as_ref(), t, steps, &scores(int_scores(t, 7))).unwrap();
         let l0 = tr.after_prefill.len();
         let p = l0.saturating_sub(offset).max(1);
         // Everything before P stays forever; what follows P is the FIFO queue.
@@ -144,8 +147,8 @@ proptest! {
             ("protect", protect),
             ("importance", importance),
         ]);
-        let tr = trace_layer_kinds(policy.as_ref(), 0, &prompt, 0, &scores(s.clone())).unwrap();
-        let target = policy.target(t).unwrap();
+        let tr = trace_layer_kinds(policy.as_ref(), LayerOf::SINGLE, &prompt, 0, &scores(s.clone())).unwrap();
+        let target = policy.target(TargetAt::single(t, t)).unwrap();
         if t <= target {
             prop_assert_eq!(&tr.after_prefill, &(0..t).collect::<Vec<_>>());
             return Ok(());
@@ -185,7 +188,14 @@ fn instruction_protection_keeps_the_question_the_tail_loses() {
     let question: Vec<usize> = (25..t).collect();
     let keeps_question = |protect: &str| {
         let policy = build(0.5, &[("protect", protect)]);
-        let tr = trace_layer_kinds(policy.as_ref(), 0, &prompt, 0, &scores(s.clone())).unwrap();
+        let tr = trace_layer_kinds(
+            policy.as_ref(),
+            LayerOf::SINGLE,
+            &prompt,
+            0,
+            &scores(s.clone()),
+        )
+        .unwrap();
         question.iter().all(|q| tr.after_prefill.contains(q))
     };
     assert!(keeps_question("instruction"));
@@ -205,9 +215,9 @@ fn mean_importance_does_not_penalise_late_slots() {
     let kept = |importance: &str| {
         // Room for the sink, one anchor and the protected tail of one.
         let policy = build(0.3, &[("importance", importance)]);
-        let target = policy.target(t).unwrap();
+        let target = policy.target(TargetAt::single(t, t)).unwrap();
         assert_eq!(target, 3, "sink, one anchor, tail");
-        trace_layer(policy.as_ref(), 0, t, 0, &scores(s.clone()))
+        trace_layer(policy.as_ref(), t, 0, &scores(s.clone()))
             .unwrap()
             .after_prefill
     };
@@ -218,7 +228,7 @@ fn mean_importance_does_not_penalise_late_slots() {
 #[test]
 fn an_absolute_truncation_point_overrides_the_offset() {
     let policy = build(0.5, &[("truncation_point", "3")]);
-    let tr = trace_layer(policy.as_ref(), 0, 20, 3, &scores(int_scores(20, 3))).unwrap();
+    let tr = trace_layer(policy.as_ref(), 20, 3, &scores(int_scores(20, 3))).unwrap();
     // target(20) = 10, target(21) = 10: step 1 removes the slot at index 3.
     let mut expected = tr.after_prefill.clone();
     expected.remove(3);
@@ -260,6 +270,7 @@ fn merged_slots_match_naive(merge: &str) {
     cache.table_mut(1).unwrap().accumulate(&s).unwrap();
     let ctx = StepContext {
         layer: 0,
+        layers: 1,
         phase: Phase::Prefill,
         tokens_seen: t,
         prompt_len: t,
@@ -272,7 +283,7 @@ fn merged_slots_match_naive(merge: &str) {
     assert!(plan.has_merges());
     cache.apply(1, &plan).unwrap();
     assert_eq!(cache.len(0), t, "sequence 0 is untouched");
-    assert_eq!(cache.len(1), policy.target(t).unwrap());
+    assert_eq!(cache.len(1), policy.target(TargetAt::single(t, t)).unwrap());
     for (tensor, got) in [(keys, cache.keys()), (values, cache.values())] {
         let old: Vec<f32> = tensor.into_data().into_vec().unwrap();
         let new: Vec<f32> = got.into_data().into_vec().unwrap();

@@ -4,7 +4,7 @@
 //! against. It needs no attention scores and ignores the budget.
 
 use ecache_core::{
-    CachePolicy, Decision, LayerView, Needs, PolicyConfig, Registry, Result, parse_params,
+    CachePolicy, Decision, LayerView, Needs, PolicyConfig, Registry, Result, TargetAt, parse_params,
 };
 
 /// Registry name of this policy.
@@ -31,7 +31,7 @@ impl CachePolicy for FullCache {
         Decision::KeepAll
     }
 
-    fn target(&self, _tokens_seen: usize) -> Option<usize> {
+    fn target(&self, _at: TargetAt) -> Option<usize> {
         None
     }
 }

@@ -8,7 +8,7 @@
 use ecache_core::selection::{TieBreak, top_k};
 use ecache_core::{
     Budget, CachePolicy, Decision, Error, LayerView, Needs, PolicyConfig, Registry, Result,
-    parse_params,
+    TargetAt, parse_params,
 };
 
 /// Registry name of this policy.
@@ -77,12 +77,13 @@ impl CachePolicy for HeavyHitters {
         Needs {
             prefill_importance: true,
             decode_attention: true,
+            ..Needs::default()
         }
     }
 
     fn decide(&self, view: &LayerView<'_>) -> Decision {
         let len = view.len();
-        let target = self.budget.target(view.tokens_seen);
+        let target = self.budget.target_at(view.at());
         if len <= target {
             return Decision::KeepAll;
         }
@@ -101,15 +102,15 @@ impl CachePolicy for HeavyHitters {
         Decision::Keep((0..sinks).chain(heavy).chain(len - recent..len).collect())
     }
 
-    fn target(&self, tokens_seen: usize) -> Option<usize> {
-        Some(self.budget.target(tokens_seen))
+    fn target(&self, at: TargetAt) -> Option<usize> {
+        Some(self.budget.target_at(at))
     }
 }
 
 /// Builds the policy from its config section.
 pub fn build(config: &PolicyConfig) -> Result<Box<dyn CachePolicy>> {
     let p: H2oParams = parse_params(NAME, &config.params)?;
-    let budget = Budget::new(config.budget, p.sinks, p.protected_tail)?;
+    let budget = Budget::from_config(config, p.sinks, p.protected_tail)?;
     Ok(Box::new(HeavyHitters::new(budget, p.recent_fraction)?))
 }
 

@@ -1,3 +1,4 @@
+use ecache_core::TargetAt;
 use ecache_core::trace::{LayerScores, Protected, check_trace, trace_layer};
 use ecache_core::{CachePolicy, PolicyConfig};
 use proptest::prelude::*;
@@ -63,6 +64,7 @@ fn random_scores(t: usize, steps: usize, seed: u64) -> LayerScores {
         decode_scores: (0..steps)
             .map(|k| (0..=t + k).map(|_| next()).collect())
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -73,8 +75,9 @@ fn prefill_keeps_heavy_hitters_and_the_recent_window() {
     let scores = LayerScores {
         prefill_scores: vec![0.0, 1.0, 2.0, 9.0, 1.0, 8.0, 0.5, 0.0, 0.0, 0.0],
         decode_scores: vec![],
+        ..Default::default()
     };
-    let tr = trace_layer(build(0.6, 0.5).as_ref(), 0, 10, 0, &scores).unwrap();
+    let tr = trace_layer(build(0.6, 0.5).as_ref(), 10, 0, &scores).unwrap();
     assert_eq!(tr.after_prefill, vec![0, 3, 5, 7, 8, 9]);
 }
 
@@ -83,8 +86,9 @@ fn equal_scores_remove_the_older_slot_first() {
     let scores = LayerScores {
         prefill_scores: vec![1.0; 10],
         decode_scores: vec![],
+        ..Default::default()
     };
-    let tr = trace_layer(build(0.6, 0.5).as_ref(), 0, 10, 0, &scores).unwrap();
+    let tr = trace_layer(build(0.6, 0.5).as_ref(), 10, 0, &scores).unwrap();
     assert_eq!(tr.after_prefill, vec![0, 5, 6, 7, 8, 9]);
 }
 
@@ -95,7 +99,7 @@ proptest! {
     ) {
         let scores = random_scores(t, steps, seed);
         let policy = build(b, rf);
-        let tr = trace_layer(policy.as_ref(), 0, t, steps, &scores).unwrap();
+        let tr = trace_layer(policy.as_ref(), t, steps, &scores).unwrap();
         let expected = naive(t, b, rf, &scores, steps);
         prop_assert_eq!(&tr.after_prefill, &expected[0]);
         for k in 0..steps {
@@ -108,11 +112,11 @@ proptest! {
     fn the_recent_window_is_never_evicted(t in 4usize..80, steps in 1usize..40, b in 0.1f64..0.9, seed in any::<u64>()) {
         let scores = random_scores(t, steps, seed);
         let policy = build(b, 0.5);
-        let tr = trace_layer(policy.as_ref(), 0, t, steps, &scores).unwrap();
+        let tr = trace_layer(policy.as_ref(), t, steps, &scores).unwrap();
         let h = ecache_policy_h2o::HeavyHitters::new(ecache_core::Budget::new(b, 1, 1).unwrap(), 0.5).unwrap();
         for (k, kept) in tr.after_step.iter().enumerate() {
             let n = t + k + 1;
-            let recent = h.recent(policy.target(n).unwrap()).min(n);
+            let recent = h.recent(policy.target(TargetAt::single(n, n)).unwrap()).min(n);
             for p in n - recent..n {
                 prop_assert!(kept.contains(&p), "step {}: recent position {} evicted from {:?}", k + 1, p, kept);
             }

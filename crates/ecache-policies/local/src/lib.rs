@@ -4,7 +4,8 @@
 //! `target(N) - sinks` slots. Prefill and decode follow one rule; no attention scores.
 
 use ecache_core::{
-    Budget, CachePolicy, Decision, LayerView, Needs, PolicyConfig, Registry, Result, parse_params,
+    Budget, CachePolicy, Decision, LayerView, Needs, PolicyConfig, Registry, Result, TargetAt,
+    parse_params,
 };
 
 /// Registry name of this policy.
@@ -50,7 +51,7 @@ impl CachePolicy for LocalWindow {
 
     fn decide(&self, view: &LayerView<'_>) -> Decision {
         let len = view.len();
-        let target = self.budget.target(view.tokens_seen);
+        let target = self.budget.target_at(view.at());
         if len <= target {
             return Decision::KeepAll;
         }
@@ -59,15 +60,15 @@ impl CachePolicy for LocalWindow {
         Decision::Keep((0..sinks).chain(recent_from..len).collect())
     }
 
-    fn target(&self, tokens_seen: usize) -> Option<usize> {
-        Some(self.budget.target(tokens_seen))
+    fn target(&self, at: TargetAt) -> Option<usize> {
+        Some(self.budget.target_at(at))
     }
 }
 
 /// Builds the policy from its config section.
 pub fn build(config: &PolicyConfig) -> Result<Box<dyn CachePolicy>> {
     let p: LocalParams = parse_params(NAME, &config.params)?;
-    let budget = Budget::new(config.budget, p.sinks, p.protected_tail)?;
+    let budget = Budget::from_config(config, p.sinks, p.protected_tail)?;
     Ok(Box::new(LocalWindow::new(budget)))
 }
 

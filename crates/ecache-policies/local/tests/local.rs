@@ -12,8 +12,9 @@ fn run(budget: f64, sinks: usize, t: usize, steps: usize) -> ecache_core::trace:
     let scores = LayerScores {
         prefill_scores: vec![0.0; t],
         decode_scores: vec![],
+        ..Default::default()
     };
-    trace_layer(build(budget, sinks).as_ref(), 0, t, steps, &scores).unwrap()
+    trace_layer(build(budget, sinks).as_ref(), t, steps, &scores).unwrap()
 }
 
 #[test]
