@@ -149,6 +149,7 @@ fn evaluate(
         keep_going: false,
         progress_file: None,
         stop_after_items: None,
+        shard: None,
     };
     run(&eval)
 }

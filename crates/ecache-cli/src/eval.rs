@@ -16,10 +16,13 @@ use serde::{Deserialize, Serialize};
 use crate::BadInput;
 use crate::dataset::Item;
 use crate::generate::{engine_config, engine_error, load_engine};
+pub use crate::records::{ItemRecord, Records, rows_from_records};
 use crate::rouge::rouge_l;
+use crate::shard::Shard;
 
 /// Which metrics to compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Metric {
     /// Teacher-forced perplexity of the reference answers.
     Ppl,
@@ -30,10 +33,12 @@ pub enum Metric {
 }
 
 impl Metric {
-    fn ppl(self) -> bool {
+    /// Whether perplexity is computed.
+    pub fn ppl(self) -> bool {
         self != Metric::Rouge
     }
-    fn generates(self) -> bool {
+    /// Whether greedy outputs are generated (ROUGE-L, exact match).
+    pub fn generates(self) -> bool {
         self != Metric::Ppl
     }
 }
@@ -56,6 +61,8 @@ pub struct EvalRequest {
     pub progress_file: Option<PathBuf>,
     /// Stop (as if interrupted) once this many items are done: for testing resumption.
     pub stop_after_items: Option<usize>,
+    /// Evaluate only this shard of the items (every N-th from I).
+    pub shard: Option<Shard>,
 }
 
 /// What an interrupted evaluation had finished: the batches done and the metric sums so
@@ -65,9 +72,11 @@ pub struct EvalRequest {
 struct Progress {
     fingerprint: String,
     done: Vec<usize>,
-    sums: Vec<Sums>,
+    records: Vec<Vec<ItemRecord>>,
 }
 
+/// Everything that determines an evaluation's numbers: model, items, runs, metric,
+/// generation settings and batching (a shard's is its whole evaluation's).
 fn fingerprint(request: &EvalRequest, items: &[&Item]) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -90,12 +99,18 @@ fn fingerprint(request: &EvalRequest, items: &[&Item]) -> String {
     )
 }
 
+/// The fingerprint of the whole evaluation, every item included (a shard's included).
+pub fn evaluation_fingerprint(request: &EvalRequest) -> String {
+    let items: Vec<&Item> = request.items.iter().collect();
+    fingerprint(request, &items)
+}
+
 /// The progress recorded for this very evaluation, if any.
 fn resume_from(request: &EvalRequest, fingerprint: &str) -> Option<Progress> {
     let path = request.progress_file.as_ref()?;
     let text = std::fs::read_to_string(path).ok()?;
     match serde_json::from_str::<Progress>(&text) {
-        Ok(p) if p.fingerprint == fingerprint && p.sums.len() == request.runs.len() => Some(p),
+        Ok(p) if p.fingerprint == fingerprint && p.records.len() == request.runs.len() => Some(p),
         _ => {
             eprintln!(
                 "ignoring {}: it records a different evaluation",
@@ -191,13 +206,21 @@ pub fn unused_params(config: &RunConfig, runs: &[PolicyConfig]) -> Option<String
 
 /// Runs the evaluation through an engine on the configured backend.
 pub fn run(request: &EvalRequest) -> Result<Vec<EvalRow>> {
+    run_on(request, &engine_for(request)?)
+}
+
+/// [`run`]'s item records instead of its rows (what a shard writes).
+pub fn run_records(request: &EvalRequest) -> Result<Records> {
+    records_on(request, &engine_for(request)?)
+}
+
+fn engine_for(request: &EvalRequest) -> Result<Engine> {
     let mut config = engine_config(request.model_dir.clone(), &request.config);
     config.max_batch = request.batch.max(1);
     config.max_queue = usize::MAX;
     config.pad_to_square = request.pad_to_square;
     config.image_cache = request.batch.max(8);
-    let engine = load_engine(config)?;
-    run_on(request, &engine)
+    load_engine(config)
 }
 
 /// Whitespace-normalised, lower-case text for exact matching.
@@ -208,20 +231,18 @@ pub fn normalise(text: &str) -> String {
         .join(" ")
 }
 
-/// Running sums of one run's metrics.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Sums {
-    nll: f64,
-    scored: usize,
-    generated: usize,
-    rouge: f64,
-    exact: f64,
-    truth: f64,
-    image_prefill: f64,
-    image_end: f64,
+fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
+    let records = records_on(request, engine)?;
+    Ok(rows_from_records(
+        &request.runs,
+        request.metric,
+        &records.per_run,
+    ))
 }
 
-fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
+/// Runs the evaluation and returns its item records (only the shard's items when
+/// `request.shard` is set).
+pub fn records_on(request: &EvalRequest, engine: &Engine) -> Result<Records> {
     let dir = &request.model_dir;
     let config = LlavaConfig::from_path(&dir.join("config.json"))
         .map_err(|e| BadInput(format!("model {}: {e}", dir.display())))?;
@@ -230,7 +251,11 @@ fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
     // Every input is checked before any computation; with keep_going a bad item is
     // reported and skipped instead.
     let mut items: Vec<&Item> = Vec::with_capacity(request.items.len());
-    for item in &request.items {
+    let mut indices: Vec<usize> = Vec::with_capacity(request.items.len());
+    for (index, item) in request.items.iter().enumerate() {
+        if request.shard.is_some_and(|s| !s.takes(index)) {
+            continue;
+        }
         let checked = check_item(
             item,
             &tokenizer,
@@ -243,7 +268,10 @@ fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
             },
         );
         match checked {
-            Ok(()) => items.push(item),
+            Ok(()) => {
+                items.push(item);
+                indices.push(index);
+            }
             Err(problem) if request.keep_going => eprintln!("skipped: {problem}"),
             Err(problem) => return Err(BadInput(problem).into()),
         }
@@ -254,12 +282,15 @@ fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
     let kinded = request.items.iter().any(|i| i.kind.is_some());
     let counts_exact = |i: &Item| !kinded || i.kind.as_deref() == Some("short");
     let counts_truth = |i: &Item| !kinded || i.kind.as_deref() == Some("description");
-    let fingerprint = fingerprint(request, &items);
+    let fingerprint = match request.shard {
+        Some(shard) => format!("{} shard {shard}", fingerprint(request, &items)),
+        None => fingerprint(request, &items),
+    };
     let mut done = Vec::new();
-    let mut sums = vec![Sums::default(); request.runs.len()];
+    let mut records: Vec<Vec<ItemRecord>> = vec![Vec::new(); request.runs.len()];
     if let Some(p) = resume_from(request, &fingerprint) {
         done = p.done;
-        sums = p.sums;
+        records = p.records;
     }
     let mut items_done = 0;
     let progress = indicatif::ProgressBar::new((items.len() * request.runs.len()) as u64);
@@ -268,6 +299,7 @@ fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let chunks: Vec<&[&Item]> = items.chunks(request.batch.max(1)).collect();
+    let index_chunks: Vec<&[usize]> = indices.chunks(request.batch.max(1)).collect();
     if !done.is_empty() {
         let finished: usize = done
             .iter()
@@ -340,30 +372,35 @@ fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
         for (r, (scored, generated)) in scored.into_iter().zip(generated).enumerate() {
             let run = &request.runs[r];
             progress.set_message(format!("{} {}", run.name, run.budget));
-            let s = &mut sums[r];
-            for c in wait(scored)? {
-                s.nll += c.nll.iter().sum::<f64>();
-                s.scored += c.nll.len();
+            let mut chunk_records: Vec<ItemRecord> = index_chunks[c]
+                .iter()
+                .map(|&item| ItemRecord {
+                    item,
+                    ..ItemRecord::default()
+                })
+                .collect();
+            for (record, c) in chunk_records.iter_mut().zip(wait(scored)?) {
+                record.nll = c.nll.iter().sum::<f64>();
+                record.scored = c.nll.len();
             }
             if let Some(reference) = &reference {
                 for (k, (g, reference)) in wait(generated)?.iter().zip(reference).enumerate() {
                     let item = chunk[k];
-                    s.generated += g.tokens.len();
+                    let record = &mut chunk_records[k];
+                    record.generated = g.tokens.len();
                     let share = |slots: &[usize]| {
                         slots.iter().sum::<usize>() as f64
                             / (slots.len() * g.stats.image_tokens).max(1) as f64
                     };
-                    s.image_prefill += share(&g.stats.image_slots_after_prefill);
-                    s.image_end += share(&g.stats.image_slots_at_end);
-                    s.rouge += rouge_l(&g.text, reference);
-                    if counts_exact(item) {
-                        s.exact += (normalise(&g.text) == normalise(&item.answer)) as u8 as f64;
-                    }
-                    if counts_truth(item) {
-                        s.truth += rouge_l(&g.text, &item.answer);
-                    }
+                    record.image_prefill = Some(share(&g.stats.image_slots_after_prefill));
+                    record.image_end = Some(share(&g.stats.image_slots_at_end));
+                    record.rouge = Some(rouge_l(&g.text, reference));
+                    record.exact = counts_exact(item)
+                        .then(|| (normalise(&g.text) == normalise(&item.answer)) as u8 as f64);
+                    record.truth = counts_truth(item).then(|| rouge_l(&g.text, &item.answer));
                 }
             }
+            records[r].extend(chunk_records);
             progress.inc(chunk.len() as u64);
         }
         done.push(c);
@@ -371,7 +408,7 @@ fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
             let record = Progress {
                 fingerprint: fingerprint.clone(),
                 done: done.clone(),
-                sums: sums.clone(),
+                records: records.clone(),
             };
             write_atomically(path, &serde_json::to_string(&record)?)?;
         }
@@ -382,33 +419,7 @@ fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
         }
     }
     progress.finish_and_clear();
-    let n = items.len();
-    let n_exact = items.iter().filter(|i| counts_exact(i)).count();
-    let n_truth = items.iter().filter(|i| counts_truth(i)).count();
-    let share = |x: f64, count: usize| (count > 0).then(|| x / count as f64);
-    let generates = request.metric.generates();
-    Ok(request
-        .runs
-        .iter()
-        .zip(&sums)
-        .map(|(run, s)| EvalRow {
-            policy: run.name.clone(),
-            budget: run.budget,
-            params: params_label(run),
-            items: n,
-            scored_tokens: s.scored,
-            generated_tokens: s.generated,
-            ppl: request
-                .metric
-                .ppl()
-                .then(|| (s.nll / s.scored.max(1) as f64).exp()),
-            rouge_l: generates.then(|| s.rouge / n as f64),
-            exact: generates.then(|| share(s.exact, n_exact)).flatten(),
-            rouge_truth: generates.then(|| share(s.truth, n_truth)).flatten(),
-            image_kept_after_prefill: generates.then(|| s.image_prefill / n as f64),
-            image_kept_at_end: generates.then(|| s.image_end / n as f64),
-        })
-        .collect())
+    Ok(Records { per_run: records })
 }
 
 /// What is wrong with an item, if anything: its image is missing, its question or answer

@@ -14,9 +14,11 @@ pub mod eval;
 pub mod generate;
 pub mod machine;
 pub mod policies;
+pub mod records;
 pub mod report;
 pub mod rouge;
 pub mod serve;
+pub mod shard;
 pub mod trace;
 
 /// An error caused by what the user gave (a file, a flag, a value): `ecache` exits with 2.

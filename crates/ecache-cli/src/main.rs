@@ -279,19 +279,28 @@ struct GenerateArgs {
     seed: Option<u64>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum MetricArg {
     Ppl,
     Rouge,
     All,
+    /// Combine `--shard` results: `ecache eval merge A.json B.json ... --output C.json`.
+    Merge,
 }
 
 #[derive(clap::Args)]
 struct EvalArgs {
     /// ppl: teacher-forced perplexity of the answers; rouge: greedy outputs scored by ROUGE-L
-    /// against the full cache's and against the references, and exact match; all: both.
+    /// against the full cache's and against the references, and exact match; all: both;
+    /// merge: combine the shard files given after it.
     #[arg(value_enum)]
     metric: MetricArg,
+    /// The shard files to merge (`eval merge` only).
+    files: Vec<PathBuf>,
+    /// Evaluate every N-th item from item I (1-based), e.g. 2/8, and write the shard's
+    /// records to --output for `ecache eval merge`.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<ecache_cli::shard::Shard>,
     #[command(flatten)]
     model: ModelArgs,
     /// JSON array or JSON lines of {image, question, answer}.
@@ -327,6 +336,24 @@ struct EvalArgs {
 
 fn eval_command(args: EvalArgs) -> Result<()> {
     use ecache_cli::eval::{EvalRequest, Metric, grid, table, write_atomically};
+    if args.metric == MetricArg::Merge {
+        if args.shard.is_some() {
+            return Err(BadInput("eval merge takes shard files, not --shard".into()).into());
+        }
+        let rows = ecache_cli::shard::merge(&args.files)?;
+        print!("{}", table(&rows));
+        if let Some(path) = &args.output {
+            write_atomically(path, &(serde_json::to_string_pretty(&rows)? + "\n"))?;
+        }
+        return Ok(());
+    }
+    if !args.files.is_empty() {
+        return Err(BadInput(format!(
+            "unexpected arguments {:?}: only `eval merge` takes files",
+            args.files
+        ))
+        .into());
+    }
     let mut config = run_config(&args.policy, "full", 1.0)?;
     let model_dir = args.model.apply(&mut config)?;
     if let Some(n) = args.max_new_tokens {
@@ -368,7 +395,11 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         MetricArg::Ppl => Metric::Ppl,
         MetricArg::Rouge => Metric::Rouge,
         MetricArg::All => Metric::All,
+        MetricArg::Merge => unreachable!("merged above"),
     };
+    if args.shard.is_some() && output.is_none() {
+        return Err(BadInput("--shard needs --output: the shard's records go there".into()).into());
+    }
     let request = EvalRequest {
         model_dir,
         items,
@@ -381,7 +412,26 @@ fn eval_command(args: EvalArgs) -> Result<()> {
         // Beside the results: finished batches, so that a rerun resumes.
         progress_file: output.as_ref().map(|p| p.with_extension("progress.json")),
         stop_after_items: args.stop_after_items,
+        shard: args.shard,
     };
+    if let (Some(shard), Some(path)) = (args.shard, &output) {
+        let records = ecache_cli::eval::run_records(&request)?;
+        let file = ecache_cli::shard::ShardFile {
+            shard: shard.to_string(),
+            evaluation: ecache_cli::eval::evaluation_fingerprint(&request),
+            metric,
+            runs: request.runs.clone(),
+            records: records.per_run.clone(),
+        };
+        let rows = ecache_cli::eval::rows_from_records(&request.runs, metric, &records.per_run);
+        println!("shard {shard} (its items only; `ecache eval merge` combines the shards):");
+        print!("{}", table(&rows));
+        write_atomically(path, &(serde_json::to_string(&file)? + "\n"))?;
+        if let Some(progress) = &request.progress_file {
+            let _ = std::fs::remove_file(progress);
+        }
+        return Ok(());
+    }
     let rows = ecache_cli::eval::run(&request)?;
     print!("{}", table(&rows));
     if let Some(path) = output {

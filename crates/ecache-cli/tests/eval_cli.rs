@@ -30,6 +30,57 @@ fn eval(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// A dataset in its own scratch directory: the fixture's question with each ending, its
+/// answer, and the kinds if given.
+fn dataset(name: &str, endings: &[&str], kinds: Option<&[&str]>) -> (PathBuf, PathBuf) {
+    let dir = scratch().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture().join("image.png"), dir.join("image.png")).unwrap();
+    let e = expected();
+    let lines: Vec<String> = endings
+        .iter()
+        .enumerate()
+        .map(|(i, extra)| {
+            let mut item = serde_json::json!({"image": "image.png",
+                "question": format!("{}{extra}", e["question"].as_str().unwrap()),
+                "answer": e["answer"]});
+            if let Some(kinds) = kinds {
+                item["kind"] = kinds[i].into();
+            }
+            item.to_string()
+        })
+        .collect();
+    let path = dir.join("ds.jsonl");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    (dir, path)
+}
+
+/// `ecache eval all` over `dataset` at batch 1 with 4 new tokens, into `output`.
+fn eval_all(
+    dataset: &std::path::Path,
+    policies: &str,
+    budgets: &str,
+    output: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let args = [
+        "all",
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--policies",
+        policies,
+        "--budgets",
+        budgets,
+        "--max-new-tokens",
+        "4",
+        "--batch",
+        "1",
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    eval(&[&args[..], extra].concat())
+}
+
 #[test]
 fn full_cache_perplexity_is_transformers_perplexity() {
     let dir = scratch();
@@ -194,44 +245,11 @@ fn all_metrics_do_not_depend_on_batching() {
 
 #[test]
 fn an_interrupted_evaluation_resumes_where_it_stopped() {
-    let dir = scratch().join("resume");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(fixture().join("image.png"), dir.join("image.png")).unwrap();
-    let e = expected();
     // Five items of three prompt lengths: batches of 1 make five steps to interrupt.
-    let lines: Vec<String> = ["", " please", " now please", "", " please"]
-        .iter()
-        .map(|extra| {
-            serde_json::json!({"image": "image.png",
-                "question": format!("{}{extra}", e["question"].as_str().unwrap()),
-                "answer": e["answer"]})
-            .to_string()
-        })
-        .collect();
-    let dataset = dir.join("ds.jsonl");
-    std::fs::write(&dataset, lines.join("\n")).unwrap();
+    let endings = ["", " please", " now please", "", " please"];
+    let (dir, dataset) = dataset("resume", &endings, None);
     let run = |output: &std::path::Path, extra: &[&str]| {
-        eval(
-            &[
-                &[
-                    "all",
-                    "--dataset",
-                    dataset.to_str().unwrap(),
-                    "--policies",
-                    "full,h2o",
-                    "--budgets",
-                    "0.5",
-                    "--max-new-tokens",
-                    "4",
-                    "--batch",
-                    "1",
-                    "--output",
-                    output.to_str().unwrap(),
-                ][..],
-                extra,
-            ]
-            .concat(),
-        )
+        eval_all(&dataset, "full,h2o", "0.5", output, extra)
     };
     let whole = dir.join("whole.json");
     assert!(run(&whole, &[]).status.success());
@@ -268,4 +286,80 @@ fn an_interrupted_evaluation_resumes_where_it_stopped() {
         "{stderr}"
     );
     assert_eq!(read(&whole), read(&resumed));
+}
+
+/// Shards of an evaluation merge into exactly the rows of one run (batch 1, so that every
+/// item is computed alone either way); incomplete, repeated or foreign shards are refused.
+#[test]
+fn shards_merge_into_the_unsharded_results() {
+    let endings = ["", " please", " now", " now please", ""];
+    let kinds = ["description", "short", "short", "description", "short"];
+    let (dir, dataset) = dataset("shards", &endings, Some(&kinds));
+    let run = |output: &std::path::Path, extra: &[&str]| {
+        let out = eval_all(&dataset, "full,elastic,snapkv", "0.5", output, extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let whole = dir.join("whole.json");
+    run(&whole, &[]);
+    let shard = |i: usize| dir.join(format!("shard-{i}.json"));
+    for i in 1..=3 {
+        run(&shard(i), &["--shard", &format!("{i}/3")]);
+    }
+    let merge = |files: &[std::path::PathBuf], output: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_ecache"))
+            .args(["eval", "merge"])
+            .args(files)
+            .arg("--output")
+            .arg(output)
+            .output()
+            .unwrap()
+    };
+    let merged = dir.join("merged.json");
+    // Any order of the shards.
+    let out = merge(&[shard(3), shard(1), shard(2)], &merged);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    assert_eq!(read(&merged), read(&whole), "byte for byte");
+    let rows: serde_json::Value = serde_json::from_str(&read(&merged)).unwrap();
+    assert_eq!(rows[1]["items"], 5);
+
+    let refused = |files: &[std::path::PathBuf], needle: &str| {
+        let out = merge(files, &dir.join("refused.json"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(needle), "{needle}: {err}");
+    };
+    refused(&[shard(1), shard(3)], "missing shards: 2/3");
+    refused(
+        &[shard(1), shard(2), shard(2), shard(3)],
+        "shard 2/3 is given twice",
+    );
+    let other = dir.join("other.json");
+    let out = eval_all(
+        &dataset,
+        "full,elastic,snapkv",
+        "0.4",
+        &other,
+        &["--shard", "2/3"],
+    );
+    assert!(out.status.success());
+    refused(&[shard(1), other, shard(3)], "different evaluations");
+    refused(&[whole], "not a shard");
+    let out = eval(&[
+        "all",
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--shard",
+        "4/3",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("I/N"));
 }
