@@ -154,9 +154,90 @@ fn evaluate(
     run(&eval)
 }
 
+/// Elastic Cache's settings in a study: the paper's first (no parameters), then the
+/// spec's second round (`protect`, `importance`).
+const ELASTIC_SETTINGS: [&[(&str, &str)]; 4] = [
+    &[],
+    &[("protect", "instruction")],
+    &[("importance", "mean")],
+    &[("protect", "instruction"), ("importance", "mean")],
+];
+
+/// The study's runs: `full` once; every other policy at every budget with uniform layer
+/// budgets and at each of `pyramid_budgets` with pyramid ones; `elastic` in each of its
+/// four `protect x importance` settings.
+pub fn study_runs(
+    config: &RunConfig,
+    policies: &[String],
+    budgets: &[f64],
+    pyramid_budgets: &[f64],
+) -> Result<Vec<PolicyConfig>> {
+    let mut runs = Vec::new();
+    for name in policies {
+        if name == "full" {
+            runs.extend(grid(config, std::slice::from_ref(name), &[1.0]));
+            continue;
+        }
+        let settings: &[&[(&str, &str)]] = if name == "elastic" {
+            &ELASTIC_SETTINGS
+        } else {
+            &[&[]]
+        };
+        for setting in settings {
+            let spreads = budgets
+                .iter()
+                .map(|&b| (b, ecache_core::LayerBudgets::Uniform))
+                .chain(
+                    pyramid_budgets
+                        .iter()
+                        .map(|&b| (b, ecache_core::LayerBudgets::Pyramid)),
+                );
+            for (budget, spread) in spreads {
+                let mut run = PolicyConfig::new(name, budget);
+                run.positions = config.policy.positions;
+                run.layer_budgets = spread;
+                run.pyramid_beta = config.policy.pyramid_beta;
+                for (k, v) in *setting {
+                    run.set_param(k, v)?;
+                }
+                runs.push(run);
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// A row's series in the study's plots: the policy, its parameters, and `pyramid` for
+/// pyramid layer budgets (drawn as markers in its uniform series' colour).
+fn series_name(row: &EvalRow) -> String {
+    let mut pyramid = false;
+    let params: Vec<&str> = row
+        .params
+        .split(' ')
+        .filter(|kv| {
+            let layer = kv.starts_with("layer_budgets=") || kv.starts_with("pyramid_beta=");
+            pyramid |= *kv == "layer_budgets=pyramid";
+            !kv.is_empty() && !layer
+        })
+        .collect();
+    let mut name = std::iter::once(row.policy.as_str())
+        .chain(params)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if pyramid {
+        name += crate::report::PYRAMID_SUFFIX;
+    }
+    name
+}
+
 /// Every policy at every budget: PPL, ROUGE-L against the full cache, task accuracy.
-pub fn study_command(request: &StudyRequest, policies: &[String], budgets: &[f64]) -> Result<()> {
-    let runs = grid(&request.config, policies, budgets);
+pub fn study_command(
+    request: &StudyRequest,
+    policies: &[String],
+    budgets: &[f64],
+    pyramid_budgets: &[f64],
+) -> Result<()> {
+    let runs = study_runs(&request.config, policies, budgets, pyramid_budgets)?;
     let start = std::time::Instant::now();
     let items = held_out(request)?;
     let rows = evaluate(request, runs, items.clone())?;
@@ -181,7 +262,7 @@ pub fn study_command(request: &StudyRequest, policies: &[String], budgets: &[f64
         "budget (fraction of slots kept)",
         &rows,
         |r| r.budget,
-        |r| r.policy.clone(),
+        series_name,
         &preamble,
     )?;
     print!("{}", crate::eval::table(&rows));
@@ -235,4 +316,48 @@ pub fn elastic_sweep_command(
     print!("{}", crate::eval::table(&rows));
     println!("{preamble}\nwrote {}", request.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_study_covers_every_setting_once() {
+        let config = RunConfig::with_policy(PolicyConfig::new("full", 1.0));
+        let names: Vec<String> = ["full", "local", "h2o", "snapkv", "elastic"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let runs = study_runs(&config, &names, &[0.1, 0.2, 0.3], &[0.2, 0.5]).unwrap();
+        // full once; local, h2o, snapkv and elastic's four settings at 3 + 2 budgets.
+        assert_eq!(runs.len(), 1 + 7 * 5);
+        let pyramid = runs
+            .iter()
+            .filter(|r| r.layer_budgets == ecache_core::LayerBudgets::Pyramid)
+            .count();
+        assert_eq!(pyramid, 7 * 2);
+        let row = |r: &PolicyConfig| EvalRow {
+            policy: r.name.clone(),
+            budget: r.budget,
+            params: crate::eval::params_label(r),
+            items: 0,
+            scored_tokens: 0,
+            generated_tokens: 0,
+            ppl: None,
+            rouge_l: None,
+            exact: None,
+            rouge_truth: None,
+            image_kept_after_prefill: None,
+            image_kept_at_end: None,
+        };
+        let mut series: Vec<String> = runs.iter().map(|r| series_name(&row(r))).collect();
+        series.dedup();
+        assert!(series.contains(&"elastic protect=instruction".to_string()));
+        assert!(
+            series.contains(&"elastic importance=mean protect=instruction pyramid".to_string())
+        );
+        assert!(series.contains(&"snapkv pyramid".to_string()));
+        assert_eq!(series.len(), 1 + 7 * 2);
+    }
 }

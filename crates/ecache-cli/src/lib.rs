@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod demo;
 pub mod eval;
 pub mod generate;
+pub mod inspect;
 pub mod machine;
 pub mod policies;
 pub mod records;

@@ -36,6 +36,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Perplexity or ROUGE-L of policies and budgets over a dataset, against the full cache.
     Eval(EvalArgs),
+    /// Pictures of what each layer keeps: the image's patch grid coloured by each slot's
+    /// fate after the prefill and at the end of a greedy answer, with an index.html.
+    Inspect(ecache_cli::inspect::InspectArgs),
     /// List the registered policies and what each needs.
     Policies,
     /// Train the embedded demo model again from its seed (burn autodiff, CPU).
@@ -160,10 +163,19 @@ struct StudyArgs {
     /// Seed of the held-out scenes (the demo model's training seed).
     #[arg(long, default_value_t = 2024)]
     seed: u64,
-    #[arg(long, value_delimiter = ',', default_value = "full,local,h2o,elastic")]
+    /// Policies (elastic runs in its four protect x importance settings).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "full,local,h2o,snapkv,elastic"
+    )]
     policies: Vec<String>,
+    /// Budgets with uniform layer budgets.
     #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3,0.5,0.7,0.9")]
     budgets: Vec<f64>,
+    /// Budgets each policy also runs at with pyramid layer budgets (empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "0.2,0.5")]
+    pyramid_budgets: Vec<f64>,
     /// Sweep Elastic Cache's sinks, offset and merge mode at --sweep-budget instead.
     #[arg(long)]
     elastic_sweep: bool,
@@ -238,7 +250,12 @@ fn study_command(args: StudyArgs) -> Result<()> {
             &args.offsets,
         )
     } else {
-        ecache_cli::demo::study_command(&request, &args.policies, &args.budgets)
+        ecache_cli::demo::study_command(
+            &request,
+            &args.policies,
+            &args.budgets,
+            &args.pyramid_budgets,
+        )
     }
 }
 
@@ -541,6 +558,7 @@ fn main() -> ExitCode {
         Command::Trace(args) => trace_command(args),
         Command::Generate(args) => generate_command(args),
         Command::Eval(args) => eval_command(args),
+        Command::Inspect(args) => ecache_cli::inspect::command(args),
         Command::Policies => policies_command(),
         Command::TrainDemo(args) => train_demo_command(args),
         Command::Study(args) => study_command(args),

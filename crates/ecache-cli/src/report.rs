@@ -50,8 +50,13 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
+/// A series named like another plus this suffix is that policy under pyramid layer
+/// budgets: drawn as triangles in the other's colour, without a line.
+pub const PYRAMID_SUFFIX: &str = " pyramid";
+
 /// Draws one line per series; a series with a single point is drawn as a dashed
-/// horizontal reference line across the plot (the full cache).
+/// horizontal reference line across the plot (the full cache); a series whose name is
+/// another's plus [`PYRAMID_SUFFIX`] as triangles in that one's colour.
 pub fn line_plot(
     path: &Path,
     title: &str,
@@ -96,10 +101,26 @@ pub fn line_plot(
         .y_desc(y_label)
         .draw()
         .map_err(|e| err(&e))?;
-    for (i, (name, pts)) in series.iter().enumerate() {
+    let lines: Vec<&String> = series
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| !n.ends_with(PYRAMID_SUFFIX))
+        .collect();
+    for (name, pts) in series {
+        let base = name.strip_suffix(PYRAMID_SUFFIX).unwrap_or(name);
+        let i = lines.iter().position(|n| *n == base).unwrap_or(lines.len());
         let colour = PALETTE[i % PALETTE.len()];
         let style = ShapeStyle::from(&colour).stroke_width(2);
-        if pts.len() == 1 {
+        if name.ends_with(PYRAMID_SUFFIX) {
+            chart
+                .draw_series(
+                    pts.iter()
+                        .map(|&p| TriangleMarker::new(p, 6, colour.filled())),
+                )
+                .map_err(|e| err(&e))?
+                .label(name.as_str())
+                .legend(move |(x, y)| TriangleMarker::new((x + 9, y), 5, colour.filled()));
+        } else if pts.len() == 1 {
             let y = pts[0].1;
             let dashes: Vec<f64> = (0..40).map(|k| x0 + (x1 - x0) * k as f64 / 40.0).collect();
             for pair in dashes.chunks(2) {

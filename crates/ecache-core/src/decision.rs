@@ -155,6 +155,22 @@ impl Plan {
         self.merged.iter().any(|g| !g.is_empty())
     }
 
+    /// The merges by position: for each kept slot that absorbs others, its position and
+    /// the positions folded into it (ascending), `positions` being the old slots'.
+    pub fn merges_at(&self, positions: &[usize]) -> Vec<(usize, Vec<usize>)> {
+        self.kept
+            .iter()
+            .zip(&self.merged)
+            .filter(|(_, members)| !members.is_empty())
+            .map(|(&k, members)| {
+                (
+                    positions[k],
+                    members.iter().map(|&m| positions[m]).collect(),
+                )
+            })
+            .collect()
+    }
+
     /// Old indices removed without being merged anywhere, ascending.
     pub fn dropped(&self) -> Vec<usize> {
         let mut used = vec![false; self.old_len];

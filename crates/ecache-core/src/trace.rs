@@ -120,15 +120,11 @@ pub fn trace_layer_kinds(
                 Phase::Decode { .. } => None,
             };
             let plan = table.decide_with_rows(policy, ctx, rows)?;
-            for (new, &old) in plan.kept().iter().enumerate() {
-                let members = plan.merged_into(new);
-                if !members.is_empty() {
-                    let anchor = table.positions()[old];
-                    merged_into
-                        .entry(anchor)
-                        .or_insert_with(Vec::new)
-                        .extend(members.iter().map(|&m| table.positions()[m]));
-                }
+            for (anchor, members) in plan.merges_at(table.positions()) {
+                merged_into
+                    .entry(anchor)
+                    .or_insert_with(Vec::new)
+                    .extend(members);
             }
             table.apply(&plan)?;
             Ok(table.positions().to_vec())

@@ -152,6 +152,37 @@ impl ImageProcessor {
         }
     }
 
+    /// The picture the vision tower sees, before rescaling and normalisation: padded,
+    /// resized and cropped as [`ImageProcessor::process`] does (its patch grid is the
+    /// image tokens').
+    pub fn picture(&self, image: &DynamicImage) -> Result<RgbImage> {
+        if image.width() == 0 || image.height() == 0 {
+            return Err(ModelError::Image(
+                "the image has zero width or height".into(),
+            ));
+        }
+        let mut rgb: RgbImage = image.to_rgb8();
+        if self.pad_to_square {
+            rgb = expand_to_square(&rgb, &self.config.image_mean);
+        }
+        let (w, h) = self.resized(rgb.width(), rgb.height());
+        if (w, h) != rgb.dimensions() {
+            rgb = image::imageops::resize(&rgb, w, h, self.filter);
+        }
+        if let Some((cw, ch)) = self.crop {
+            rgb = center_crop(&rgb, cw, ch);
+        }
+        Ok(rgb)
+    }
+
+    /// Opens an image file and returns [`ImageProcessor::picture`] of it.
+    pub fn open_picture(&self, path: &Path) -> Result<RgbImage> {
+        let reader = ImageReader::open(path)
+            .map_err(|e| ModelError::Image(format!("cannot open {}: {e}", path.display())))?;
+        let name = path.display().to_string();
+        self.picture(&decode(reader, &name, &ImageLimits::default())?)
+    }
+
     /// Opens and preprocesses an image file.
     pub fn open(&self, path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
         let reader = ImageReader::open(path)
@@ -174,22 +205,7 @@ impl ImageProcessor {
 
     /// Preprocesses a decoded image into `[3, height, width]` normalised f32 data.
     pub fn process(&self, image: &DynamicImage) -> Result<(Vec<f32>, [usize; 3])> {
-        if image.width() == 0 || image.height() == 0 {
-            return Err(ModelError::Image(
-                "the image has zero width or height".into(),
-            ));
-        }
-        let mut rgb: RgbImage = image.to_rgb8();
-        if self.pad_to_square {
-            rgb = expand_to_square(&rgb, &self.config.image_mean);
-        }
-        let (w, h) = self.resized(rgb.width(), rgb.height());
-        if (w, h) != rgb.dimensions() {
-            rgb = image::imageops::resize(&rgb, w, h, self.filter);
-        }
-        if let Some((cw, ch)) = self.crop {
-            rgb = center_crop(&rgb, cw, ch);
-        }
+        let rgb = self.picture(image)?;
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
         let scale = if self.config.do_rescale {
             self.config.rescale_factor as f32

@@ -34,6 +34,18 @@ pub struct Sequence<B: Backend> {
     steps: usize,
     /// Capacity each layer's buffers get right after that layer's prefill decision.
     capacity_after_prefill: Option<Vec<usize>>,
+    /// What each layer's prefill decision did, when asked to record it.
+    prefill_records: Option<Vec<PrefillRecord>>,
+}
+
+/// What one layer's prefill decision did, by absolute position: what it kept and what it
+/// folded into what (everything else it removed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefillRecord {
+    /// Positions kept, ascending.
+    pub kept: Vec<usize>,
+    /// A kept position and the positions merged into it.
+    pub merged: Vec<(usize, Vec<usize>)>,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -61,7 +73,19 @@ impl<B: Backend> Sequence<B> {
             prompt_len: 0,
             steps: 0,
             capacity_after_prefill: None,
+            prefill_records: None,
         }
+    }
+
+    /// Has the prefill record what each layer's decision keeps and merges (for pictures
+    /// of the cache: `ecache inspect`); call before the prefill.
+    pub fn record_prefill(&mut self) {
+        self.prefill_records = Some(Vec::new());
+    }
+
+    /// The prefill's records, one per layer, if [`Sequence::record_prefill`] asked.
+    pub fn prefill_records(&self) -> Option<&[PrefillRecord]> {
+        self.prefill_records.as_deref()
     }
 
     /// The caches, one per layer (each of batch one).
@@ -223,6 +247,13 @@ impl<'a, B: KernelBackend> Runner<'a, B> {
             };
             let rows = rows.as_deref().and_then(|r| AttentionRows::new(r, t));
             let plan = cache.table(0)?.decide_with_rows(policy, ctx, rows)?;
+            if let Some(records) = &mut seq.prefill_records {
+                let positions = cache.table(0)?.positions();
+                records.push(PrefillRecord {
+                    kept: plan.kept().iter().map(|&k| positions[k]).collect(),
+                    merged: plan.merges_at(positions),
+                });
+            }
             cache.apply(0, &plan)?;
             if let Some(slots) = &seq.capacity_after_prefill {
                 let n = slots[layer.min(slots.len() - 1)];

@@ -42,6 +42,12 @@ impl<'a, B: KernelBackend> Session<'a, B> {
         &self.sequences
     }
 
+    /// The sequences, to set them up before the prefill (e.g.
+    /// [`Sequence::record_prefill`]).
+    pub fn sequences_mut(&mut self) -> &mut [Sequence<B>] {
+        &mut self.sequences
+    }
+
     /// Tokens processed so far per sequence (`N`).
     pub fn tokens_seen(&self) -> Vec<usize> {
         self.sequences.iter().map(Sequence::tokens_seen).collect()
