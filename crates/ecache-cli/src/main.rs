@@ -460,26 +460,26 @@ fn eval_command(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Prompt slots Elastic Cache protects in the demo run: the question and `ASSISTANT :`.
-const DEMO_PROTECTED_TAIL: usize = 10;
-
 fn generate_command(args: GenerateArgs) -> Result<()> {
     let mut config = run_config(&args.policy, "elastic", 0.2)?;
     // With no model anywhere, the embedded demo model answers about its bundled scene.
     let demo = args.model.model.is_none() && config.model.path.is_none();
     if demo {
         config.model.path = Some(ecache_cli::demo::model_dir());
-        // The demo's question is the last few prompt slots; with the spec's default of one
-        // protected slot, Elastic Cache's prefill merge takes it (docs/results.md, finding
-        // 3), so the demo run, and only it, protects the last DEMO_PROTECTED_TAIL slots.
+        // The demo's question follows the image; with the paper's protection (the last
+        // slot only), Elastic Cache's prefill merge takes it and the answer is not to the
+        // question asked (docs/results.md). The study's best setting at the demo's budget
+        // protects the instruction; `--set protect=tail` gives the paper's behaviour.
         let p = &mut config.policy;
         if args.policy.config.is_none()
             && p.name == "elastic"
-            && !p.params.contains_key("protected_tail")
+            && !["protect", "protected_tail", "importance"]
+                .iter()
+                .any(|k| p.params.contains_key(*k))
         {
-            p.set_param("protected_tail", &DEMO_PROTECTED_TAIL.to_string())?;
+            p.set_param("protect", "instruction")?;
             println!(
-                "demo: elastic keeps the last {DEMO_PROTECTED_TAIL} prompt slots (the question), protected_tail = {DEMO_PROTECTED_TAIL}"
+                "demo: elastic protects the question after the image from its prefill merge, protect = instruction (the paper's: --set protect=tail)"
             );
         }
     }

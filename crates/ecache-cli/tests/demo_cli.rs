@@ -37,7 +37,7 @@ fn generate_without_arguments_runs_the_embedded_demo() {
     assert!(full.starts_with("there are"), "{full}");
     // The demo protects its question from the prefill merge, so Elastic Cache answers the
     // question asked (a description), right or wrong in its details.
-    assert!(line("demo: ").contains("protected_tail = 10"), "{stdout}");
+    assert!(line("demo: ").contains("protect = instruction"), "{stdout}");
     assert!(elastic.starts_with("there are"), "{elastic}");
 }
 
