@@ -33,11 +33,6 @@ impl Needs {
     pub fn tracks_scores(&self) -> bool {
         self.prefill_importance || self.decode_attention
     }
-
-    /// Whether the prefill must write any attention probabilities out.
-    pub fn prefill_probabilities(&self) -> bool {
-        self.prefill_importance || self.prefill_rows > 0
-    }
 }
 
 /// Head-mean attention rows of the last `rows` prompt queries over the prompt's `keys`
@@ -72,10 +67,11 @@ impl<'a> AttentionRows<'a> {
         self.keys
     }
 
-    /// The row of the `back`-th last query (0: the prompt's last query).
-    pub fn from_end(&self, back: usize) -> &'a [f32] {
-        let r = self.rows - 1 - back;
-        &self.data[r * self.keys..(r + 1) * self.keys]
+    /// The row of the `back`-th last query (0: the prompt's last query), if there are
+    /// that many rows.
+    pub fn from_end(&self, back: usize) -> Option<&'a [f32]> {
+        let r = self.rows.checked_sub(back + 1)?;
+        Some(&self.data[r * self.keys..(r + 1) * self.keys])
     }
 }
 
@@ -159,5 +155,22 @@ pub trait CachePolicy: Send + Sync {
     /// with fewer.
     fn prefill_rows_read(&self, _at: TargetAt) -> usize {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_rows_are_read_from_the_end() {
+        let data = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let rows = AttentionRows::new(&data, 3).unwrap();
+        assert_eq!(rows.rows(), 2);
+        assert_eq!(rows.from_end(0), Some(&data[3..]));
+        assert_eq!(rows.from_end(1), Some(&data[..3]));
+        assert_eq!(rows.from_end(2), None);
+        assert!(AttentionRows::new(&data, 4).is_none());
+        assert!(AttentionRows::new(&data, 0).is_none());
     }
 }

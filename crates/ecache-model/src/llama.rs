@@ -122,19 +122,25 @@ impl<B: KernelBackend> LlamaLayer<B> {
         cache.append(k, v, slot_positions, kinds)?;
         let visibility = Visibility::of(cache, t);
         let (keys, values) = (cache.keys(), cache.values());
-        let window_rows = (window_rows > 0).then(|| {
-            let m = window_rows.min(t);
-            let mask = Visibility::mask::<B>(cache, t, &x.device()).narrow(2, t - m, m);
-            let (_, probs) = self.attention_explicit(
-                q.clone().narrow(2, t - m, m),
-                keys.clone(),
-                values.clone(),
-                Some(mask),
-                true,
-            );
-            let [b, _, m, slots] = probs.as_ref().expect("asked for").dims();
-            probs.expect("asked for").mean_dim(1).reshape([b, m, slots])
-        });
+        // SnapKV's window: the last queries' softmax rows again, head-mean, after the
+        // attention proper (a `m x T` product per head, never `T x T`).
+        let window_rows = match window_rows.min(t) {
+            0 => None,
+            m => {
+                let mask = Visibility::mask::<B>(cache, t, &x.device()).narrow(2, t - m, m);
+                let (_, probs) = self.attention_explicit(
+                    q.clone().narrow(2, t - m, m),
+                    keys.clone(),
+                    values.clone(),
+                    Some(mask),
+                    true,
+                );
+                probs.map(|p| {
+                    let [b, _, m, slots] = p.dims();
+                    p.mean_dim(1).reshape([b, m, slots])
+                })
+            }
+        };
         let (attn, scores) = if want_scores {
             let mask = Visibility::mask::<B>(cache, t, &x.device());
             let (attn, scores) = self.attention_with_scores(

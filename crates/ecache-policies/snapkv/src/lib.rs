@@ -84,8 +84,8 @@ impl SnapKv {
             // The engine hands at least `W` rows (or all `T`); a short input only averages
             // the rows it has (`ecache trace` refuses it before this point).
             let used = window.min(rows.rows());
-            for back in 0..used {
-                for (acc, a) in w.iter_mut().zip(rows.from_end(back)) {
+            for row in (0..used).filter_map(|back| rows.from_end(back)) {
+                for (acc, a) in w.iter_mut().zip(row) {
                     *acc += a;
                 }
             }
