@@ -61,6 +61,8 @@ pub struct InspectRequest {
     pub max_new_tokens: usize,
     pub out: PathBuf,
     pub pad_to_square: bool,
+    /// Precision of the weights and activations.
+    pub dtype: DType,
 }
 
 /// What an inspection found, per layer, by slot position.
@@ -190,7 +192,7 @@ impl BackendJob for InspectRequest {
             .build(&self.policy)
             .map_err(|e| bad(&e))?;
         let dir = &self.model_dir;
-        let (model, config) = Llava::<B>::load(dir, device, DType::F32).map_err(|e| bad(&e))?;
+        let (model, config) = Llava::<B>::load(dir, device, self.dtype).map_err(|e| bad(&e))?;
         let tokenizer = PromptTokenizer::load(dir, config.image_token_id).map_err(|e| bad(&e))?;
         let mut processor = ImageProcessor::load(dir).map_err(|e| bad(&e))?;
         processor.pad_to_square = self.pad_to_square;
@@ -198,7 +200,7 @@ impl BackendJob for InspectRequest {
         let (pixels, shape) = processor.open(&self.image).map_err(|e| bad(&e))?;
         let pixels = Tensor::<B, 4>::from_data(
             TensorData::new(pixels, [1, shape[0], shape[1], shape[2]]),
-            device,
+            (device, self.dtype),
         );
         let prompt = if self.prompt.contains("<image>") {
             self.prompt.clone()
@@ -217,7 +219,7 @@ impl BackendJob for InspectRequest {
             self.policy.positions,
             1,
             device,
-            DType::F32,
+            self.dtype,
         );
         session.sequences_mut()[0].record_prefill();
         let t = kinds.len();
@@ -333,10 +335,17 @@ fn draw_panel(
 ) {
     let x0 = panel * (layout.width + GAP);
     let fate_of: HashMap<usize, Fate> = fates.iter().copied().enumerate().collect();
+    let grid = inspection.grid as u32;
     for (x, y, p) in picture.enumerate_pixels() {
-        let cell = (y / layout.patch) as usize * inspection.grid + (x / layout.patch) as usize;
+        let (col, row) = (x / layout.patch, y / layout.patch);
+        // Pixels past the last whole patch (a picture not a multiple of the grid) stay as
+        // they are.
+        let cell = (col < grid && row < grid).then(|| (row * grid + col) as usize);
         let mut c = *p;
-        if let Some(f) = image_positions.get(cell).and_then(|pos| fate_of.get(pos)) {
+        let fate = cell
+            .and_then(|cell| image_positions.get(cell))
+            .and_then(|pos| fate_of.get(pos));
+        if let Some(f) = fate {
             let tint = f.colour();
             let alpha = if *f == Fate::Removed { 0.7 } else { 0.4 };
             for k in 0..3 {
@@ -488,6 +497,7 @@ pub fn command(args: InspectArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         out: args.out.clone(),
         pad_to_square: args.model.pad_to_square,
+        dtype: crate::backend::dtype(config.model.dtype),
     };
     let inspection = run(request, config.model.backend)?;
     println!("answer: {}", inspection.answer);

@@ -98,6 +98,7 @@ fn pictures_show_what_the_caches_hold() {
         max_new_tokens: 8,
         out: out.clone(),
         pad_to_square: false,
+        dtype: DType::F32,
     };
     let inspection = ecache_cli::inspect::run(request, BackendKind::Flex).unwrap();
     assert_eq!(
