@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use image::{DynamicImage, ImageReader, Limits, RgbImage, imageops::FilterType};
+use image::{DynamicImage, ImageReader, Limits, RgbImage};
+
+use crate::resample::{self, Filter};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -65,7 +67,7 @@ fn clip_std() -> Vec<f32> {
 #[derive(Debug, Clone)]
 pub struct ImageProcessor {
     config: HfImageProcessorConfig,
-    filter: FilterType,
+    filter: Filter,
     shortest_edge: Option<u32>,
     resize_to: Option<(u32, u32)>,
     crop: Option<(u32, u32)>,
@@ -84,12 +86,14 @@ impl ImageProcessor {
     }
 
     fn new(config: HfImageProcessorConfig) -> std::result::Result<Self, String> {
-        let filter = match config.resample {
-            0 => FilterType::Nearest,
-            1 => FilterType::Lanczos3,
-            2 => FilterType::Triangle,
-            3 => FilterType::CatmullRom,
-            other => return Err(format!("resample = {other} is not supported (0, 1, 2, 3)")),
+        let filter = match Filter::from_pil(config.resample) {
+            Some(f) => f,
+            None => {
+                return Err(format!(
+                    "resample = {} is not supported (0, 1, 2, 3)",
+                    config.resample
+                ));
+            }
         };
         if config.image_mean.len() != 3
             || config.image_std.len() != 3
@@ -167,7 +171,7 @@ impl ImageProcessor {
         }
         let (w, h) = self.resized(rgb.width(), rgb.height());
         if (w, h) != rgb.dimensions() {
-            rgb = image::imageops::resize(&rgb, w, h, self.filter);
+            rgb = resample::resize(&rgb, w, h, self.filter);
         }
         if let Some((cw, ch)) = self.crop {
             rgb = center_crop(&rgb, cw, ch);

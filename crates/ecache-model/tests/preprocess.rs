@@ -1,5 +1,5 @@
 //! Image preprocessing against the pixel values transformers' CLIP processor produced for
-//! the fixture images (PIL bicubic there, the `image` crate's Catmull-Rom here).
+//! the fixture images (PIL bicubic there, Pillow's algorithm re-implemented here).
 
 use std::path::PathBuf;
 
@@ -27,12 +27,14 @@ fn pixel_values_match_the_clip_processor() {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let diffs: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
-        let max = diffs.iter().cloned().fold(0.0, f32::max);
-        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
-        // One uint8 step after normalisation is 1 / (255 * 0.26) = 0.015.
-        assert!(max <= 0.04, "{name}: max difference {max}");
-        assert!(mean <= 0.01, "{name}: mean difference {mean}");
+        // The resize is Pillow's to the grey level (crate::resample); what is left is
+        // float rounding of the normalisation.
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(max <= 1e-6, "{name}: max difference {max}");
     }
 }
 
