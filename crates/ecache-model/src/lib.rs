@@ -17,6 +17,7 @@ pub mod llama;
 pub mod llava;
 pub mod preprocess;
 pub mod prompt;
+pub mod qwen_image;
 pub mod resample;
 pub mod sequence;
 pub mod session;

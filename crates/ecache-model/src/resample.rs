@@ -1,7 +1,8 @@
-//! Image resizing as Pillow does it (`Image.resize` without `reducing_gap`), which is what
-//! transformers' PIL image processors call: the same filters, the same support and
-//! rounding of each output pixel's window, the same 22-bit fixed-point coefficients, and
-//! the same two passes (horizontal, then vertical) through an 8-bit intermediate image.
+//! Image resizing as Pillow (12 and 13) does it (`Image.resize` without `reducing_gap`),
+//! which is what transformers' PIL image processors call: the same filters, the same
+//! support and rounding of each output pixel's window, the same 22-bit fixed-point
+//! coefficients, and the same two passes through an 8-bit intermediate image, in Pillow's
+//! order (horizontal first, unless the height shrinks by more than twice the width).
 //! Bit-exact output is the point: a resize that differs by one grey level moves a
 //! normalised pixel by 0.015, far more than the model's other numerics.
 //!
@@ -148,29 +149,49 @@ pub fn resize(src: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
     }
     let horizontal = windows(w0 as usize, width as usize, filter);
     let vertical = windows(h0 as usize, height as usize, filter);
+    // Pillow (12 on) runs the vertical pass first when the height shrinks by more than
+    // twice what the width does. The order changes the 8-bit intermediate image, so it is
+    // Pillow's order that gives Pillow's pixels.
+    let (dh, dw) = (h0 as i64 - height as i64, w0 as i64 - width as i64);
+    if dh > 0 && dh > dw * 2 {
+        let temp = vertical_pass(src, &vertical, 0, w0, height);
+        if w0 == width {
+            return temp;
+        }
+        return horizontal_pass(&temp, &horizontal, 0, height as usize, width);
+    }
+    if w0 == width {
+        return vertical_pass(src, &vertical, 0, width, height);
+    }
     // Only the input rows some output row reads go through the horizontal pass.
     let first = vertical.first().map_or(0, |v| v.start);
     let last = vertical
         .last()
         .map_or(h0 as usize, |v| v.start + v.weights.len());
-    let mut temp = if w0 != width {
-        let mut temp = RgbImage::new(width, (last - first) as u32);
-        for y in first..last {
-            for (x, win) in horizontal.iter().enumerate() {
-                let pixels =
-                    (0..win.weights.len()).map(|i| src.get_pixel((win.start + i) as u32, y as u32));
-                temp.put_pixel(x as u32, (y - first) as u32, weighted(pixels, &win.weights));
-            }
-        }
-        temp
-    } else {
-        // Only a vertical pass: it reads the input's rows where they are.
-        return vertical_pass(src, &vertical, 0, width, height);
-    };
-    if h0 != height {
-        temp = vertical_pass(&temp, &vertical, first, width, height);
+    let temp = horizontal_pass(src, &horizontal, first, last - first, width);
+    if h0 == height {
+        return temp;
     }
-    temp
+    vertical_pass(&temp, &vertical, first, width, height)
+}
+
+/// The horizontal pass over `rows` rows of `src` from row `first`.
+fn horizontal_pass(
+    src: &RgbImage,
+    horizontal: &[Window],
+    first: usize,
+    rows: usize,
+    width: u32,
+) -> RgbImage {
+    let mut out = RgbImage::new(width, rows as u32);
+    for y in 0..rows {
+        for (x, win) in horizontal.iter().enumerate() {
+            let pixels = (0..win.weights.len())
+                .map(|i| src.get_pixel((win.start + i) as u32, (first + y) as u32));
+            out.put_pixel(x as u32, y as u32, weighted(pixels, &win.weights));
+        }
+    }
+    out
 }
 
 /// The vertical pass over `src`, whose row 0 is input row `first`.
