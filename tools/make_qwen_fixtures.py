@@ -10,14 +10,23 @@ on three pictures that take each branch of `smart_resize` (rounding to a multipl
 28; scaling down past `max_pixels`; scaling up past `min_pixels`), two of them not square:
 preprocessor_config.json as transformers saves it, the pictures, and expected.safetensors
 (`pixel_values_<name>`, the patch rows) with expected.json (the `image_grid_thw` of each).
+
+tests/fixtures/tiny-qwen2-vl/: a tiny random Qwen2-VL checkpoint as transformers saves it
+(config.json, model.safetensors; a 2-layer vision tower of width 32 with 4 heads, merged
+into a 2-layer GQA decoder of width 64) and expected.safetensors with the image features
+(`features_<name>`: the merger's output) of the three pictures above.
 """
 
 import json
+import math
 import os
 import shutil
 
 import numpy as np
+import torch
+from PIL import Image
 from safetensors.numpy import save_file
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from make_fixtures import ROOT, test_image
@@ -44,5 +53,54 @@ def build_images():
     print("qwen2-vl-images", grids, {k: v.shape for k, v in tensors.items()})
 
 
+def randomise(model, seed):
+    """Random weights with visible scale; norms (LayerNorm, RMSNorm, the merger's ln_q)
+    near 1, biases small."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm = "norm" in name or ".ln_" in name
+            if p.dim() == 1 and is_norm and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * (torch.rand(p.shape, generator=g) - 0.5))
+            elif p.dim() == 1:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(fan_in)))
+
+
+def build_model():
+    images = os.path.join(ROOT, "qwen2-vl-images")
+    out = os.path.join(ROOT, "tiny-qwen2-vl")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=64, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu", in_channels=3),
+        text_config=dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+        image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63,
+    )
+    torch.manual_seed(7)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    randomise(model, 7)
+    model.save_pretrained(out)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(images)
+    processor.save_pretrained(out)
+    tensors = {}
+    with torch.no_grad():
+        for name in IMAGES:
+            batch = processor(images=Image.open(os.path.join(images, f"{name}.png")), return_tensors="pt")
+            feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+            if isinstance(feats, (list, tuple)):
+                feats = torch.cat(list(feats), 0)
+            tensors[f"features_{name}"] = feats.float().contiguous().numpy()
+    save_file(tensors, os.path.join(out, "expected.safetensors"))
+    print("tiny-qwen2-vl", {k: v.shape for k, v in tensors.items()})
+
+
 if __name__ == "__main__":
     build_images()
+    build_model()

@@ -18,6 +18,7 @@ pub mod llava;
 pub mod preprocess;
 pub mod prompt;
 pub mod qwen_image;
+pub mod qwen_vision;
 pub mod resample;
 pub mod sequence;
 pub mod session;

@@ -25,6 +25,13 @@ const NAME_MAP: &[(&str, &str)] = &[
     ("model.vision_tower.", "vision."),
     ("vision_tower.", "vision."),
     ("model.multi_modal_projector.", "projector."),
+    // Qwen2-VL: the vision tower (transformers 5's and the published name), and the
+    // published layout of the decoder, which transformers 5 also writes for it.
+    ("model.visual.", "visual."),
+    ("visual.", "visual."),
+    ("model.layers.", "decoder.layers."),
+    ("model.embed_tokens.", "decoder.embed_tokens."),
+    ("model.norm.", "decoder.norm."),
     ("multi_modal_projector.", "projector."),
 ];
 
@@ -104,7 +111,7 @@ impl Checkpoint {
         for (name, info) in metadata.tensors() {
             let Some(canonical) = canonical_name(&name) else {
                 return Err(ModelError::Weights(format!(
-                    "unexpected tensor {name} in {}: not part of a LLaVA checkpoint",
+                    "unexpected tensor {name} in {}: not part of a LLaVA or Qwen2-VL checkpoint",
                     path.display()
                 )));
             };
