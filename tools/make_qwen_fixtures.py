@@ -97,7 +97,24 @@ def build_model():
             if isinstance(feats, (list, tuple)):
                 feats = torch.cat(list(feats), 0)
             tensors[f"features_{name}"] = feats.float().contiguous().numpy()
+        # A prompt with the wide picture (its 2 x 4 merged tokens between the vision start
+        # and end tokens), then three more tokens fed one at a time: every position's logits
+        # with transformers' multimodal positions (text after the image continues from the
+        # largest image position + 1).
+        batch = processor(images=Image.open(os.path.join(images, "wide.png")), return_tensors="pt")
+        prompt = [1, 5, 7, 62] + [60] * 8 + [63, 9, 11, 13]
+        continuation = [20, 21, 22]
+        ids = torch.tensor([prompt + continuation])
+        mm = (ids == 60).long()
+        logits = model(input_ids=ids, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                       mm_token_type_ids=mm).logits[0]
+        positions, delta = model.model.get_rope_index(ids, mm, batch["image_grid_thw"])
+        tensors["logits"] = logits.float().contiguous().numpy()
+        tensors["position_ids"] = positions[:, 0].numpy().astype(np.int64)
     save_file(tensors, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "expected.json"), "w") as f:
+        json.dump({"prompt_ids": prompt, "continuation_ids": continuation, "image": "wide",
+                   "rope_delta": int(delta[0, 0]), "transformers": __import__("transformers").__version__}, f, indent=1)
     print("tiny-qwen2-vl", {k: v.shape for k, v in tensors.items()})
 
 

@@ -56,6 +56,10 @@ pub struct HfRopeParameters {
     pub rope_theta: Option<f64>,
     #[serde(default)]
     pub rope_type: Option<String>,
+    /// Qwen2-VL's multimodal RoPE: how many of the `head_dim / 2` frequencies follow the
+    /// temporal, height and width positions.
+    #[serde(default)]
+    pub mrope_section: Option<[usize; 3]>,
 }
 
 /// `LlamaConfig` with transformers' defaults.
@@ -175,7 +179,12 @@ pub struct LlamaConfig {
     pub max_positions: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// Bias on the output projection (and, for LLaMA, on the other three).
     pub attention_bias: bool,
+    /// Bias on the query, key and value projections.
+    pub qkv_bias: bool,
+    /// Multimodal RoPE sections (Qwen2-VL), `None` for plain RoPE.
+    pub mrope_section: Option<[usize; 3]>,
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -230,36 +239,20 @@ impl LlavaConfig {
     }
 }
 
-impl TryFrom<HfLlavaConfig> for LlavaConfig {
-    type Error = ModelError;
+/// Which decoder a text config describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextKind {
+    /// LLaMA (LLaVA's decoder).
+    Llama,
+    /// Qwen2 with multimodal RoPE (Qwen2-VL's decoder).
+    Qwen2Vl,
+}
 
-    fn try_from(hf: HfLlavaConfig) -> Result<Self> {
+impl HfLlamaConfig {
+    /// The validated decoder dimensions; `tie_word_embeddings` is the outer config's.
+    pub fn validate(&self, tie_word_embeddings: bool, kind: TextKind) -> Result<LlamaConfig> {
         let bad = |m: String| Err(ModelError::Config(m));
-        let v = &hf.vision_config;
-        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
-            return bad(format!(
-                "vision_config.image_size {} is not a multiple of patch_size {}",
-                v.image_size, v.patch_size
-            ));
-        }
-        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
-            return bad(format!(
-                "vision_config.hidden_size {} is not divisible by num_attention_heads {}",
-                v.hidden_size, v.num_attention_heads
-            ));
-        }
-        let vision = ClipConfig {
-            hidden: v.hidden_size,
-            intermediate: v.intermediate_size,
-            layers: v.num_hidden_layers,
-            heads: v.num_attention_heads,
-            channels: v.num_channels,
-            image_size: v.image_size,
-            patch_size: v.patch_size,
-            activation: Activation::parse("vision_config.hidden_act", &v.hidden_act)?,
-            layer_norm_eps: v.layer_norm_eps,
-        };
-        let t = &hf.text_config;
+        let t = self;
         let kv_heads = t.num_key_value_heads.unwrap_or(t.num_attention_heads);
         if t.num_attention_heads == 0
             || kv_heads == 0
@@ -283,6 +276,28 @@ impl TryFrom<HfLlavaConfig> for LlavaConfig {
             ));
         }
         let rope_type = t.rope_parameters.as_ref().and_then(|p| p.rope_type.clone());
+        let mrope_section = t.rope_parameters.as_ref().and_then(|p| p.mrope_section);
+        let mrope_section = match (kind, mrope_section) {
+            (TextKind::Llama, None) => None,
+            (TextKind::Llama, Some(_)) => {
+                return bad(
+                    "text_config.rope_parameters.mrope_section is a Qwen2-VL key, not LLaMA's"
+                        .into(),
+                );
+            }
+            (TextKind::Qwen2Vl, None) => {
+                return bad(
+                    "text_config.rope_parameters.mrope_section is missing (Qwen2-VL)".into(),
+                );
+            }
+            (TextKind::Qwen2Vl, Some(s)) if s.iter().sum::<usize>() != head_dim / 2 => {
+                return bad(format!(
+                    "text_config.rope_parameters.mrope_section {s:?} must sum to head_dim / 2 = {}",
+                    head_dim / 2
+                ));
+            }
+            (TextKind::Qwen2Vl, Some(s)) => Some(s),
+        };
         if let Some(kind) = rope_type.filter(|k| k != "default") {
             return bad(format!(
                 "text_config.rope_parameters.rope_type = {kind:?} is not supported (default)"
@@ -326,12 +341,52 @@ impl TryFrom<HfLlavaConfig> for LlavaConfig {
             max_positions: t.max_position_embeddings,
             rms_norm_eps: t.rms_norm_eps,
             rope_theta,
-            attention_bias: t.attention_bias,
+            // LLaMA's attention_bias covers all four projections; Qwen2 has biases on the
+            // query, key and value projections only.
+            attention_bias: t.attention_bias && kind == TextKind::Llama,
+            qkv_bias: t.attention_bias || kind == TextKind::Qwen2Vl,
+            mrope_section,
             mlp_bias: t.mlp_bias,
             bos_token_id: t.bos_token_id,
             eos_token_ids,
-            tie_word_embeddings: t.tie_word_embeddings || hf.tie_word_embeddings,
+            tie_word_embeddings: t.tie_word_embeddings || tie_word_embeddings,
         };
+        Ok(text)
+    }
+}
+
+impl TryFrom<HfLlavaConfig> for LlavaConfig {
+    type Error = ModelError;
+
+    fn try_from(hf: HfLlavaConfig) -> Result<Self> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        let v = &hf.vision_config;
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
+            return bad(format!(
+                "vision_config.image_size {} is not a multiple of patch_size {}",
+                v.image_size, v.patch_size
+            ));
+        }
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
+            return bad(format!(
+                "vision_config.hidden_size {} is not divisible by num_attention_heads {}",
+                v.hidden_size, v.num_attention_heads
+            ));
+        }
+        let vision = ClipConfig {
+            hidden: v.hidden_size,
+            intermediate: v.intermediate_size,
+            layers: v.num_hidden_layers,
+            heads: v.num_attention_heads,
+            channels: v.num_channels,
+            image_size: v.image_size,
+            patch_size: v.patch_size,
+            activation: Activation::parse("vision_config.hidden_act", &v.hidden_act)?,
+            layer_norm_eps: v.layer_norm_eps,
+        };
+        let text = hf
+            .text_config
+            .validate(hf.tie_word_embeddings, TextKind::Llama)?;
         let layers = vision.layers as i64;
         let feature_layers = if hf.vision_feature_layer < 0 {
             layers + 1 + hf.vision_feature_layer

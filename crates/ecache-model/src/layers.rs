@@ -112,14 +112,53 @@ impl Rope {
         device: &B::Device,
         dtype: DType,
     ) -> RopeTables<B> {
+        let axes: Vec<Vec<[usize; 3]>> = positions
+            .iter()
+            .map(|row| row.iter().map(|&p| [p; 3]).collect())
+            .collect();
+        let half = self.inv_freq.len();
+        self.tables_sectioned(&axes, [half, 0, 0], head_counts, device, dtype)
+    }
+
+    /// Qwen2-VL's multimodal RoPE: each token has a (temporal, height, width) position and
+    /// the first `sections[0]` frequencies turn with the first, the next `sections[1]`
+    /// with the second, the last `sections[2]` with the third (transformers'
+    /// `mrope_section`); a text token's three positions are equal, which is plain RoPE.
+    ///
+    /// # Shapes
+    /// - `positions`: `batch` rows of `t` positions; each table `[batch, t, heads, head_dim]`
+    pub fn tables_sectioned<B: Backend>(
+        &self,
+        positions: &[Vec<[usize; 3]>],
+        sections: [usize; 3],
+        head_counts: &[usize],
+        device: &B::Device,
+        dtype: DType,
+    ) -> RopeTables<B> {
         let batch = positions.len();
         let t = positions.first().map_or(0, Vec::len);
         let half = self.inv_freq.len();
+        let axis: Vec<usize> = (0..half)
+            .map(|j| {
+                if j < sections[0] {
+                    0
+                } else if j < sections[0] + sections[1] {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
         let mut cos = Vec::with_capacity(batch * t * half * 2);
         let mut sin = Vec::with_capacity(batch * t * half * 2);
         for row in positions {
-            for &p in row {
-                let angles: Vec<f32> = self.inv_freq.iter().map(|f| f * p as f32).collect();
+            for p in row {
+                let angles: Vec<f32> = self
+                    .inv_freq
+                    .iter()
+                    .zip(&axis)
+                    .map(|(f, &a)| f * p[a] as f32)
+                    .collect();
                 for sign in [-1.0, 1.0] {
                     cos.extend(angles.iter().map(|a| (*a as f64).cos() as f32));
                     sin.extend(angles.iter().map(|a| sign * (*a as f64).sin() as f32));

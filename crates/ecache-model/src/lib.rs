@@ -17,6 +17,7 @@ pub mod llama;
 pub mod llava;
 pub mod preprocess;
 pub mod prompt;
+pub mod qwen;
 pub mod qwen_image;
 pub mod qwen_vision;
 pub mod resample;

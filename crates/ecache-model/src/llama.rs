@@ -57,9 +57,9 @@ impl<B: Backend> LlamaLayer<B> {
         let (h, q, kv) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
         Ok(Self {
             input_layernorm: l.rms_norm(&format!("{p}.input_layernorm"), h, c.rms_norm_eps)?,
-            q_proj: l.linear(&format!("{p}.self_attn.q_proj"), h, q, c.attention_bias)?,
-            k_proj: l.linear(&format!("{p}.self_attn.k_proj"), h, kv, c.attention_bias)?,
-            v_proj: l.linear(&format!("{p}.self_attn.v_proj"), h, kv, c.attention_bias)?,
+            q_proj: l.linear(&format!("{p}.self_attn.q_proj"), h, q, c.qkv_bias)?,
+            k_proj: l.linear(&format!("{p}.self_attn.k_proj"), h, kv, c.qkv_bias)?,
+            v_proj: l.linear(&format!("{p}.self_attn.v_proj"), h, kv, c.qkv_bias)?,
             o_proj: l.linear(&format!("{p}.self_attn.o_proj"), q, h, c.attention_bias)?,
             post_attention_layernorm: l.rms_norm(
                 &format!("{p}.post_attention_layernorm"),
@@ -521,6 +521,11 @@ impl<B: Backend> LlamaDecoder<B> {
         self.layers
             .first()
             .map_or([0, 0], |l| [l.heads, l.kv_heads])
+    }
+
+    /// Each head's width.
+    pub fn head_dim(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.head_dim)
     }
 
     /// Loads the decoder; a tied LM head reuses the embeddings when the checkpoint has none.

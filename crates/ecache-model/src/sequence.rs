@@ -36,6 +36,9 @@ pub struct Sequence<B: Backend> {
     capacity_after_prefill: Option<Vec<usize>>,
     /// What each layer's prefill decision did, when asked to record it.
     prefill_records: Option<Vec<PrefillRecord>>,
+    /// The next token's RoPE position minus `N` (Qwen2-VL's `rope_deltas`: an image's
+    /// tokens share positions, so text after it runs behind the token count).
+    rope_delta: i64,
 }
 
 /// What one layer's prefill decision did, by absolute position: what it kept and what it
@@ -74,6 +77,7 @@ impl<B: Backend> Sequence<B> {
             steps: 0,
             capacity_after_prefill: None,
             prefill_records: None,
+            rope_delta: 0,
         }
     }
 
@@ -150,6 +154,8 @@ impl<B: Backend> Sequence<B> {
 pub struct Runner<'a, B: Backend> {
     decoder: &'a LlamaDecoder<B>,
     rope: Rope,
+    /// Multimodal RoPE sections (Qwen2-VL), `None` for plain RoPE.
+    mrope: Option<[usize; 3]>,
     max_positions: usize,
     device: B::Device,
 }
@@ -160,6 +166,7 @@ impl<'a, B: KernelBackend> Runner<'a, B> {
         Self {
             decoder,
             rope: Rope::new(config.head_dim, config.rope_theta),
+            mrope: config.mrope_section,
             max_positions: config.max_positions,
             device: device.clone(),
         }
@@ -183,6 +190,26 @@ impl<'a, B: KernelBackend> Runner<'a, B> {
         policy: &dyn CachePolicy,
         embeds: Tensor<B, 3>,
         kinds: &[SlotKind],
+    ) -> Result<Tensor<B, 3>> {
+        self.prefill_at(seq, policy, embeds, kinds, None)
+    }
+
+    /// [`Runner::prefill`] with each prompt token's RoPE position given as (temporal,
+    /// height, width), as Qwen2-VL's multimodal RoPE places them (`None`: token `i` at
+    /// `i` on every axis). The sequence's later tokens continue from the largest position
+    /// plus one (`rope_deltas`); slots keep recording the token index, which is what
+    /// policies see.
+    ///
+    /// # Shapes
+    /// - `embeds`: `[1, T, hidden]`; `kinds` and `rope_positions`: `T` entries
+    /// - returns `[1, T, hidden]`
+    pub fn prefill_at(
+        &self,
+        seq: &mut Sequence<B>,
+        policy: &dyn CachePolicy,
+        embeds: Tensor<B, 3>,
+        kinds: &[SlotKind],
+        rope_positions: Option<&[[usize; 3]]>,
     ) -> Result<Tensor<B, 3>> {
         let [batch, t, _] = embeds.dims();
         if batch != 1 {
@@ -212,12 +239,33 @@ impl<'a, B: KernelBackend> Runner<'a, B> {
         }
         let positions: Vec<usize> = (0..t).collect();
         let heads = self.decoder.head_counts();
-        let rope = self.rope.tables::<B>(
-            std::slice::from_ref(&positions),
-            &heads,
-            &self.device,
-            embeds.dtype(),
-        );
+        let rope = match rope_positions {
+            None => self.rope.tables::<B>(
+                std::slice::from_ref(&positions),
+                &heads,
+                &self.device,
+                embeds.dtype(),
+            ),
+            Some(given) => {
+                if given.len() != t {
+                    return Err(ModelError::Prompt(format!(
+                        "{} RoPE positions for a prompt of {t}",
+                        given.len()
+                    )));
+                }
+                let half = self.decoder.head_dim() / 2;
+                let sections = self.mrope.unwrap_or([half, 0, 0]);
+                let next = given.iter().flatten().copied().max().map_or(0, |m| m + 1);
+                seq.rope_delta = next as i64 - t as i64;
+                self.rope.tables_sectioned::<B>(
+                    &[given.to_vec()],
+                    sections,
+                    &heads,
+                    &self.device,
+                    embeds.dtype(),
+                )
+            }
+        };
         let needs = policy.needs();
         seq.prompt_len = t;
         let layers = self.decoder.layers.len();
@@ -322,7 +370,10 @@ impl<'a, B: KernelBackend> Runner<'a, B> {
         let slot_positions: Vec<usize> = batch.iter().map(|(s, _)| s.tokens_seen).collect();
         let rope_positions: Vec<usize> = batch
             .iter()
-            .map(|(s, _)| s.positions.next_position(s.tokens_seen, s.caches[0].len(0)))
+            .map(|(s, _)| {
+                let p = s.positions.next_position(s.tokens_seen, s.caches[0].len(0)) as i64;
+                (p + s.rope_delta).max(0) as usize
+            })
             .collect();
         let heads = self.decoder.head_counts();
         let rope = self

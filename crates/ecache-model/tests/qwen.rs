@@ -103,3 +103,114 @@ fn vision_features_match_transformers() {
         assert!(max <= 1e-4, "{name}: max difference {max}");
     }
 }
+
+/// The whole tiny Qwen2-VL on a prompt with the wide picture, under the full cache: every
+/// prompt position's logits, then three tokens fed one at a time, within 1e-4 of
+/// transformers' (which places them with `get_rope_index`). The tokens after the prompt
+/// continue at the true multimodal position (`rope_deltas`: a mutation that drops it is
+/// off by 2.7 at the first new token), and every tensor of the checkpoint is used.
+#[test]
+fn prompt_and_decode_logits_match_transformers() {
+    use burn::backend::Flex;
+    use burn::tensor::{DType, Tensor, TensorData};
+    use ecache_core::{PolicyConfig, PositionMode};
+    use ecache_model::layers::Loader;
+    use ecache_model::llama::LlamaDecoder;
+    use ecache_model::qwen::{QwenVlConfig, embed_with_images, mrope_positions};
+    use ecache_model::qwen_vision::QwenVision;
+    use ecache_model::weights::Checkpoint;
+    use ecache_model::{Runner, Sequence};
+
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let dir = fixtures.join("tiny-qwen2-vl");
+    let config = QwenVlConfig::from_path(&dir.join("config.json")).unwrap();
+    let device = Default::default();
+    let mut checkpoint = Checkpoint::open(&dir).unwrap();
+    let mut loader = Loader::<Flex> {
+        checkpoint: &mut checkpoint,
+        device: &device,
+        dtype: DType::F32,
+    };
+    let tower = QwenVision::load(&config.vision, &mut loader).unwrap();
+    let decoder = LlamaDecoder::load(&config.text, &mut loader).unwrap();
+    checkpoint.finish().unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        expected[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (prompt, continuation) = (ids("prompt_ids"), ids("continuation_ids"));
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let view = st.tensor("logits").unwrap();
+    let vocab = view.shape()[1];
+    let want: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let close = |got: &[f32], row: usize| {
+        let max = got
+            .iter()
+            .zip(&want[row * vocab..(row + 1) * vocab])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(max <= 1e-4, "position {row}: max difference {max}");
+    };
+
+    let processor = QwenImageProcessor::load(&dir).unwrap();
+    let image = image::open(fixtures.join("qwen2-vl-images/wide.png")).unwrap();
+    let pixels = processor.process(&image).unwrap();
+    let input = Tensor::<Flex, 2>::from_data(
+        TensorData::new(pixels.patches.clone(), [pixels.rows(), pixels.row_len]),
+        &device,
+    );
+    let features = tower.forward(input, pixels.grid).unwrap();
+    let (embeds, kinds) = embed_with_images(
+        &decoder,
+        &prompt,
+        config.image_token_id,
+        Some(features),
+        &device,
+    )
+    .unwrap();
+    let (positions, delta) = mrope_positions(
+        &prompt,
+        config.image_token_id,
+        &[pixels.grid],
+        config.vision.merge,
+    )
+    .unwrap();
+    assert_eq!(delta, expected["rope_delta"].as_i64().unwrap());
+
+    let runner = Runner::new(&decoder, &config.text, &device);
+    let full = ecache_policy_full::build(&PolicyConfig::new("full", 1.0)).unwrap();
+    let mut seq = Sequence::new(
+        &config.text,
+        full.as_ref(),
+        PositionMode::Absolute,
+        &device,
+        DType::F32,
+    );
+    let hidden = runner
+        .prefill_at(&mut seq, full.as_ref(), embeds, &kinds, Some(&positions))
+        .unwrap();
+    let logits: Vec<f32> = decoder.head(hidden).into_data().into_vec().unwrap();
+    for row in 0..prompt.len() {
+        close(&logits[row * vocab..(row + 1) * vocab], row);
+    }
+    for (k, &token) in continuation.iter().enumerate() {
+        let logits: Vec<f32> = runner
+            .decode(&mut [(&mut seq, full.as_ref())], &[token])
+            .unwrap()
+            .into_data()
+            .into_vec()
+            .unwrap();
+        close(&logits, prompt.len() + k);
+    }
+}
