@@ -14,7 +14,12 @@ preprocessor_config.json as transformers saves it, the pictures, and expected.sa
 tests/fixtures/tiny-qwen2-vl/: a tiny random Qwen2-VL checkpoint as transformers saves it
 (config.json, model.safetensors; a 2-layer vision tower of width 32 with 4 heads, merged
 into a 2-layer GQA decoder of width 64) and expected.safetensors with the image features
-(`features_<name>`: the merger's output) of the three pictures above.
+(`features_<name>`: the merger's output) of the three pictures above, the logits of a
+prompt with the wide picture and of three tokens after it (expected.json: the ids).
+
+tests/fixtures/tiny-qwen2.5-vl/: the same for Qwen2.5-VL (RMSNorm and gated-MLP vision
+blocks; window attention over 3 x 3 merge groups, which the 2 x 4 merged grid of the wide
+picture pads, with block 1 attending to the whole picture).
 """
 
 import json
@@ -26,7 +31,12 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.numpy import save_file
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from make_fixtures import ROOT, test_image
@@ -69,34 +79,33 @@ def randomise(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(fan_in)))
 
 
-def build_model():
+def build_model(name, config_class, model_class, vision, seed):
     images = os.path.join(ROOT, "qwen2-vl-images")
-    out = os.path.join(ROOT, "tiny-qwen2-vl")
+    out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    config = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=64, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu", in_channels=3),
+    config = config_class(
+        vision_config=vision,
         text_config=dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2,
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
         image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63,
     )
-    torch.manual_seed(7)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    randomise(model, 7)
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    randomise(model, seed)
     model.save_pretrained(out)
     processor = Qwen2VLImageProcessorPil.from_pretrained(images)
     processor.save_pretrained(out)
     tensors = {}
     with torch.no_grad():
-        for name in IMAGES:
-            batch = processor(images=Image.open(os.path.join(images, f"{name}.png")), return_tensors="pt")
+        for picture in IMAGES:
+            batch = processor(images=Image.open(os.path.join(images, f"{picture}.png")), return_tensors="pt")
             feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
             if isinstance(feats, (list, tuple)):
                 feats = torch.cat(list(feats), 0)
-            tensors[f"features_{name}"] = feats.float().contiguous().numpy()
+            tensors[f"features_{picture}"] = feats.float().contiguous().numpy()
         # A prompt with the wide picture (its 2 x 4 merged tokens between the vision start
         # and end tokens), then three more tokens fed one at a time: every position's logits
         # with transformers' multimodal positions (text after the image continues from the
@@ -115,9 +124,21 @@ def build_model():
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump({"prompt_ids": prompt, "continuation_ids": continuation, "image": "wide",
                    "rope_delta": int(delta[0, 0]), "transformers": __import__("transformers").__version__}, f, indent=1)
-    print("tiny-qwen2-vl", {k: v.shape for k, v in tensors.items()})
+    print(name, {k: v.shape for k, v in tensors.items()})
 
 
 if __name__ == "__main__":
     build_images()
-    build_model()
+    build_model(
+        "tiny-qwen2-vl", Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+        dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, hidden_size=64, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu", in_channels=3),
+        7,
+    )
+    build_model(
+        "tiny-qwen2.5-vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, window_size=84,
+             fullatt_block_indexes=[1], hidden_act="silu", patch_size=14, spatial_merge_size=2,
+             temporal_patch_size=2, in_channels=3),
+        8,
+    )

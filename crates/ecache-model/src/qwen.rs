@@ -9,10 +9,9 @@ use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use ecache_core::SlotKind;
 use serde::Deserialize;
 
-use crate::config::{HfLlamaConfig, LlamaConfig, TextKind};
+use crate::config::{Activation, HfLlamaConfig, LlamaConfig, TextKind};
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaDecoder;
-use crate::qwen_vision::{HfQwenVisionConfig, QwenVisionConfig};
 
 /// A Qwen2-VL `config.json` (transformers 5 nests the decoder in `text_config`; older
 /// configs keep its keys at the top level).
@@ -212,9 +211,222 @@ pub fn embed_with_images<B: Backend>(
     Ok((Tensor::cat(parts, 1), kinds))
 }
 
+/// `vision_config` of a Qwen2-VL or Qwen2.5-VL `config.json`, with transformers'
+/// defaults. The two name the widths differently: Qwen2-VL's `embed_dim` is the tower's and
+/// `hidden_size` the decoder's; Qwen2.5-VL's `hidden_size` is the tower's and
+/// `out_hidden_size` the decoder's.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfQwenVisionConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub out_hidden_size: Option<usize>,
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    #[serde(default)]
+    pub window_size: Option<usize>,
+    #[serde(default)]
+    pub fullatt_block_indexes: Option<Vec<usize>>,
+    #[serde(default = "d_depth")]
+    pub depth: usize,
+    #[serde(default = "d_embed")]
+    pub embed_dim: usize,
+    /// The decoder's width: what the merger produces.
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default = "d_heads")]
+    pub num_heads: usize,
+    #[serde(default = "d_channels")]
+    pub in_channels: usize,
+    #[serde(default = "d_patch")]
+    pub patch_size: usize,
+    #[serde(default = "d_two")]
+    pub spatial_merge_size: usize,
+    #[serde(default = "d_two")]
+    pub temporal_patch_size: usize,
+    #[serde(default)]
+    pub rope_parameters: Option<HfAxialRope>,
+}
+
+/// The vision tower's rotary parameters.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfAxialRope {
+    #[serde(default = "d_theta")]
+    pub rope_theta: f64,
+}
+
+fn d_depth() -> usize {
+    32
+}
+fn d_embed() -> usize {
+    1280
+}
+fn d_hidden() -> usize {
+    3584
+}
+fn d_act() -> String {
+    "quick_gelu".into()
+}
+fn d_ratio() -> f64 {
+    4.0
+}
+fn d_heads() -> usize {
+    16
+}
+fn d_channels() -> usize {
+    3
+}
+fn d_patch() -> usize {
+    14
+}
+fn d_two() -> usize {
+    2
+}
+fn d_theta() -> f64 {
+    10_000.0
+}
+
+/// Which tower.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VisionVariant {
+    /// Qwen2-VL: LayerNorm, plain MLP, attention over the whole picture.
+    Qwen2,
+    /// Qwen2.5-VL: RMSNorm, gated MLP, attention within windows of `window` x `window`
+    /// merge groups except in the `full` blocks.
+    Qwen25 { window: usize, full: Vec<usize> },
+}
+
+/// The validated vision configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QwenVisionConfig {
+    pub variant: VisionVariant,
+    pub depth: usize,
+    pub embed: usize,
+    pub out: usize,
+    pub heads: usize,
+    pub mlp: usize,
+    pub activation: Activation,
+    pub channels: usize,
+    pub temporal: usize,
+    pub patch: usize,
+    /// Values per patch row: `channels * temporal * patch^2`.
+    pub patch_values: usize,
+    pub merge: usize,
+    pub theta: f64,
+}
+
+impl HfQwenVisionConfig {
+    /// Checks the numbers; errors name the field.
+    pub fn validate(&self) -> std::result::Result<QwenVisionConfig, String> {
+        let qwen25 = self.model_type.as_deref() == Some("qwen2_5_vl_vision")
+            || self.out_hidden_size.is_some();
+        // Qwen2.5-VL: the tower's width is `hidden_size`, the decoder's `out_hidden_size`.
+        let (embed_dim, out) = if qwen25 {
+            (
+                self.hidden_size,
+                self.out_hidden_size.unwrap_or(self.hidden_size),
+            )
+        } else {
+            (self.embed_dim, self.hidden_size)
+        };
+        let variant = if qwen25 {
+            let unit = self.patch_size * self.spatial_merge_size;
+            let size = self.window_size.unwrap_or(112);
+            if unit == 0 || size == 0 || !size.is_multiple_of(unit) {
+                return Err(format!(
+                    "vision_config.window_size = {size} is not a positive multiple of patch_size x spatial_merge_size = {unit}"
+                ));
+            }
+            VisionVariant::Qwen25 {
+                window: size / unit,
+                full: self.fullatt_block_indexes.clone().unwrap_or_default(),
+            }
+        } else {
+            VisionVariant::Qwen2
+        };
+        let activation = match self.hidden_act.as_str() {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            "silu" => Activation::Silu,
+            other => {
+                return Err(format!(
+                    "vision_config.hidden_act = {other:?} is not supported"
+                ));
+            }
+        };
+        if self.num_heads == 0
+            || !embed_dim.is_multiple_of(self.num_heads)
+            || !(embed_dim / self.num_heads).is_multiple_of(4)
+        {
+            return Err(format!(
+                "vision_config: embed_dim = {embed_dim} must split into num_heads = {} heads of a multiple of 4",
+                self.num_heads
+            ));
+        }
+        if [
+            self.depth,
+            self.spatial_merge_size,
+            self.patch_size,
+            self.temporal_patch_size,
+            self.in_channels,
+        ]
+        .contains(&0)
+        {
+            return Err(
+                "vision_config: depth, patch_size, temporal_patch_size, in_channels and spatial_merge_size must be at least 1"
+                    .into(),
+            );
+        }
+        Ok(QwenVisionConfig {
+            variant,
+            depth: self.depth,
+            embed: embed_dim,
+            out,
+            heads: self.num_heads,
+            mlp: self
+                .intermediate_size
+                .unwrap_or((embed_dim as f64 * self.mlp_ratio) as usize),
+            activation,
+            channels: self.in_channels,
+            temporal: self.temporal_patch_size,
+            patch: self.patch_size,
+            patch_values: self.in_channels
+                * self.temporal_patch_size
+                * self.patch_size
+                * self.patch_size,
+            merge: self.spatial_merge_size,
+            theta: self
+                .rope_parameters
+                .as_ref()
+                .map_or(d_theta(), |r| r.rope_theta),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_vision_configs_name_the_field() {
+        for (json, needle) in [
+            (r#"{"hidden_act": "relu"}"#, "hidden_act"),
+            (r#"{"embed_dim": 30, "num_heads": 4}"#, "embed_dim"),
+            (r#"{"depth": 0}"#, "depth"),
+            (
+                r#"{"model_type": "qwen2_5_vl_vision", "hidden_size": 32, "num_heads": 4, "window_size": 50}"#,
+                "window_size",
+            ),
+        ] {
+            let config: HfQwenVisionConfig = serde_json::from_str(json).unwrap();
+            let err = config.validate().unwrap_err();
+            assert!(err.contains(needle), "{json}: {err}");
+        }
+    }
 
     /// The tiny fixture's layout: 4 text tokens, a 2 x 4 merged grid, 7 text tokens.
     #[test]

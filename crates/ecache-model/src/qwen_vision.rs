@@ -1,169 +1,73 @@
-//! The Qwen2-VL vision tower: the 3-D patch embedding (a linear map of each patch row of
-//! [`crate::qwen_image::QwenPixels`]), pre-norm blocks with 2-D rotary positions over
-//! the whole picture, and the patch merger that folds each 2 x 2 group into one token of
-//! the decoder's width. One image at a time (its patches attend to each other only).
+//! The Qwen2-VL and Qwen2.5-VL vision towers: the 3-D patch embedding (a linear map of
+//! each patch row of [`crate::qwen_image::QwenPixels`]), pre-norm blocks with 2-D rotary
+//! positions, and the patch merger that folds each 2 x 2 group into one token of the
+//! decoder's width. Qwen2-VL's blocks use LayerNorm and a plain MLP and attend over the
+//! whole picture; Qwen2.5-VL's use RMSNorm and a gated MLP and attend within windows of
+//! merge groups, except in its full-attention blocks. One image at a time.
 
 use burn::module::Module;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::{LayerNorm, Linear, RmsNorm};
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
-use serde::Deserialize;
 
-use crate::config::Activation;
 use crate::error::{ModelError, Result};
 use crate::layers::{Loader, activate};
+pub use crate::qwen::{HfQwenVisionConfig, QwenVisionConfig, VisionVariant};
 
-/// `vision_config` of a Qwen2-VL `config.json`, with transformers' defaults.
-#[derive(Debug, Clone, Deserialize)]
-pub struct HfQwenVisionConfig {
-    #[serde(default = "d_depth")]
-    pub depth: usize,
-    #[serde(default = "d_embed")]
-    pub embed_dim: usize,
-    /// The decoder's width: what the merger produces.
-    #[serde(default = "d_hidden")]
-    pub hidden_size: usize,
-    #[serde(default = "d_act")]
-    pub hidden_act: String,
-    #[serde(default = "d_ratio")]
-    pub mlp_ratio: f64,
-    #[serde(default = "d_heads")]
-    pub num_heads: usize,
-    #[serde(default = "d_channels")]
-    pub in_channels: usize,
-    #[serde(default = "d_patch")]
-    pub patch_size: usize,
-    #[serde(default = "d_two")]
-    pub spatial_merge_size: usize,
-    #[serde(default = "d_two")]
-    pub temporal_patch_size: usize,
-    #[serde(default)]
-    pub rope_parameters: Option<HfAxialRope>,
+/// A block's norm: LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL).
+#[derive(Module, Debug)]
+pub enum VisionNorm<B: Backend> {
+    Layer(LayerNorm<B>),
+    Rms(RmsNorm<B>),
 }
 
-/// The vision tower's rotary parameters.
-#[derive(Debug, Clone, Deserialize)]
-pub struct HfAxialRope {
-    #[serde(default = "d_theta")]
-    pub rope_theta: f64,
-}
-
-fn d_depth() -> usize {
-    32
-}
-fn d_embed() -> usize {
-    1280
-}
-fn d_hidden() -> usize {
-    3584
-}
-fn d_act() -> String {
-    "quick_gelu".into()
-}
-fn d_ratio() -> f64 {
-    4.0
-}
-fn d_heads() -> usize {
-    16
-}
-fn d_channels() -> usize {
-    3
-}
-fn d_patch() -> usize {
-    14
-}
-fn d_two() -> usize {
-    2
-}
-fn d_theta() -> f64 {
-    10_000.0
-}
-
-/// The validated vision configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QwenVisionConfig {
-    pub depth: usize,
-    pub embed: usize,
-    pub out: usize,
-    pub heads: usize,
-    pub mlp: usize,
-    pub activation: Activation,
-    pub channels: usize,
-    pub temporal: usize,
-    pub patch: usize,
-    /// Values per patch row: `channels * temporal * patch^2`.
-    pub patch_values: usize,
-    pub merge: usize,
-    pub theta: f64,
-}
-
-impl HfQwenVisionConfig {
-    /// Checks the numbers; errors name the field.
-    pub fn validate(&self) -> std::result::Result<QwenVisionConfig, String> {
-        let activation = match self.hidden_act.as_str() {
-            "quick_gelu" => Activation::QuickGelu,
-            "gelu" => Activation::Gelu,
-            "silu" => Activation::Silu,
-            other => {
-                return Err(format!(
-                    "vision_config.hidden_act = {other:?} is not supported"
-                ));
-            }
-        };
-        if self.num_heads == 0
-            || !self.embed_dim.is_multiple_of(self.num_heads)
-            || !(self.embed_dim / self.num_heads).is_multiple_of(4)
-        {
-            return Err(format!(
-                "vision_config: embed_dim = {} must split into num_heads = {} heads of a multiple of 4",
-                self.embed_dim, self.num_heads
-            ));
-        }
-        if [
-            self.depth,
-            self.spatial_merge_size,
-            self.patch_size,
-            self.temporal_patch_size,
-            self.in_channels,
-        ]
-        .contains(&0)
-        {
-            return Err(
-                "vision_config: depth, patch_size, temporal_patch_size, in_channels and spatial_merge_size must be at least 1"
-                    .into(),
-            );
-        }
-        Ok(QwenVisionConfig {
-            depth: self.depth,
-            embed: self.embed_dim,
-            out: self.hidden_size,
-            heads: self.num_heads,
-            mlp: (self.embed_dim as f64 * self.mlp_ratio) as usize,
-            activation,
-            channels: self.in_channels,
-            temporal: self.temporal_patch_size,
-            patch: self.patch_size,
-            patch_values: self.in_channels
-                * self.temporal_patch_size
-                * self.patch_size
-                * self.patch_size,
-            merge: self.spatial_merge_size,
-            theta: self
-                .rope_parameters
-                .as_ref()
-                .map_or(d_theta(), |r| r.rope_theta),
+impl<B: Backend> VisionNorm<B> {
+    fn load(l: &mut Loader<'_, B>, prefix: &str, d: usize, rms: bool) -> Result<Self> {
+        Ok(if rms {
+            VisionNorm::Rms(l.rms_norm(prefix, d, 1e-6)?)
+        } else {
+            VisionNorm::Layer(l.layer_norm(prefix, d, 1e-6)?)
         })
     }
+
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            VisionNorm::Layer(n) => n.forward(x),
+            VisionNorm::Rms(n) => n.forward(x),
+        }
+    }
+}
+
+/// Qwen2-VL's MLP: `fc2(act(fc1 x))`.
+#[derive(Module, Debug)]
+pub struct PlainMlp<B: Backend> {
+    fc1: Linear<B>,
+    fc2: Linear<B>,
+}
+
+/// Qwen2.5-VL's MLP: `down(act(gate x) * up x)`.
+#[derive(Module, Debug)]
+pub struct GatedMlp<B: Backend> {
+    gate: Linear<B>,
+    up: Linear<B>,
+    down: Linear<B>,
+}
+
+/// A block's MLP.
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one per block
+pub enum VisionMlp<B: Backend> {
+    Plain(PlainMlp<B>),
+    Gated(GatedMlp<B>),
 }
 
 /// One pre-norm block.
 #[derive(Module, Debug)]
 pub struct QwenVisionBlock<B: Backend> {
-    norm1: LayerNorm<B>,
+    norm1: VisionNorm<B>,
     qkv: Linear<B>,
     proj: Linear<B>,
-    norm2: LayerNorm<B>,
-    fc1: Linear<B>,
-    fc2: Linear<B>,
+    norm2: VisionNorm<B>,
+    mlp: VisionMlp<B>,
 }
 
 /// The vision tower and its merger.
@@ -171,7 +75,7 @@ pub struct QwenVisionBlock<B: Backend> {
 pub struct QwenVision<B: Backend> {
     patch_embed: Linear<B>,
     blocks: Vec<QwenVisionBlock<B>>,
-    ln_q: LayerNorm<B>,
+    ln_q: VisionNorm<B>,
     merger_in: Linear<B>,
     merger_out: Linear<B>,
     #[module(skip)]
@@ -194,16 +98,28 @@ impl<B: Backend> QwenVision<B> {
             weight: burn::module::Param::from_tensor(weight),
             bias: None,
         };
+        let rms = matches!(c.variant, VisionVariant::Qwen25 { .. });
         let blocks = (0..c.depth)
             .map(|i| {
                 let p = format!("visual.blocks.{i}");
+                let mlp = if rms {
+                    VisionMlp::Gated(GatedMlp {
+                        gate: l.linear(&format!("{p}.mlp.gate_proj"), e, c.mlp, true)?,
+                        up: l.linear(&format!("{p}.mlp.up_proj"), e, c.mlp, true)?,
+                        down: l.linear(&format!("{p}.mlp.down_proj"), c.mlp, e, true)?,
+                    })
+                } else {
+                    VisionMlp::Plain(PlainMlp {
+                        fc1: l.linear(&format!("{p}.mlp.fc1"), e, c.mlp, true)?,
+                        fc2: l.linear(&format!("{p}.mlp.fc2"), c.mlp, e, true)?,
+                    })
+                };
                 Ok(QwenVisionBlock {
-                    norm1: l.layer_norm(&format!("{p}.norm1"), e, 1e-6)?,
+                    norm1: VisionNorm::load(l, &format!("{p}.norm1"), e, rms)?,
                     qkv: l.linear(&format!("{p}.attn.qkv"), e, 3 * e, true)?,
                     proj: l.linear(&format!("{p}.attn.proj"), e, e, true)?,
-                    norm2: l.layer_norm(&format!("{p}.norm2"), e, 1e-6)?,
-                    fc1: l.linear(&format!("{p}.mlp.fc1"), e, c.mlp, true)?,
-                    fc2: l.linear(&format!("{p}.mlp.fc2"), c.mlp, e, true)?,
+                    norm2: VisionNorm::load(l, &format!("{p}.norm2"), e, rms)?,
+                    mlp,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -211,7 +127,7 @@ impl<B: Backend> QwenVision<B> {
         Ok(Self {
             patch_embed,
             blocks,
-            ln_q: l.layer_norm("visual.merger.ln_q", e, 1e-6)?,
+            ln_q: VisionNorm::load(l, "visual.merger.ln_q", e, rms)?,
             merger_in: l.linear("visual.merger.mlp.0", merged, merged, true)?,
             merger_out: l.linear("visual.merger.mlp.2", merged, c.out, true)?,
             config: c.clone(),
@@ -236,16 +152,59 @@ impl<B: Backend> QwenVision<B> {
         let device = patches.device();
         let (cos, sin) = self.rotary(grid, &device);
         let mut x = self.patch_embed.forward(patches);
-        for block in &self.blocks {
-            x = self.block(block, x, &cos, &sin);
+        let unit = c.merge * c.merge;
+        let merged = c.embed * unit;
+        let groups = rows / unit;
+        let windows = match &c.variant {
+            VisionVariant::Qwen2 => None,
+            VisionVariant::Qwen25 { window, full } => {
+                Some((window_order(grid, c.merge, *window), full.clone()))
+            }
+        };
+        // Qwen2.5-VL: the merge groups reordered window by window (rows and rotary tables
+        // alike), attention kept within each window outside the full-attention blocks.
+        let (cos, sin, window_mask) = match &windows {
+            None => (cos, sin, None),
+            Some(((order, lengths), _)) => {
+                let rows_order: Vec<i64> = order
+                    .iter()
+                    .flat_map(|&g| (0..unit).map(move |u| (g * unit + u) as i64))
+                    .collect();
+                let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
+                    TensorData::new(rows_order, [rows]),
+                    &device,
+                );
+                x = x.select(0, index.clone());
+                let permute = |t: Tensor<B, 3>| t.select(1, index.clone());
+                let mask = block_mask::<B>(lengths, unit, rows, &device);
+                (permute(cos), permute(sin), Some(mask))
+            }
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mask = match (&windows, &window_mask) {
+                (Some((_, full)), Some(mask)) if !full.contains(&i) => Some(mask),
+                _ => None,
+            };
+            x = self.block(block, x, &cos, &sin, mask);
         }
-        let merged = c.embed * c.merge * c.merge;
-        let x = self
-            .ln_q
-            .forward(x)
-            .reshape([rows / (c.merge * c.merge), merged]);
+        let x = self.ln_q.forward(x).reshape([groups, merged]);
         let x = activation::gelu(self.merger_in.forward(x));
-        Ok(self.merger_out.forward(x))
+        let x = self.merger_out.forward(x);
+        Ok(match &windows {
+            None => x,
+            Some(((order, _), _)) => {
+                // Back to the merge groups' own order.
+                let mut inverse = vec![0i64; groups];
+                for (at, &g) in order.iter().enumerate() {
+                    inverse[g] = at as i64;
+                }
+                let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
+                    TensorData::new(inverse, [groups]),
+                    &device,
+                );
+                x.select(0, index)
+            }
+        })
     }
 
     /// # Shapes
@@ -256,6 +215,7 @@ impl<B: Backend> QwenVision<B> {
         x: Tensor<B, 2>,
         cos: &Tensor<B, 3>,
         sin: &Tensor<B, 3>,
+        mask: Option<&Tensor<B, 3, burn::tensor::Bool>>,
     ) -> Tensor<B, 2> {
         let c = &self.config;
         let [rows, e] = x.dims();
@@ -273,11 +233,25 @@ impl<B: Backend> QwenVision<B> {
         let rope = |t: Tensor<B, 3>| t.clone() * cos.clone() + rotate_half(t) * sin.clone();
         let (q, k, v) = (rope(part(0)), rope(part(1)), part(2));
         let scores = q.matmul(k.swap_dims(1, 2)) * (d as f64).powf(-0.5);
+        let scores = match mask {
+            Some(mask) => scores.mask_fill(
+                mask.clone().expand([c.heads, rows, rows]),
+                f32::NEG_INFINITY,
+            ),
+            None => scores,
+        };
         let attn = activation::softmax(scores, 2).matmul(v);
         let attn = attn.swap_dims(0, 1).reshape([rows, e]);
         let x = x + b.proj.forward(attn);
-        let h = activate(b.fc1.forward(b.norm2.forward(x.clone())), c.activation);
-        x + b.fc2.forward(h)
+        let h = b.norm2.forward(x.clone());
+        let mlp = match &b.mlp {
+            VisionMlp::Plain(m) => m.fc2.forward(activate(m.fc1.forward(h), c.activation)),
+            VisionMlp::Gated(m) => {
+                let gate = activate(m.gate.forward(h.clone()), c.activation);
+                m.down.forward(gate * m.up.forward(h))
+            }
+        };
+        x + mlp
     }
 
     /// The 2-D rotary tables: each patch's row and column (in the processor's patch order)
@@ -313,6 +287,56 @@ impl<B: Backend> QwenVision<B> {
             |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, [1, rows, d]), device);
         (table(cos), table(sin))
     }
+}
+
+/// Qwen2.5-VL's windows: the merge groups (numbered row by row over the merged grid, per
+/// frame) in window order, each window `window` x `window` groups of the merged grid
+/// padded up to a multiple of it, windows row by row, groups within a window row by row;
+/// and each window's number of groups (transformers' `get_vision_window_index`).
+pub fn window_order(grid: [usize; 3], merge: usize, window: usize) -> (Vec<usize>, Vec<usize>) {
+    let [t, h, w] = grid;
+    let (mh, mw) = (h / merge, w / merge);
+    let (wh, ww) = (mh.div_ceil(window), mw.div_ceil(window));
+    let mut order = Vec::with_capacity(t * mh * mw);
+    let mut lengths = Vec::new();
+    for f in 0..t {
+        for bh in 0..wh {
+            for bw in 0..ww {
+                let before = order.len();
+                for r in bh * window..((bh + 1) * window).min(mh) {
+                    for col in bw * window..((bw + 1) * window).min(mw) {
+                        order.push(f * mh * mw + r * mw + col);
+                    }
+                }
+                if order.len() > before {
+                    lengths.push(order.len() - before);
+                }
+            }
+        }
+    }
+    (order, lengths)
+}
+
+/// True where attention is not allowed: between rows of different windows (`lengths` in
+/// merge groups of `unit` rows each).
+///
+/// # Shapes
+/// - returns `[1, rows, rows]`
+fn block_mask<B: Backend>(
+    lengths: &[usize],
+    unit: usize,
+    rows: usize,
+    device: &B::Device,
+) -> Tensor<B, 3, burn::tensor::Bool> {
+    let mut window_of = Vec::with_capacity(rows);
+    for (w, &len) in lengths.iter().enumerate() {
+        window_of.extend(std::iter::repeat_n(w, len * unit));
+    }
+    let hidden: Vec<bool> = (0..rows)
+        .flat_map(|i| (0..rows).map(move |j| (i, j)))
+        .map(|(i, j)| window_of[i] != window_of[j])
+        .collect();
+    Tensor::from_data(TensorData::new(hidden, [1, rows, rows]), device)
 }
 
 /// `(row, column)` of each patch in the image processor's order: merge groups row by row,
@@ -365,16 +389,14 @@ mod tests {
         assert_eq!(patch_positions([2, 2, 2], 2).len(), 8, "every frame");
     }
 
+    /// A merged grid of 2 x 4 in windows of 3 x 3: padded to 3 x 6, two windows of 2 x 3
+    /// and 2 x 1 groups.
     #[test]
-    fn bad_vision_configs_name_the_field() {
-        for (json, needle) in [
-            (r#"{"hidden_act": "relu"}"#, "hidden_act"),
-            (r#"{"embed_dim": 30, "num_heads": 4}"#, "embed_dim"),
-            (r#"{"depth": 0}"#, "depth"),
-        ] {
-            let config: HfQwenVisionConfig = serde_json::from_str(json).unwrap();
-            let err = config.validate().unwrap_err();
-            assert!(err.contains(needle), "{json}: {err}");
-        }
+    fn windows_pad_the_merged_grid() {
+        let (order, lengths) = window_order([1, 4, 8], 2, 3);
+        assert_eq!(order, vec![0, 1, 2, 4, 5, 6, 3, 7]);
+        assert_eq!(lengths, vec![6, 2]);
+        let (order, lengths) = window_order([1, 4, 4], 2, 3);
+        assert_eq!((order, lengths), (vec![0, 1, 2, 3], vec![4]));
     }
 }

@@ -44,11 +44,18 @@ fn patches_and_grids_match_transformers() {
     }
 }
 
-/// The vision tower on the tiny random Qwen2-VL: features within 1e-4 of transformers'
+/// The vision towers of the tiny random Qwen2-VL and Qwen2.5-VL (windows of 3 x 3 merge
+/// groups, padded, and one full-attention block): features within 1e-4 of transformers'
 /// (`get_image_features`, the merger's output) for the three pictures, from our own
 /// preprocessing.
 #[test]
 fn vision_features_match_transformers() {
+    for fixture in ["tiny-qwen2-vl", "tiny-qwen2.5-vl"] {
+        vision_features(fixture);
+    }
+}
+
+fn vision_features(fixture: &str) {
     use burn::backend::Flex;
     use burn::tensor::{DType, Tensor, TensorData};
     use ecache_model::layers::Loader;
@@ -56,7 +63,7 @@ fn vision_features_match_transformers() {
     use ecache_model::weights::Checkpoint;
 
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let dir = fixtures.join("tiny-qwen2-vl");
+    let dir = fixtures.join(fixture);
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let vision: HfQwenVisionConfig =
@@ -100,17 +107,24 @@ fn vision_features_match_transformers() {
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        assert!(max <= 1e-4, "{name}: max difference {max}");
+        assert!(max <= 1e-4, "{fixture} {name}: max difference {max}");
     }
 }
 
-/// The whole tiny Qwen2-VL on a prompt with the wide picture, under the full cache: every
+/// The whole tiny Qwen2-VL and Qwen2.5-VL on a prompt with the wide picture, under the
+/// full cache: every
 /// prompt position's logits, then three tokens fed one at a time, within 1e-4 of
 /// transformers' (which places them with `get_rope_index`). The tokens after the prompt
 /// continue at the true multimodal position (`rope_deltas`: a mutation that drops it is
 /// off by 2.7 at the first new token), and every tensor of the checkpoint is used.
 #[test]
 fn prompt_and_decode_logits_match_transformers() {
+    for fixture in ["tiny-qwen2-vl", "tiny-qwen2.5-vl"] {
+        prompt_and_decode(fixture);
+    }
+}
+
+fn prompt_and_decode(fixture: &str) {
     use burn::backend::Flex;
     use burn::tensor::{DType, Tensor, TensorData};
     use ecache_core::{PolicyConfig, PositionMode};
@@ -122,7 +136,7 @@ fn prompt_and_decode_logits_match_transformers() {
     use ecache_model::{Runner, Sequence};
 
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let dir = fixtures.join("tiny-qwen2-vl");
+    let dir = fixtures.join(fixture);
     let config = QwenVlConfig::from_path(&dir.join("config.json")).unwrap();
     let device = Default::default();
     let mut checkpoint = Checkpoint::open(&dir).unwrap();
@@ -160,7 +174,10 @@ fn prompt_and_decode_logits_match_transformers() {
             .zip(&want[row * vocab..(row + 1) * vocab])
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        assert!(max <= 1e-4, "position {row}: max difference {max}");
+        assert!(
+            max <= 1e-4,
+            "{fixture} position {row}: max difference {max}"
+        );
     };
 
     let processor = QwenImageProcessor::load(&dir).unwrap();
