@@ -231,3 +231,133 @@ fn prompt_and_decode(fixture: &str) {
         close(&logits, prompt.len() + k);
     }
 }
+
+/// Policy-level agreement on both Qwen fixtures: the answer's teacher-forced PPL under
+/// the full cache (transformers' own, 1e-5) and under local, h2o, elastic and snapkv at
+/// budget 0.5 (the independent spec implementation over transformers' modules in
+/// tools/make_qwen_fixtures.py, 1e-4). The decode steps run at the true multimodal
+/// positions while the policies remove and merge slots.
+#[test]
+fn policies_match_the_spec_implementation() {
+    for fixture in ["tiny-qwen2-vl", "tiny-qwen2.5-vl"] {
+        policies(fixture);
+    }
+}
+
+fn policies(fixture: &str) {
+    use burn::backend::Flex;
+    use burn::tensor::{DType, Tensor, TensorData};
+    use ecache_core::{CachePolicy, PolicyConfig, PositionMode};
+    use ecache_model::generate::{nll, rows_of};
+    use ecache_model::layers::Loader;
+    use ecache_model::llama::LlamaDecoder;
+    use ecache_model::qwen::{QwenVlConfig, embed_with_images, mrope_positions};
+    use ecache_model::qwen_vision::QwenVision;
+    use ecache_model::weights::Checkpoint;
+    use ecache_model::{Runner, Sequence};
+
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let dir = fixtures.join(fixture);
+    let config = QwenVlConfig::from_path(&dir.join("config.json")).unwrap();
+    let device = Default::default();
+    let mut checkpoint = Checkpoint::open(&dir).unwrap();
+    let mut loader = Loader::<Flex> {
+        checkpoint: &mut checkpoint,
+        device: &device,
+        dtype: DType::F32,
+    };
+    let tower = QwenVision::load(&config.vision, &mut loader).unwrap();
+    let decoder = LlamaDecoder::load(&config.text, &mut loader).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        expected[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (prompt, answer) = (ids("prompt_ids"), ids("answer_ids"));
+    let processor = QwenImageProcessor::load(&dir).unwrap();
+    let image = image::open(fixtures.join("qwen2-vl-images/wide.png")).unwrap();
+    let pixels = processor.process(&image).unwrap();
+    let input = Tensor::<Flex, 2>::from_data(
+        TensorData::new(pixels.patches.clone(), [pixels.rows(), pixels.row_len]),
+        &device,
+    );
+    let features = tower.forward(input, pixels.grid).unwrap();
+    let (positions, _) = mrope_positions(
+        &prompt,
+        config.image_token_id,
+        &[pixels.grid],
+        config.vision.merge,
+    )
+    .unwrap();
+    let runner = Runner::new(&decoder, &config.text, &device);
+    let ppl = |policy: &dyn CachePolicy| -> f64 {
+        let (embeds, kinds) = embed_with_images(
+            &decoder,
+            &prompt,
+            config.image_token_id,
+            Some(features.clone()),
+            &device,
+        )
+        .unwrap();
+        let mut seq = Sequence::new(
+            &config.text,
+            policy,
+            PositionMode::Absolute,
+            &device,
+            DType::F32,
+        );
+        let hidden = runner
+            .prefill_at(&mut seq, policy, embeds, &kinds, Some(&positions))
+            .unwrap();
+        let t = prompt.len();
+        let last = decoder.head(hidden.narrow(1, t - 1, 1));
+        let mut row = rows_of(last.reshape([1, config.text.vocab_size]))
+            .unwrap()
+            .remove(0);
+        let mut total = 0.0;
+        for (i, &a) in answer.iter().enumerate() {
+            total += nll(&row, a);
+            if i + 1 < answer.len() {
+                let logits = runner.decode(&mut [(&mut seq, policy)], &[a]).unwrap();
+                row = rows_of(logits).unwrap().remove(0);
+            }
+        }
+        (total / answer.len() as f64).exp()
+    };
+    let full = ecache_policy_full::build(&PolicyConfig::new("full", 1.0)).unwrap();
+    let got = ppl(full.as_ref());
+    let want = expected["ppl"].as_f64().unwrap();
+    assert!(
+        ((got - want) / want).abs() < 1e-5,
+        "{fixture} full: {got} vs {want}"
+    );
+    let budget = expected["policy_budget"].as_f64().unwrap();
+    for (name, build) in [
+        (
+            "local",
+            ecache_policy_local::build as ecache_core::PolicyConstructor,
+        ),
+        ("h2o", ecache_policy_h2o::build),
+        ("elastic", ecache_policy_elastic::build),
+        ("snapkv", ecache_policy_snapkv::build),
+    ] {
+        let mut policy_config = PolicyConfig::new(name, budget);
+        if name == "snapkv" {
+            for (key, value) in expected["snapkv_params"].as_object().unwrap() {
+                policy_config.set_param(key, &value.to_string()).unwrap();
+            }
+        }
+        let policy = build(&policy_config).unwrap();
+        let got = ppl(policy.as_ref());
+        let want = expected["policy_ppl"][name].as_f64().unwrap();
+        assert!(
+            ((got - want) / want).abs() < 1e-4,
+            "{fixture} {name}: ppl {got} vs spec {want}"
+        );
+    }
+}
