@@ -16,15 +16,11 @@ const CHUNK: usize = 1 << 14;
 /// # Shapes
 /// - `gate`, `up`, `out`: the same length
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    assert_eq!(gate.len(), up.len(), "gate and up have one length");
     assert_eq!(gate.len(), out.len(), "out has the inputs' length");
-    if out.len() < PARALLEL_WORK {
-        swiglu_run(gate, up, out);
-        return;
-    }
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(out, (gate, up))| swiglu_run(gate, up, out));
+    // Only a gate another handle still holds comes here (the model's own runs in place):
+    // one copy, then the one kernel.
+    out.copy_from_slice(gate);
+    swiglu_in_place(out, up);
 }
 
 /// [`swiglu`] with the result written over `gate`.
@@ -42,22 +38,14 @@ pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
         .for_each(|(gate, up)| swiglu_in_place_run(gate, up));
 }
 
+/// One run of [`swiglu_in_place`], compiled for the machine's widest SIMD level; the loop
+/// is plain arithmetic, which the compiler vectorises at that width (`S` is unused in the
+/// body: it only selects the target features the body is compiled with).
 #[allow(clippy::extra_unused_type_parameters)]
 #[macerator::with_simd]
 fn swiglu_in_place_run<S: macerator::Simd>(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + exp(-*g)) * u;
-    }
-}
-
-/// One run of [`swiglu`], compiled for the machine's widest SIMD level; the loop is plain
-/// arithmetic, which the compiler vectorises at that width (`S` is unused in the body: it
-/// only selects the target features the body is compiled with).
-#[allow(clippy::extra_unused_type_parameters)]
-#[macerator::with_simd]
-fn swiglu_run<S: macerator::Simd>(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp(-g)) * u;
     }
 }
 
