@@ -47,19 +47,19 @@ pub struct HfImageProcessorConfig {
     image_std: Vec<f32>,
 }
 
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
-fn bicubic() -> u32 {
+pub(crate) fn bicubic() -> u32 {
     3
 }
-fn inv255() -> f64 {
+pub(crate) fn inv255() -> f64 {
     1.0 / 255.0
 }
-fn clip_mean() -> Vec<f32> {
+pub(crate) fn clip_mean() -> Vec<f32> {
     vec![0.481_454_66, 0.457_827_5, 0.408_210_73]
 }
-fn clip_std() -> Vec<f32> {
+pub(crate) fn clip_std() -> Vec<f32> {
     vec![0.268_629_54, 0.261_302_6, 0.275_777_1]
 }
 

@@ -12,6 +12,7 @@ use image::DynamicImage;
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
+use crate::preprocess::{bicubic, clip_mean, clip_std, inv255, yes};
 use crate::resample::{self, Filter};
 
 /// `size` of a Qwen2-VL `preprocessor_config.json` (transformers 5 writes the pixel bounds
@@ -53,26 +54,11 @@ struct HfQwenImageConfig {
     size: HfPixelBounds,
 }
 
-fn yes() -> bool {
-    true
-}
-fn bicubic() -> u32 {
-    3
-}
-fn inv255() -> f64 {
-    1.0 / 255.0
-}
 fn fourteen() -> usize {
     14
 }
 fn two() -> usize {
     2
-}
-fn clip_mean() -> Vec<f32> {
-    vec![0.481_454_66, 0.457_827_5, 0.408_210_73]
-}
-fn clip_std() -> Vec<f32> {
-    vec![0.268_629_54, 0.261_302_6, 0.275_777_1]
 }
 
 /// A validated Qwen2-VL image processor.

@@ -1,16 +1,10 @@
 //! Image preprocessing against the pixel values transformers' CLIP processor produced for
 //! the fixture images (PIL bicubic there, Pillow's algorithm re-implemented here).
 
-use std::path::PathBuf;
+mod common;
 
+use common::{fixture, max_difference, st_f32};
 use ecache_model::ImageProcessor;
-use safetensors::SafeTensors;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 #[test]
 fn pixel_values_match_the_clip_processor() {
@@ -19,21 +13,11 @@ fn pixel_values_match_the_clip_processor() {
         let processor = ImageProcessor::load(&dir).unwrap();
         let (got, shape) = processor.open(&dir.join("image.png")).unwrap();
         let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let view = st.tensor("pixel_values").unwrap();
-        assert_eq!(view.shape()[1..], shape);
-        let want: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let (want_shape, want) = st_f32(&bytes, "pixel_values");
+        assert_eq!(want_shape[1..], shape);
         // The resize is Pillow's to the grey level (crate::resample); what is left is
         // float rounding of the normalisation.
-        let max = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let max = max_difference(&got, &want);
         assert!(max <= 1e-6, "{name}: max difference {max}");
     }
 }
