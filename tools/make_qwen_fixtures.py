@@ -15,7 +15,10 @@ tests/fixtures/tiny-qwen2-vl/: a tiny random Qwen2-VL checkpoint as transformers
 (config.json, model.safetensors; a 2-layer vision tower of width 32 with 4 heads, merged
 into a 2-layer GQA decoder of width 64) and expected.safetensors with the image features
 (`features_<name>`: the merger's output) of the three pictures above, the logits of a
-prompt with the wide picture and of three tokens after it (expected.json: the ids).
+prompt with the wide picture and of three tokens after it (expected.json: the ids), the
+answer's PPL under each policy at budget 0.5 by the spec implementation below, and a
+word-level tokenizer with Qwen2-VL's special tokens and chat template (expected_prompt.json:
+what transformers renders and encodes for one question about the wide picture).
 
 tests/fixtures/tiny-qwen2.5-vl/: the same for Qwen2.5-VL (RMSNorm and gated-MLP vision
 blocks; window attention over 3 x 3 merge groups, which the 2 x 4 merged grid of the wide
@@ -39,7 +42,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from make_fixtures import ROOT, SNAPKV, decide, test_image
+from make_fixtures import ROOT, SNAPKV, WORDS_A, decide, test_image
 
 IMAGES = {"wide": (100, 60, 3), "large": (200, 120, 4), "small": (40, 40, 5)}
 
@@ -154,6 +157,64 @@ def spec_answer_nll(model, pixel_values, grid, prompt_ids, answer_ids, policy, b
         return nll
 
 
+# Qwen2-VL's published chat template (the image and video parts; `add_vision_id` off).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer():
+    """A word-level tokenizer over the tiny model's 64 ids with Qwen2-VL's special tokens
+    where the model's config puts them (image pad 60, video pad 61, vision start 62 and
+    end 63) and ChatML's (<|im_start|>, <|im_end|>); newlines and spaces are tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
+    special = ["<unk>", "<|endoftext|>", "<|im_end|>", "<|im_start|>"]
+    words = ["\n", " ", "system", "user", "assistant", "You", "helpful", ":"] + WORDS_A
+    vocab_list = special + words
+    vocab_list += [f"<unused{i}>" for i in range(60 - len(vocab_list))]
+    vocab_list += ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    vocab = {t: i for i, t in enumerate(vocab_list)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n| |\w+|[^\w\s]"), behavior="isolated")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
+                            ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<|image_pad|>", "<|video_pad|>",
+                             "<|vision_start|>", "<|vision_end|>"]])
+    return tok
+
+
+def build_prompt(out):
+    """tokenizer.json, the chat template, and what transformers makes of one question about
+    the wide picture (expected_prompt.json: the rendered text and ids): the tokenizer's
+    `apply_chat_template`, then the image pad expanded to the image's tokens as
+    `Qwen2VLProcessor.__call__` does (the processor itself wants torchvision for its video
+    part, which this script avoids), then the tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=make_tokenizer(), unk_token="<unk>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    tok.save_pretrained(out)
+    images = os.path.join(ROOT, "qwen2-vl-images")
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(images)
+    question = "what is the colour of the circle ?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    grid = image_processor(images=Image.open(os.path.join(images, "wide.png")), return_tensors="np")["image_grid_thw"][0]
+    tokens = int(np.prod(grid)) // image_processor.merge_size ** 2
+    expanded = text.replace("<|image_pad|>", "<|placeholder|>" * tokens, 1).replace("<|placeholder|>", "<|image_pad|>")
+    with open(os.path.join(out, "expected_prompt.json"), "w") as f:
+        json.dump({"question": question, "text": text, "input_ids": tok(expanded)["input_ids"], "image": "wide"}, f,
+                  indent=1)
+
+
 def build_model(name, config_class, model_class, vision, seed):
     images = os.path.join(ROOT, "qwen2-vl-images")
     out = os.path.join(ROOT, name)
@@ -171,6 +232,7 @@ def build_model(name, config_class, model_class, vision, seed):
     model = model_class(config).eval()
     randomise(model, seed)
     model.save_pretrained(out)
+    build_prompt(out)
     processor = Qwen2VLImageProcessorPil.from_pretrained(images)
     processor.save_pretrained(out)
     tensors = {}

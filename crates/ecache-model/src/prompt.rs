@@ -114,7 +114,8 @@ impl PromptTokenizer {
         self.encode(text, false)
     }
 
-    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+    /// The tokenizer's ids for `text`, with its special tokens added when `special`.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer
             .encode(text, special)

@@ -93,6 +93,49 @@ impl QwenVlConfig {
     }
 }
 
+/// The system message Qwen2-VL's chat template puts first when a conversation has none.
+pub const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
+
+/// The prompt Qwen2-VL's chat template renders for one user turn of `images` pictures
+/// followed by `question`, with the assistant's turn opened (ChatML; each picture one
+/// `<|vision_start|><|image_pad|><|vision_end|>`, expanded by [`encode_prompt`]).
+pub fn chat_prompt(question: &str, images: usize) -> String {
+    let pictures = "<|vision_start|><|image_pad|><|vision_end|>".repeat(images);
+    format!(
+        "<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n{pictures}{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+}
+
+/// Encodes a rendered prompt (no special tokens added: Qwen has no BOS) with its `i`-th
+/// `<|image_pad|>` repeated `image_tokens[i]` times, as transformers' processor expands
+/// it; a count of pads other than the images' is an error.
+pub fn encode_prompt(
+    tokenizer: &crate::PromptTokenizer,
+    text: &str,
+    image_token: u32,
+    image_tokens: &[usize],
+) -> Result<Vec<u32>> {
+    let ids = tokenizer.encode(text, false)?;
+    let pads = ids.iter().filter(|&&i| i == image_token).count();
+    if pads != image_tokens.len() {
+        return Err(ModelError::Prompt(format!(
+            "the prompt has {pads} image pad token(s) for {} image(s)",
+            image_tokens.len()
+        )));
+    }
+    let mut counts = image_tokens.iter();
+    let mut out = Vec::with_capacity(ids.len() + image_tokens.iter().sum::<usize>());
+    for id in ids {
+        if id == image_token {
+            let n = counts.next().copied().unwrap_or(1);
+            out.extend(std::iter::repeat_n(id, n));
+        } else {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
 /// Where multimodal RoPE places each token of a prompt, and the offset (`rope_deltas`) at
 /// which the tokens after it continue: text runs on from the last position on all three
 /// axes; each run of image tokens is one image of `grids` (in order, `(t, h, w)` in

@@ -262,3 +262,37 @@ fn policies_match_the_spec_implementation() {
         }
     }
 }
+
+/// The chat prompt: the text Qwen2-VL's template renders for one question about the wide
+/// picture, and its ids with the image pad expanded to the picture's tokens, as
+/// transformers produces them (`expected_prompt.json`); a prompt whose pads and images
+/// disagree is refused.
+#[test]
+fn chat_prompts_match_transformers() {
+    use ecache_model::PromptTokenizer;
+    use ecache_model::qwen::{chat_prompt, encode_prompt};
+
+    for name in CHECKPOINTS {
+        let q = Qwen::load(name);
+        let expected = json(&fixture(name).join("expected_prompt.json"));
+        let question = expected["question"].as_str().unwrap();
+        let text = chat_prompt(question, 1);
+        assert_eq!(text, expected["text"].as_str().unwrap(), "{name}");
+        let tokenizer = PromptTokenizer::load(&fixture(name), q.config.image_token_id).unwrap();
+        let pixels = q.pixels("wide");
+        let tokens = q.processor.image_tokens(pixels.grid);
+        let ids = encode_prompt(&tokenizer, &text, q.config.image_token_id, &[tokens]).unwrap();
+        let want: Vec<u32> = expected["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids, want, "{name}");
+        assert!(encode_prompt(&tokenizer, &text, q.config.image_token_id, &[]).is_err());
+        // The ids place as the decoder expects: one image, its grid.
+        let (positions, _) =
+            mrope_positions(&ids, q.config.image_token_id, &[pixels.grid], 2).unwrap();
+        assert_eq!(positions.len(), ids.len());
+    }
+}
