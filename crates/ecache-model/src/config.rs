@@ -230,12 +230,39 @@ impl LlavaConfig {
 
     /// Parses and validates the text of a `config.json`; `source` names it in errors.
     pub fn from_json(text: &str, source: &str) -> Result<Self> {
+        check_architecture(text, source)?;
         let hf: HfLlavaConfig =
             serde_json::from_str(text).map_err(|e| ModelError::Config(format!("{source}: {e}")))?;
         Self::try_from(hf).map_err(|e| match e {
             ModelError::Config(m) => ModelError::Config(format!("{source}: {m}")),
             other => other,
         })
+    }
+}
+
+/// The architectures the engine runs, by `config.json`'s `model_type`.
+pub const SUPPORTED_MODEL_TYPES: [&str; 1] = ["llava (LlavaForConditionalGeneration)"];
+
+/// Refuses a `config.json` whose `model_type` is not LLaVA's (absent: taken as LLaVA),
+/// naming the supported ones, instead of failing later on a field it lacks.
+fn check_architecture(text: &str, source: &str) -> Result<()> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ModelError::Config(format!("{source}: {e}")))?;
+    let model_type = value.get("model_type").and_then(|v| v.as_str());
+    match model_type {
+        None | Some("llava") => Ok(()),
+        Some(other) => {
+            let library = match other {
+                "qwen2_vl" | "qwen2_5_vl" => {
+                    "; Qwen2-VL and Qwen2.5-VL load as a library (ecache_model::qwen), no command runs them yet"
+                }
+                _ => "",
+            };
+            Err(ModelError::Config(format!(
+                "{source}: model_type {other:?} is not supported; supported: {}{library}",
+                SUPPORTED_MODEL_TYPES.join(", ")
+            )))
+        }
     }
 }
 

@@ -204,3 +204,29 @@ fn a_tensor_of_an_unsupported_dtype_is_named() {
     let err = load_err(&dir);
     assert!(err.contains(name) && err.contains("I32"), "{err}");
 }
+
+/// A directory of another architecture is refused by its `model_type`, naming what is
+/// supported (not with a complaint about a field it happens to lack).
+#[test]
+fn an_unsupported_architecture_names_the_supported_ones() {
+    for (dir, needle) in [
+        ("tiny-qwen2-vl", "\"qwen2_vl\""),
+        ("tiny-qwen2.5-vl", "\"qwen2_5_vl\""),
+    ] {
+        let err = Llava::<B>::load(&fixture(dir), &Default::default(), DType::F32)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(needle) && err.contains("supported: llava"),
+            "{dir}: {err}"
+        );
+    }
+    let other = ecache_model::LlavaConfig::from_json(r#"{"model_type": "gemma3"}"#, "x.json")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        other.contains("\"gemma3\"") && !other.contains("Qwen"),
+        "{other}"
+    );
+}
