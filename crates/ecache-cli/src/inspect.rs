@@ -83,6 +83,26 @@ pub struct Inspection {
     pub pictures: Vec<String>,
 }
 
+impl Inspection {
+    /// Layer `layer`'s image slots kept, merged and removed, after the prefill and at the
+    /// end.
+    pub fn image_counts(&self, layer: usize) -> [[usize; 3]; 2] {
+        let count = |fates: &[Fate]| {
+            let mut n = [0; 3];
+            for (p, f) in fates.iter().enumerate() {
+                if self.kinds.get(p) == Some(&SlotKind::Image) {
+                    n[*f as usize] += 1;
+                }
+            }
+            n
+        };
+        [
+            count(&self.after_prefill[layer]),
+            count(&self.at_end[layer]),
+        ]
+    }
+}
+
 /// Pixel geometry of a layer's picture: two panels (after the prefill, at the end) side by
 /// side, each the scaled picture with a strip of text slots under it.
 #[derive(Debug, Clone, Copy)]
@@ -387,13 +407,6 @@ fn html(request: &InspectRequest, inspection: &Inspection) -> String {
             .replace('<', "&lt;")
             .replace('>', "&gt;")
     };
-    let count = |fates: &[Fate], f: Fate| {
-        fates
-            .iter()
-            .enumerate()
-            .filter(|(p, x)| **x == f && inspection.kinds.get(*p) == Some(&SlotKind::Image))
-            .count()
-    };
     let swatch = |f: Fate| {
         let Rgb([r, g, b]) = f.colour();
         format!("<span style=\"background:rgb({r},{g},{b});padding:0 0.8em\"></span>")
@@ -413,15 +426,9 @@ fn html(request: &InspectRequest, inspection: &Inspection) -> String {
         swatch(Fate::Removed),
     );
     for (layer, name) in inspection.pictures.iter().enumerate() {
-        let (p, e) = (&inspection.after_prefill[layer], &inspection.at_end[layer]);
+        let [[pk, pm, pr], [ek, em, er]] = inspection.image_counts(layer);
         body += &format!(
-            "<h2>Layer {layer}</h2>\n<p>image slots after the prefill: {} kept, {} merged, {} removed; at the end: {} kept, {} merged, {} removed</p>\n<img src=\"{name}\" alt=\"layer {layer}\">\n",
-            count(p, Fate::Kept),
-            count(p, Fate::Merged),
-            count(p, Fate::Removed),
-            count(e, Fate::Kept),
-            count(e, Fate::Merged),
-            count(e, Fate::Removed),
+            "<h2>Layer {layer}</h2>\n<p>image slots after the prefill: {pk} kept, {pm} merged, {pr} removed; at the end: {ek} kept, {em} merged, {er} removed</p>\n<img src=\"{name}\" alt=\"layer {layer}\">\n",
         );
     }
     format!(
@@ -501,29 +508,34 @@ pub fn command(args: InspectArgs) -> Result<()> {
     };
     let inspection = run(request, config.model.backend)?;
     println!("answer: {}", inspection.answer);
-    for (layer, (p, e)) in inspection
-        .after_prefill
-        .iter()
-        .zip(&inspection.at_end)
-        .enumerate()
-    {
-        let image = |fates: &[Fate], f: Fate| {
-            fates
-                .iter()
-                .enumerate()
-                .filter(|(pos, x)| **x == f && inspection.kinds.get(*pos) == Some(&SlotKind::Image))
-                .count()
-        };
+    for layer in 0..inspection.pictures.len() {
+        let [[pk, pm, pr], [ek, em, er]] = inspection.image_counts(layer);
         println!(
-            "layer {layer:>2}: image slots kept/merged/removed after prefill {}/{}/{}, at the end {}/{}/{}",
-            image(p, Fate::Kept),
-            image(p, Fate::Merged),
-            image(p, Fate::Removed),
-            image(e, Fate::Kept),
-            image(e, Fate::Merged),
-            image(e, Fate::Removed),
+            "layer {layer:>2}: image slots kept/merged/removed after prefill {pk}/{pm}/{pr}, at the end {ek}/{em}/{er}"
         );
     }
     println!("wrote {}", args.out.join("index.html").display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only image slots are counted, each by its fate, after the prefill and at the end.
+    #[test]
+    fn image_counts_count_image_slots_by_fate() {
+        use Fate::{Kept as K, Merged as M, Removed as R};
+        let (t, i) = (SlotKind::Text, SlotKind::Image);
+        let inspection = Inspection {
+            answer: String::new(),
+            tokens: vec![],
+            kinds: vec![t, i, i, i, i, t],
+            after_prefill: vec![vec![K, K, M, M, R, R]],
+            at_end: vec![vec![K, R, M, R, R, K, K]],
+            grid: 2,
+            pictures: vec![],
+        };
+        assert_eq!(inspection.image_counts(0), [[1, 2, 1], [0, 1, 3]]);
+    }
 }
