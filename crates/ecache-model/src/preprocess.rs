@@ -78,11 +78,7 @@ pub struct ImageProcessor {
 impl ImageProcessor {
     /// Reads `dir/preprocessor_config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join("preprocessor_config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        let config: HfImageProcessorConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
-        Self::new(config).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))
+        load_config(dir, Self::new)
     }
 
     fn new(config: HfImageProcessorConfig) -> std::result::Result<Self, String> {
@@ -228,6 +224,19 @@ impl ImageProcessor {
         }
         Ok((out, [3, h, w]))
     }
+}
+
+/// Reads `dir/preprocessor_config.json` as `T` and builds the processor from it with
+/// `build`; a missing file, bad JSON or a refused value is an error naming the file.
+pub(crate) fn load_config<T: serde::de::DeserializeOwned, P>(
+    dir: &Path,
+    build: impl FnOnce(T) -> std::result::Result<P, String>,
+) -> Result<P> {
+    let path = dir.join("preprocessor_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let config: T = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
+    build(config).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))
 }
 
 /// What an image may cost to decode: its header is checked before any pixel is decoded,

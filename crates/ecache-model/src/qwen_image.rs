@@ -97,11 +97,7 @@ impl QwenPixels {
 impl QwenImageProcessor {
     /// Reads `dir/preprocessor_config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join("preprocessor_config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        let config: HfQwenImageConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
-        Self::new(config).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))
+        crate::preprocess::load_config(dir, Self::new)
     }
 
     fn new(c: HfQwenImageConfig) -> std::result::Result<Self, String> {
