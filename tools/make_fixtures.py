@@ -177,7 +177,11 @@ def decide(policy, budget, phase, keys_len, scores, n, prompt_len, sinks=1, tail
     raise ValueError(policy)
 
 
-def spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, policy, budget):
+def spec_teacher_forced(model, prompt, answer_ids, rotary, policy, budget):
+    """The answer's NLL, teacher-forced, with the policy's `decide` applied after every
+    layer of every step, written out over the model's own modules (LLaMA and Qwen2 alike).
+    `prompt` is the embedded prompt `[1, T, hidden]`; `rotary(x, lo, hi)` gives the cos and
+    sin of tokens `lo..hi`."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     lm = model.model.language_model
@@ -185,21 +189,13 @@ def spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, po
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = cfg.hidden_size // heads if getattr(cfg, "head_dim", None) is None else cfg.head_dim
     with torch.no_grad():
-        feats = model.model.get_image_features(
-            pixel_values, vision_feature_layer=feature_layer, vision_feature_select_strategy="default"
-        ).pooler_output[0]
-        image_id = model.config.image_token_index
-        at = expanded.index(image_id)
-        n_img = feats.shape[0]
-        emb = lm.embed_tokens
-        prompt = torch.cat([emb(torch.tensor(expanded[:at])), feats, emb(torch.tensor(expanded[at + n_img:]))])[None]
         layers = lm.layers
         cache = [{"k": None, "v": None, "score": None} for _ in layers]
         prompt_len = prompt.shape[1]
 
-        def forward(x, positions, phase, n_after):
-            cos, sin = lm.rotary_emb(x, torch.tensor([positions]))
+        def forward(x, lo, phase, n_after):
             t = x.shape[1]
+            cos, sin = rotary(x, lo, lo + t)
             for li, layer in enumerate(layers):
                 c = cache[li]
                 h = layer.input_layernorm(x)
@@ -226,7 +222,7 @@ def spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, po
                 out = (probs @ vv).transpose(1, 2).reshape(1, t, heads * hd)
                 x = x + a.o_proj(out)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
-                scores = c["score"].tolist() if c["score"] is not None else [0.0] * s
+                scores = c["score"].tolist()
                 rows = probs.mean(1)[0].tolist() if phase == "prefill" else None
                 keep, merges = decide(policy, budget, phase, s, scores, n_after, prompt_len, rows=rows)
                 newk, newv, news = [], [], []
@@ -239,14 +235,33 @@ def spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, po
                 c["score"] = torch.tensor(news)
             return model.lm_head(lm.norm(x))[0, -1]
 
-        row = forward(prompt, list(range(prompt_len)), "prefill", prompt_len)
+        row = forward(prompt, 0, "prefill", prompt_len)
         nll = []
         for i, a in enumerate(answer_ids):
             nll.append(-float(torch.log_softmax(row.double(), -1)[a]))
             if i + 1 < len(answer_ids):
                 n = prompt_len + i
-                row = forward(emb(torch.tensor([[a]])), [n], "decode", n + 1)
+                row = forward(lm.embed_tokens(torch.tensor([[a]])), n, "decode", n + 1)
         return nll
+
+
+def spec_answer_nll(model, pixel_values, expanded, answer_ids, feature_layer, policy, budget):
+    """LLaVA: the image's features in place of its tokens, RoPE at the token index."""
+    lm = model.model.language_model
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            pixel_values, vision_feature_layer=feature_layer, vision_feature_select_strategy="default"
+        ).pooler_output[0]
+        image_id = model.config.image_token_index
+        at = expanded.index(image_id)
+        n_img = feats.shape[0]
+        emb = lm.embed_tokens
+        prompt = torch.cat([emb(torch.tensor(expanded[:at])), feats, emb(torch.tensor(expanded[at + n_img:]))])[None]
+
+    def rotary(x, lo, hi):
+        return lm.rotary_emb(x, torch.tensor([list(range(lo, hi))]))
+
+    return spec_teacher_forced(model, prompt, answer_ids, rotary, policy, budget)
 
 
 def build(name, words, vision, text, feature_layer, image_px, image_wh, seed, legacy):

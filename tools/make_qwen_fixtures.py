@@ -42,7 +42,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from make_fixtures import ROOT, SNAPKV, WORDS_A, decide, test_image
+from make_fixtures import ROOT, SNAPKV, WORDS_A, spec_teacher_forced, test_image
 
 IMAGES = {"wide": (100, 60, 3), "large": (200, 120, 4), "small": (40, 40, 5)}
 
@@ -83,78 +83,23 @@ def randomise(model, seed):
 
 
 def spec_answer_nll(model, pixel_values, grid, prompt_ids, answer_ids, policy, budget):
-    """The answer's NLL under a policy, teacher-forced, by the straightforward spec
-    implementation of make_fixtures.py (`decide`) run over this model's own modules: the
-    prompt with the image's features in place of its pad tokens, every token rotated at
-    transformers' multimodal positions for the whole sequence (`get_rope_index`)."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
-
+    """make_fixtures.py's spec implementation on a Qwen model: the prompt with the image's
+    features in place of its pad tokens, every token rotated at transformers' multimodal
+    positions for the whole sequence (`get_rope_index`)."""
     lm = model.model.language_model
-    cfg = lm.config
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = cfg.hidden_size // heads
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values, grid).pooler_output
         if isinstance(feats, (list, tuple)):
             feats = torch.cat(list(feats), 0)
         ids = torch.tensor([prompt_ids + answer_ids])
         positions, _ = model.model.get_rope_index(ids, (ids == 60).long(), grid)
-        emb = lm.embed_tokens(torch.tensor(prompt_ids)).clone()
-        emb[torch.tensor(prompt_ids) == 60] = feats
-        layers = lm.layers
-        cache = [{"k": None, "v": None, "score": None} for _ in layers]
-        prompt_len = len(prompt_ids)
+        prompt = lm.embed_tokens(torch.tensor(prompt_ids)).clone()
+        prompt[torch.tensor(prompt_ids) == 60] = feats
 
-        def forward(x, at, phase, n_after):
-            cos, sin = lm.rotary_emb(x, positions[:, :, at])
-            t = x.shape[1]
-            for li, layer in enumerate(layers):
-                c = cache[li]
-                h = layer.input_layernorm(x)
-                a = layer.self_attn
-                q = a.q_proj(h).view(1, t, heads, hd).transpose(1, 2)
-                k = a.k_proj(h).view(1, t, kv_heads, hd).transpose(1, 2)
-                v = a.v_proj(h).view(1, t, kv_heads, hd).transpose(1, 2)
-                q, k = apply_rotary_pos_emb(q, k, cos, sin)
-                c["k"] = k if c["k"] is None else torch.cat([c["k"], k], 2)
-                c["v"] = v if c["v"] is None else torch.cat([c["v"], v], 2)
-                rep = heads // kv_heads
-                kk = c["k"].repeat_interleave(rep, 1)
-                vv = c["v"].repeat_interleave(rep, 1)
-                s = kk.shape[2]
-                logits = (q @ kk.transpose(2, 3)) * hd ** -0.5
-                first = s - t
-                mask = torch.tensor([[j > first + i for j in range(s)] for i in range(t)])
-                probs = torch.softmax(logits.masked_fill(mask, float("-inf")), -1)
-                col = probs.mean(1)[0].sum(0)
-                old = c["score"] if c["score"] is not None else torch.zeros(0)
-                c["score"] = torch.cat([old, torch.zeros(s - old.shape[0])])
-                if policy in ("h2o", "elastic") and (phase == "prefill" or policy == "h2o"):
-                    c["score"] = c["score"] + col
-                out = (probs @ vv).transpose(1, 2).reshape(1, t, heads * hd)
-                x = x + a.o_proj(out)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-                scores = c["score"].tolist()
-                rows = probs.mean(1)[0].tolist() if phase == "prefill" else None
-                keep, merges = decide(policy, budget, phase, s, scores, n_after, prompt_len, rows=rows)
-                newk, newv, news = [], [], []
-                for i in keep:
-                    members = [i] + merges.get(i, [])
-                    newk.append(c["k"][:, :, members].mean(2))
-                    newv.append(c["v"][:, :, members].mean(2))
-                    news.append(sum(scores[m] for m in members))
-                c["k"], c["v"] = torch.stack(newk, 2), torch.stack(newv, 2)
-                c["score"] = torch.tensor(news)
-            return model.lm_head(lm.norm(x))[0, -1]
+    def rotary(x, lo, hi):
+        return lm.rotary_emb(x, positions[:, :, lo:hi])
 
-        row = forward(emb[None], slice(0, prompt_len), "prefill", prompt_len)
-        nll = []
-        for i, a in enumerate(answer_ids):
-            nll.append(-float(torch.log_softmax(row.double(), -1)[a]))
-            if i + 1 < len(answer_ids):
-                n = prompt_len + i
-                row = forward(lm.embed_tokens(torch.tensor([[a]])), slice(n, n + 1), "decode", n + 1)
-        return nll
+    return spec_teacher_forced(model, prompt[None], answer_ids, rotary, policy, budget)
 
 
 # Qwen2-VL's published chat template (the image and video parts; `add_vision_id` off).
