@@ -25,16 +25,24 @@ struct HfSize {
 /// `preprocessor_config.json` of a CLIP image processor, with transformers' defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfImageProcessorConfig {
-    #[serde(default = "yes")]
-    do_resize: bool,
+    #[serde(flatten)]
+    pixels: HfPixelConfig,
     #[serde(default)]
     size: Option<HfSize>,
-    #[serde(default = "bicubic")]
-    resample: u32,
     #[serde(default = "yes")]
     do_center_crop: bool,
     #[serde(default)]
     crop_size: Option<HfSize>,
+}
+
+/// The keys every image processor config has (CLIP's and Qwen2-VL's alike): whether and
+/// with which filter to resize, and what becomes of each pixel value.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct HfPixelConfig {
+    #[serde(default = "yes")]
+    do_resize: bool,
+    #[serde(default = "bicubic")]
+    resample: u32,
     #[serde(default = "yes")]
     do_rescale: bool,
     #[serde(default = "inv255")]
@@ -47,27 +55,82 @@ pub struct HfImageProcessorConfig {
     image_std: Vec<f32>,
 }
 
-pub(crate) fn yes() -> bool {
+/// [`HfPixelConfig`] validated.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PixelSteps {
+    pub resize: bool,
+    pub filter: Filter,
+    /// `rescale_factor`, or 1 when `do_rescale` is off.
+    scale: f32,
+    normalise: bool,
+    /// The mean colour (also what pad-to-square fills with).
+    pub mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl HfPixelConfig {
+    /// Checks the filter, the mean and the std; errors name the key.
+    pub(crate) fn validate(&self) -> std::result::Result<PixelSteps, String> {
+        let filter = Filter::from_pil(self.resample)
+            .ok_or_else(|| format!("resample = {} is not supported (0, 1, 2, 3)", self.resample))?;
+        let three = |v: &[f32]| <[f32; 3]>::try_from(v).ok();
+        let (Some(mean), Some(std)) = (three(&self.image_mean), three(&self.image_std)) else {
+            return Err(format!(
+                "image_mean and image_std need 3 values each (image_mean has {}, image_std {})",
+                self.image_mean.len(),
+                self.image_std.len()
+            ));
+        };
+        if std.iter().any(|s| *s <= 0.0) {
+            return Err(format!("image_std {std:?} must be positive"));
+        }
+        Ok(PixelSteps {
+            resize: self.do_resize,
+            filter,
+            scale: if self.do_rescale {
+                self.rescale_factor as f32
+            } else {
+                1.0
+            },
+            normalise: self.do_normalize,
+            mean,
+            std,
+        })
+    }
+}
+
+impl PixelSteps {
+    /// One channel's grey level rescaled and normalised.
+    pub(crate) fn value(&self, level: u8, channel: usize) -> f32 {
+        let v = level as f32 * self.scale;
+        if self.normalise {
+            (v - self.mean[channel]) / self.std[channel]
+        } else {
+            v
+        }
+    }
+}
+
+fn yes() -> bool {
     true
 }
-pub(crate) fn bicubic() -> u32 {
+fn bicubic() -> u32 {
     3
 }
-pub(crate) fn inv255() -> f64 {
+fn inv255() -> f64 {
     1.0 / 255.0
 }
-pub(crate) fn clip_mean() -> Vec<f32> {
+fn clip_mean() -> Vec<f32> {
     vec![0.481_454_66, 0.457_827_5, 0.408_210_73]
 }
-pub(crate) fn clip_std() -> Vec<f32> {
+fn clip_std() -> Vec<f32> {
     vec![0.268_629_54, 0.261_302_6, 0.275_777_1]
 }
 
 /// A validated image processor.
 #[derive(Debug, Clone)]
 pub struct ImageProcessor {
-    config: HfImageProcessorConfig,
-    filter: Filter,
+    steps: PixelSteps,
     shortest_edge: Option<u32>,
     resize_to: Option<(u32, u32)>,
     crop: Option<(u32, u32)>,
@@ -82,26 +145,12 @@ impl ImageProcessor {
     }
 
     fn new(config: HfImageProcessorConfig) -> std::result::Result<Self, String> {
-        let filter = match Filter::from_pil(config.resample) {
-            Some(f) => f,
-            None => {
-                return Err(format!(
-                    "resample = {} is not supported (0, 1, 2, 3)",
-                    config.resample
-                ));
-            }
-        };
-        if config.image_mean.len() != 3
-            || config.image_std.len() != 3
-            || config.image_std.iter().any(|s| *s <= 0.0)
-        {
-            return Err("image_mean and image_std need 3 values, std positive".into());
-        }
+        let steps = config.pixels.validate()?;
         let size = config.size.clone().unwrap_or_default();
         let (shortest_edge, resize_to) = match (size.shortest_edge, size.height, size.width) {
             (Some(s), _, _) if s > 0 => (Some(s), None),
             (_, Some(h), Some(w)) if h > 0 && w > 0 => (None, Some((w, h))),
-            _ if !config.do_resize => (None, None),
+            _ if !steps.resize => (None, None),
             _ => return Err("size needs shortest_edge or height and width".into()),
         };
         let crop = match (config.do_center_crop, config.crop_size.as_ref()) {
@@ -117,8 +166,7 @@ impl ImageProcessor {
             (true, _) => return Err("crop_size needs height and width".into()),
         };
         Ok(Self {
-            config,
-            filter,
+            steps,
             shortest_edge,
             resize_to,
             crop,
@@ -139,7 +187,7 @@ impl ImageProcessor {
     }
 
     fn resized(&self, w: u32, h: u32) -> (u32, u32) {
-        if !self.config.do_resize {
+        if !self.steps.resize {
             return (w, h);
         }
         if let Some(s) = self.shortest_edge {
@@ -163,11 +211,11 @@ impl ImageProcessor {
         }
         let mut rgb: RgbImage = image.to_rgb8();
         if self.pad_to_square {
-            rgb = expand_to_square(&rgb, &self.config.image_mean);
+            rgb = expand_to_square(&rgb, &self.steps.mean);
         }
         let (w, h) = self.resized(rgb.width(), rgb.height());
         if (w, h) != rgb.dimensions() {
-            rgb = resample::resize(&rgb, w, h, self.filter);
+            rgb = resample::resize(&rgb, w, h, self.steps.filter);
         }
         if let Some((cw, ch)) = self.crop {
             rgb = center_crop(&rgb, cw, ch);
@@ -207,19 +255,10 @@ impl ImageProcessor {
     pub fn process(&self, image: &DynamicImage) -> Result<(Vec<f32>, [usize; 3])> {
         let rgb = self.picture(image)?;
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-        let scale = if self.config.do_rescale {
-            self.config.rescale_factor as f32
-        } else {
-            1.0
-        };
         let mut out = vec![0.0f32; 3 * h * w];
         for (x, y, pixel) in rgb.enumerate_pixels() {
             for c in 0..3 {
-                let mut v = pixel.0[c] as f32 * scale;
-                if self.config.do_normalize {
-                    v = (v - self.config.image_mean[c]) / self.config.image_std[c];
-                }
-                out[(c * h + y as usize) * w + x as usize] = v;
+                out[(c * h + y as usize) * w + x as usize] = self.steps.value(pixel.0[c], c);
             }
         }
         Ok((out, [3, h, w]))

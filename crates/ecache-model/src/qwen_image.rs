@@ -12,8 +12,8 @@ use image::DynamicImage;
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
-use crate::preprocess::{bicubic, clip_mean, clip_std, inv255, yes};
-use crate::resample::{self, Filter};
+use crate::preprocess::{HfPixelConfig, PixelSteps};
+use crate::resample;
 
 /// `size` of a Qwen2-VL `preprocessor_config.json` (transformers 5 writes the pixel bounds
 /// here).
@@ -28,20 +28,8 @@ struct HfPixelBounds {
 /// `size` as in transformers.
 #[derive(Debug, Clone, Deserialize)]
 struct HfQwenImageConfig {
-    #[serde(default = "yes")]
-    do_resize: bool,
-    #[serde(default = "bicubic")]
-    resample: u32,
-    #[serde(default = "yes")]
-    do_rescale: bool,
-    #[serde(default = "inv255")]
-    rescale_factor: f64,
-    #[serde(default = "yes")]
-    do_normalize: bool,
-    #[serde(default = "clip_mean")]
-    image_mean: Vec<f32>,
-    #[serde(default = "clip_std")]
-    image_std: Vec<f32>,
+    #[serde(flatten)]
+    pixels: HfPixelConfig,
     #[serde(default = "fourteen")]
     patch_size: usize,
     #[serde(default = "two")]
@@ -64,10 +52,7 @@ fn two() -> usize {
 /// A validated Qwen2-VL image processor.
 #[derive(Debug, Clone)]
 pub struct QwenImageProcessor {
-    resize: bool,
-    filter: Filter,
-    rescale: Option<f32>,
-    normalise: Option<([f32; 3], [f32; 3])>,
+    steps: PixelSteps,
     patch_size: usize,
     temporal_patch_size: usize,
     merge_size: usize,
@@ -101,21 +86,9 @@ impl QwenImageProcessor {
     }
 
     fn new(c: HfQwenImageConfig) -> std::result::Result<Self, String> {
-        let filter = Filter::from_pil(c.resample)
-            .ok_or_else(|| format!("resample = {} is not supported (0, 1, 2, 3)", c.resample))?;
+        let steps = c.pixels.validate()?;
         if c.patch_size == 0 || c.temporal_patch_size == 0 || c.merge_size == 0 {
             return Err("patch_size, temporal_patch_size and merge_size must be at least 1".into());
-        }
-        let three = |v: &[f32], name: &str| -> std::result::Result<[f32; 3], String> {
-            v.try_into()
-                .map_err(|_| format!("{name} needs 3 values, got {}", v.len()))
-        };
-        let (mean, std) = (
-            three(&c.image_mean, "image_mean")?,
-            three(&c.image_std, "image_std")?,
-        );
-        if std.iter().any(|s| *s <= 0.0) {
-            return Err("image_std must be positive".into());
         }
         let min_pixels = c.min_pixels.or(c.size.shortest_edge).unwrap_or(56 * 56);
         let max_pixels = c
@@ -128,10 +101,7 @@ impl QwenImageProcessor {
             ));
         }
         Ok(Self {
-            resize: c.do_resize,
-            filter,
-            rescale: c.do_rescale.then_some(c.rescale_factor as f32),
-            normalise: c.do_normalize.then_some((mean, std)),
+            steps,
             patch_size: c.patch_size,
             temporal_patch_size: c.temporal_patch_size,
             merge_size: c.merge_size,
@@ -179,7 +149,7 @@ impl QwenImageProcessor {
     pub fn process(&self, image: &DynamicImage) -> Result<QwenPixels> {
         let rgb = image.to_rgb8();
         let (w0, h0) = rgb.dimensions();
-        let (h, w) = if self.resize {
+        let (h, w) = if self.steps.resize {
             self.smart_resize(h0, w0)?
         } else {
             (h0, w0)
@@ -190,20 +160,11 @@ impl QwenImageProcessor {
                 "a {w} x {h} picture does not divide into {f}-pixel merge groups (do_resize is off)"
             )));
         }
-        let rgb = resample::resize(&rgb, w, h, self.filter);
+        let rgb = resample::resize(&rgb, w, h, self.steps.filter);
         let (p, t, m) = (self.patch_size, self.temporal_patch_size, self.merge_size);
         let (gh, gw) = (h as usize / p, w as usize / p);
         let row_len = 3 * t * p * p;
-        let value = |x: u32, y: u32, c: usize| {
-            let mut v = rgb.get_pixel(x, y).0[c] as f32;
-            if let Some(s) = self.rescale {
-                v *= s;
-            }
-            if let Some((mean, std)) = &self.normalise {
-                v = (v - mean[c]) / std[c];
-            }
-            v
-        };
+        let value = |x: u32, y: u32, c: usize| self.steps.value(rgb.get_pixel(x, y).0[c], c);
         let mut patches = Vec::with_capacity(gh * gw * row_len);
         // Patch order: merge groups row by row, and within a group its m x m patches row by
         // row; within a patch: channel, frame, pixel row, pixel column.
