@@ -504,7 +504,7 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     let policy = builtin_registry()?.build(&config.policy)?;
     // A policy without a target (the full cache) keeps everything: budget 1 in every
     // line printed, whatever budget the defaults or the config carried.
-    if policy.target(ecache_core::TargetAt::single(1, 1)).is_none() {
+    if policy.keeps_everything() {
         config.policy.budget = 1.0;
     }
     let request = ecache_cli::generate::GenerateRequest {

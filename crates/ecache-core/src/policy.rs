@@ -150,6 +150,12 @@ pub trait CachePolicy: Send + Sync {
     /// policy's promise with it.
     fn target(&self, at: TargetAt) -> Option<usize>;
 
+    /// Whether the policy never removes a slot (no target): its effective budget is 1
+    /// whatever its config says.
+    fn keeps_everything(&self) -> bool {
+        self.target(TargetAt::single(1, 1)).is_none()
+    }
+
     /// How many of the [`LayerView::prefill_rows`] the prefill decision of layer
     /// `at.layer` reads (at most [`Needs::prefill_rows`]): `ecache trace` refuses input
     /// with fewer.

@@ -164,10 +164,7 @@ impl Checker<'_> {
             .map_err(|e| SubmitError::invalid(e.to_string(), "policy"))?;
         // A policy without a target keeps every slot: its budget is 1, whatever the
         // config said (the full cache under a config written for elastic at 0.2).
-        if policy
-            .target(ecache_core::TargetAt::single(prompt_tokens, prompt_tokens))
-            .is_none()
-        {
+        if policy.keeps_everything() {
             policy_config.budget = 1.0;
         }
         let layer_slots = reserved_slots(

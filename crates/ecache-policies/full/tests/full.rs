@@ -7,8 +7,8 @@ proptest! {
     fn full_never_removes(t in 1usize..200, steps in 0usize..50, b in 0.05f64..=1.0) {
         let policy = ecache_policy_full::build(&PolicyConfig::new("full", b)).unwrap();
         prop_assert!(!policy.needs().tracks_scores());
-        let scores = LayerScores { prefill_scores: vec![1.0; t], decode_scores: vec![], ..Default::default()
- };
+        prop_assert!(policy.keeps_everything());
+        let scores = LayerScores { prefill_scores: vec![1.0; t], ..Default::default() };
         let tr = trace_layer(policy.as_ref(), t, steps, &scores).unwrap();
         prop_assert_eq!(&tr.after_prefill, &(0..t).collect::<Vec<_>>());
         for (k, kept) in tr.after_step.iter().enumerate() {

@@ -23,6 +23,9 @@ fn prefill_keeps_sinks_and_the_most_recent() {
     let tr = run(0.5, 1, 10, 0);
     assert_eq!(tr.after_prefill, vec![0, 6, 7, 8, 9]);
     assert!(tr.merged_into.is_empty());
+    // A budget keeps fewer than all, even at 1 (it has a target): not the full cache.
+    assert!(!build(0.5, 1).keeps_everything());
+    assert!(!build(1.0, 1).keeps_everything());
 }
 
 #[test]
