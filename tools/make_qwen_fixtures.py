@@ -160,6 +160,48 @@ def build_prompt(out):
                   indent=1)
 
 
+# Conversations for the chat template (OpenAI-style parts; an image part stands for a
+# picture): a system turn, a picture between texts, an assistant answer, a follow-up; a
+# text-only question; a picture after the question.
+CHATS = [
+    [{"role": "system", "content": [{"type": "text", "text": "describe the picture ."}]},
+     {"role": "user", "content": [{"type": "text", "text": "in this image :"}, {"type": "image"},
+                                  {"type": "text", "text": "what is the colour of the circle ?"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "red ."}]},
+     {"role": "user", "content": [{"type": "text", "text": "and the square ?"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "what is a circle ?"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "describe"}, {"type": "image"}]}],
+]
+SCORED = {"question": "what is the colour of the circle ?", "answer": "there are two red circle and a blue square ."}
+
+
+def build_chat(out, model, processor, images):
+    """expected_chat.json: how the chat template renders CHATS, and the NLL of each token
+    of SCORED's answer after the chat prompt with the wide picture, by transformers with the
+    whole cache: the engine's score task must reproduce it from the question text, the
+    picture's PNG and the answer text."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    chats = [{"messages": m, "text": tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)}
+             for m in CHATS]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SCORED["question"]}]}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    batch = processor(images=Image.open(os.path.join(images, "wide.png")), return_tensors="pt")
+    tokens = int(batch["image_grid_thw"][0].prod()) // processor.merge_size ** 2
+    prompt = tok(text.replace("<|image_pad|>", "<|image_pad|>" * tokens), add_special_tokens=False)["input_ids"]
+    answer = tok(SCORED["answer"], add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in answer
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                       mm_token_type_ids=(ids == 60).long()).logits[0].double().log_softmax(-1)
+    nll = [-float(logits[len(prompt) - 1 + i, a]) for i, a in enumerate(answer)]
+    with open(os.path.join(out, "expected_chat.json"), "w") as f:
+        json.dump({"chats": chats, "scored": dict(SCORED, image="wide", prompt_ids=prompt, answer_ids=answer,
+                                                  nll=nll)}, f, indent=1)
+
+
 def build_model(name, config_class, model_class, vision, seed):
     images = os.path.join(ROOT, "qwen2-vl-images")
     out = os.path.join(ROOT, name)
@@ -215,6 +257,7 @@ def build_model(name, config_class, model_class, vision, seed):
                                                 prompt, answer, p, 0.5)))
             for p in ("local", "h2o", "elastic", "snapkv")
         }
+    build_chat(out, model, processor, images)
     save_file(tensors, os.path.join(out, "expected.safetensors"))
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump({"prompt_ids": prompt, "continuation_ids": continuation, "image": "wide",

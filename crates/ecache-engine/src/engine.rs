@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ecache_core::{BackendKind, PolicyConfig, Precision, Registry};
 use ecache_model::preprocess::ImageLimits;
-use ecache_model::{ImageProcessor, LlavaConfig, PromptTokenizer};
+use ecache_model::{Architecture, Frontend, FrontendOptions};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::admission::KvLayout;
@@ -69,8 +69,11 @@ pub struct ModelInfo {
     pub id: String,
     /// `max_position_embeddings`: prompt and new tokens together.
     pub context: usize,
-    /// Slots an image takes.
-    pub image_tokens: usize,
+    /// Which architecture the model is.
+    pub architecture: Architecture,
+    /// Slots every image takes when that is fixed (LLaVA); `None` when it follows each
+    /// picture's size (Qwen2-VL).
+    pub image_tokens: Option<usize>,
     pub eos: Vec<u32>,
     pub vocab: usize,
     pub layout: KvLayout,
@@ -142,8 +145,7 @@ pub(crate) struct Counters {
 
 /// What the handle and the scheduler thread share.
 pub(crate) struct Shared {
-    pub tokenizer: PromptTokenizer,
-    pub processor: ImageProcessor,
+    pub frontend: Box<dyn Frontend>,
     pub info: ModelInfo,
     pub registry: Registry,
     pub default_policy: PolicyConfig,
@@ -170,12 +172,10 @@ impl Engine {
         let dir = config.model_dir.clone();
         let load =
             |e: &dyn std::fmt::Display| EngineError::Load(format!("model {}: {e}", dir.display()));
-        let model_config =
-            LlavaConfig::from_path(&dir.join("config.json")).map_err(|e| load(&e))?;
-        let tokenizer =
-            PromptTokenizer::load(&dir, model_config.image_token_id).map_err(|e| load(&e))?;
-        let mut processor = ImageProcessor::load(&dir).map_err(|e| load(&e))?;
-        processor.pad_to_square = config.pad_to_square;
+        let options = FrontendOptions {
+            pad_to_square: config.pad_to_square,
+        };
+        let frontend = ecache_model::load_frontend(&dir, options).map_err(|e| load(&e))?;
         let registry = match config.registry.clone() {
             Some(r) => r,
             None => crate::builtin_registry().map_err(|e| load(&e))?,
@@ -187,11 +187,13 @@ impl Engine {
             return Err(EngineError::Load("max_batch must be at least 1".into()));
         }
         let dtype = ecache_model::backend::dtype(config.dtype);
-        let text = &model_config.text;
+        let text = frontend.text();
+        let architecture = frontend.architecture();
         let info = ModelInfo {
             id: model_id(&dir),
+            architecture,
             context: text.max_positions,
-            image_tokens: model_config.image_tokens(),
+            image_tokens: frontend.image_tokens(),
             eos: text.eos_token_ids.clone(),
             vocab: text.vocab_size,
             layout: KvLayout {
@@ -207,8 +209,7 @@ impl Engine {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let shared = Arc::new(Shared {
-            tokenizer,
-            processor,
+            frontend,
             info,
             registry,
             default_policy: config.policy.clone(),
@@ -226,7 +227,6 @@ impl Engine {
             let shared = shared.clone();
             let settings = scheduler::Settings {
                 model_dir: dir.clone(),
-                model_config,
                 backend: config.backend,
                 dtype,
                 max_batch: config.max_batch,
@@ -282,8 +282,7 @@ impl Engine {
     fn checker(&self) -> Checker<'_> {
         let shared = &self.shared;
         Checker {
-            tokenizer: &shared.tokenizer,
-            processor: &shared.processor,
+            frontend: shared.frontend.as_ref(),
             info: &shared.info,
             registry: &shared.registry,
             default_policy: &shared.default_policy,

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use ecache_core::{CachePolicy, PolicyConfig, Registry};
 use ecache_model::preprocess::ImageLimits;
-use ecache_model::{ImageProcessor, PromptTokenizer, Role, Turn, chat_prompt, chat_template};
+use ecache_model::{Content, Frontend, Role, Turn};
 
 use crate::admission::{KvLayout, Waiting, reserved_slots};
 use crate::engine::ModelInfo;
@@ -16,8 +16,7 @@ use crate::request::{Event, ImageInput, Part, Prompt, Request, SubmitError, Task
 
 /// Preprocessed pixels of one image and a hash of them (the key of the feature cache).
 pub(crate) struct Pixels {
-    pub data: Vec<f32>,
-    pub dims: [usize; 3],
+    pub pixels: ecache_model::Pixels,
     pub key: u64,
 }
 
@@ -57,8 +56,7 @@ impl Waiting for Prepared {
 
 /// What checking a request needs.
 pub(crate) struct Checker<'a> {
-    pub tokenizer: &'a PromptTokenizer,
-    pub processor: &'a ImageProcessor,
+    pub frontend: &'a dyn Frontend,
     pub info: &'a ModelInfo,
     pub registry: &'a Registry,
     pub default_policy: &'a PolicyConfig,
@@ -67,13 +65,14 @@ pub(crate) struct Checker<'a> {
     pub cap: usize,
 }
 
-/// The prompt as the model sees it for [`Prompt::Text`]: the chat format around a bare
-/// question when an image is given, else the text as given.
-pub fn format_prompt(prompt: &str, with_image: bool) -> String {
-    if prompt.contains("<image>") || prompt.contains("USER:") || !with_image {
+/// The prompt as the model sees it for [`Prompt::Text`]: the text as given when it is
+/// already in the model's format, else the model's chat format around a bare question
+/// ([`Frontend::question`]: LLaVA leaves a question without an image as it is).
+pub fn format_prompt(frontend: &dyn Frontend, prompt: &str, with_image: bool) -> String {
+    if frontend.is_formatted(prompt) {
         prompt.to_string()
     } else {
-        chat_prompt(prompt)
+        frontend.question(prompt, usize::from(with_image))
     }
 }
 
@@ -103,18 +102,15 @@ impl Checker<'_> {
                 "top_p",
             ));
         }
-        let (text, image) = render(request.prompt, request.image)?;
-        let ids = self
-            .tokenizer
-            .encode_prompt(&text, image.is_some())
-            .map_err(|e| SubmitError::invalid(e.to_string(), "prompt"))?;
+        let (text, image) = render(self.frontend, request.prompt, request.image)?;
         let pixels = image.map(|i| self.pixels(&i)).transpose()?;
-        let image_tokens = if pixels.is_some() {
-            self.info.image_tokens
-        } else {
-            0
-        };
-        let prompt_tokens = self.tokenizer.sequence_len(&ids, image_tokens);
+        let images: Vec<&ecache_model::Pixels> = pixels.iter().map(|p| &p.pixels).collect();
+        let ids = self
+            .frontend
+            .encode_prompt(&text, &images)
+            .map_err(|e| SubmitError::invalid(e.to_string(), "prompt"))?;
+        let image_tokens = images.iter().map(|p| p.tokens).sum();
+        let prompt_tokens = ids.len();
         let context = self.info.context;
         let (score, max_new_tokens) = match request.task {
             Task::Generate if request.fit_context => (
@@ -126,7 +122,8 @@ impl Checker<'_> {
             Task::Generate => (None, request.max_new_tokens),
             Task::Score { answer } => {
                 let ids = self
-                    .tokenizer
+                    .frontend
+                    .tokenizer()
                     .encode_answer(&answer)
                     .map_err(|e| SubmitError::invalid(e.to_string(), "answer"))?;
                 if ids.is_empty() {
@@ -222,26 +219,27 @@ impl Checker<'_> {
     }
 
     fn pixels(&self, image: &ImageInput) -> Result<Pixels, SubmitError> {
-        let (data, dims) = match image {
-            ImageInput::Path(path) => self.processor.open(path),
-            ImageInput::Bytes { data, name } => self.processor.decode(data, name, self.limits),
+        let pixels = match image {
+            ImageInput::Path(path) => self.frontend.open(path),
+            ImageInput::Bytes { data, name } => self.frontend.decode(data, name, self.limits),
         }
         .map_err(|e| SubmitError::invalid(e.to_string(), "image"))?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        dims.hash(&mut h);
-        for v in &data {
+        pixels.shape.hash(&mut h);
+        pixels.grid.hash(&mut h);
+        for v in &pixels.data {
             v.to_bits().hash(&mut h);
         }
         Ok(Pixels {
-            data,
-            dims,
             key: h.finish(),
+            pixels,
         })
     }
 }
 
 /// The prompt text and its one image, if any.
 fn render(
+    frontend: &dyn Frontend,
     prompt: Prompt,
     image: Option<ImageInput>,
 ) -> Result<(String, Option<ImageInput>), SubmitError> {
@@ -250,7 +248,7 @@ fn render(
             if text.trim().is_empty() {
                 return Err(SubmitError::invalid("the prompt is empty", "prompt"));
             }
-            let text = format_prompt(&text, image.is_some());
+            let text = format_prompt(frontend, &text, image.is_some());
             Ok((text, image))
         }
         Prompt::Chat(messages) => {
@@ -268,25 +266,25 @@ fn render(
             }
             let mut images = Vec::new();
             let mut turns = Vec::with_capacity(messages.len());
+            let marker = frontend.image_marker();
             for (i, message) in messages.into_iter().enumerate() {
                 let mut turn = Turn {
                     role: message.role,
-                    images: 0,
-                    texts: Vec::new(),
+                    parts: Vec::new(),
                 };
                 for part in message.parts {
                     match part {
-                        Part::Text(t) if t.contains("<image>") => {
+                        Part::Text(t) if t.contains(marker) => {
                             return Err(SubmitError::invalid(
                                 format!(
-                                    "message {i} contains the text `<image>`, which this model reserves for the image; send the image as an image part"
+                                    "message {i} contains the text `{marker}`, which this model reserves for the image; send the image as an image part"
                                 ),
                                 "messages",
                             ));
                         }
-                        Part::Text(t) => turn.texts.push(t),
+                        Part::Text(t) => turn.parts.push(Content::Text(t)),
                         Part::Image(image) => {
-                            turn.images += 1;
+                            turn.parts.push(Content::Image);
                             images.push(image);
                         }
                     }
@@ -302,16 +300,13 @@ fn render(
                     "messages",
                 ));
             }
-            if turns
-                .iter()
-                .all(|t| t.texts.iter().all(|x| x.trim().is_empty()))
-            {
+            if turns.iter().all(|t| t.texts().all(|x| x.trim().is_empty())) {
                 return Err(SubmitError::invalid(
                     "the messages hold no text",
                     "messages",
                 ));
             }
-            Ok((chat_template(&turns), images.pop()))
+            Ok((frontend.chat(&turns), images.pop()))
         }
     }
 }

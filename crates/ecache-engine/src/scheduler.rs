@@ -9,10 +9,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
-use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
-use ecache_core::{BackendKind, SlotKind};
+use burn::tensor::{DType, Tensor, backend::Backend};
+use ecache_core::BackendKind;
 use ecache_model::generate::{SeededRng, nll, rows_of, sample};
-use ecache_model::{Llava, LlavaConfig, Runner, Sampling, Sequence, splice};
+use ecache_model::{Runner, Sampling, Sequence, VisionLanguageModel};
 
 use crate::admission::Admission;
 use crate::engine::Shared;
@@ -32,7 +32,6 @@ pub(crate) enum Msg {
 /// What the scheduler thread is started with.
 pub(crate) struct Settings {
     pub model_dir: PathBuf,
-    pub model_config: LlavaConfig,
     pub backend: BackendKind,
     pub dtype: DType,
     pub max_batch: usize,
@@ -56,8 +55,8 @@ pub(crate) fn run(
         type Output = ();
         fn run<B: ecache_model::kernels::KernelBackend>(self, device: &B::Device) {
             let s = &self.settings;
-            let model = match Llava::<B>::load(&s.model_dir, device, s.dtype) {
-                Ok((model, _)) => model,
+            let model = match ecache_model::load_model::<B>(&s.model_dir, device, s.dtype) {
+                Ok(model) => model,
                 Err(e) => {
                     let _ = self
                         .ready
@@ -66,7 +65,7 @@ pub(crate) fn run(
                 }
             };
             let _ = self.ready.send(Ok(()));
-            Scheduler::new(&model, &self.settings, device, self.shared).run(self.rx);
+            Scheduler::new(model.as_ref(), &self.settings, device, self.shared).run(self.rx);
         }
     }
     let backend = settings.backend;
@@ -100,14 +99,13 @@ struct Live<B: Backend> {
 
 /// Image features of recent pictures, by the hash of their pixels.
 struct FeatureCache<B: Backend> {
-    entries: VecDeque<(u64, Tensor<B, 3>)>,
+    entries: VecDeque<(u64, Tensor<B, 2>)>,
     capacity: usize,
 }
 
-struct Scheduler<'m, B: Backend> {
-    model: &'m Llava<B>,
+struct Scheduler<'m, B: ecache_model::kernels::KernelBackend> {
+    model: &'m dyn VisionLanguageModel<B>,
     runner: Runner<'m, B>,
-    config: &'m LlavaConfig,
     device: B::Device,
     dtype: DType,
     shared: Arc<Shared>,
@@ -119,16 +117,14 @@ struct Scheduler<'m, B: Backend> {
 
 impl<'m, B: ecache_model::kernels::KernelBackend> Scheduler<'m, B> {
     fn new(
-        model: &'m Llava<B>,
+        model: &'m dyn VisionLanguageModel<B>,
         settings: &'m Settings,
         device: &B::Device,
         shared: Arc<Shared>,
     ) -> Self {
-        let config = &settings.model_config;
         Self {
             model,
-            runner: Runner::new(&model.decoder, &config.text, device),
-            config,
+            runner: Runner::new(model.decoder(), model.text(), device),
             device: device.clone(),
             dtype: settings.dtype,
             admission: Admission::new(shared.cap, settings.max_batch),
@@ -252,16 +248,17 @@ impl<'m, B: ecache_model::kernels::KernelBackend> Scheduler<'m, B> {
     }
 
     fn prefill(&mut self, req: &Prepared) -> ecache_model::Result<(Sequence<B>, Vec<f32>)> {
-        let features = req.pixels.as_ref().map(|p| self.features(p));
-        let (embeds, kinds): (Tensor<B, 3>, Vec<SlotKind>) = splice(
-            self.model,
+        let image = req.pixels.as_ref();
+        let features = image.map(|p| self.features(p)).transpose()?;
+        let grids: Vec<[usize; 3]> = image.map(|p| p.pixels.grid).into_iter().collect();
+        let prompt = self.model.prompt(
             &req.ids,
-            self.config.image_token_id,
-            features,
+            features.into_iter().collect(),
+            &grids,
             &self.device,
-        );
+        )?;
         let mut seq = Sequence::new(
-            &self.config.text,
+            self.model.text(),
             req.policy.as_ref(),
             req.policy_config.positions,
             &self.device,
@@ -270,33 +267,30 @@ impl<'m, B: ecache_model::kernels::KernelBackend> Scheduler<'m, B> {
         seq.set_capacity_after_prefill(req.layer_slots.clone());
         let logits = self
             .runner
-            .prefill_last(&mut seq, req.policy.as_ref(), embeds, &kinds)?;
+            .prefill_prompt_last(&mut seq, req.policy.as_ref(), prompt)?;
         let row = rows_of(logits)?.remove(0);
         Ok((seq, row))
     }
 
     /// The image's features, from the cache when the same pixels were seen recently.
-    fn features(&mut self, pixels: &Pixels) -> Tensor<B, 3> {
+    fn features(&mut self, pixels: &Pixels) -> ecache_model::Result<Tensor<B, 2>> {
         let cache = &mut self.features;
         if let Some(at) = cache.entries.iter().position(|(k, _)| *k == pixels.key) {
             let entry = cache.entries.remove(at).expect("found");
             let features = entry.1.clone();
             cache.entries.push_back(entry);
-            return features;
+            return Ok(features);
         }
-        let [c, h, w] = pixels.dims;
-        let input = Tensor::<B, 4>::from_data(
-            TensorData::new(pixels.data.clone(), [1, c, h, w]),
-            (&self.device, self.dtype),
-        );
-        let features = self.model.image_features(input);
+        let features = self
+            .model
+            .image_features(&pixels.pixels, &self.device, self.dtype)?;
         if cache.capacity > 0 {
             cache.entries.push_back((pixels.key, features.clone()));
             if cache.entries.len() > cache.capacity {
                 cache.entries.pop_front();
             }
         }
-        features
+        Ok(features)
     }
 
     /// One decode step for every running sequence.
@@ -362,7 +356,7 @@ impl<'m, B: ecache_model::kernels::KernelBackend> Scheduler<'m, B> {
         let (mut text, mut reason) = if eos {
             (String::new(), Some(FinishReason::Stop))
         } else {
-            let tokenizer = &self.shared.tokenizer;
+            let tokenizer = self.shared.frontend.tokenizer();
             match l.text.push(token, |ids| tokenizer.decode(ids)) {
                 Ok(d) => (d.text, d.stopped.then_some(FinishReason::Stop)),
                 Err(e) => {

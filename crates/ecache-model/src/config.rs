@@ -240,29 +240,15 @@ impl LlavaConfig {
     }
 }
 
-/// The architectures the engine runs, by `config.json`'s `model_type`.
-pub const SUPPORTED_MODEL_TYPES: [&str; 1] = ["llava (LlavaForConditionalGeneration)"];
-
-/// Refuses a `config.json` whose `model_type` is not LLaVA's (absent: taken as LLaVA),
-/// naming the supported ones, instead of failing later on a field it lacks.
+/// Refuses a `config.json` of another architecture (or of none supported, naming the
+/// supported ones) instead of failing later on a field it lacks.
 fn check_architecture(text: &str, source: &str) -> Result<()> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| ModelError::Config(format!("{source}: {e}")))?;
-    let model_type = value.get("model_type").and_then(|v| v.as_str());
-    match model_type {
-        None | Some("llava") => Ok(()),
-        Some(other) => {
-            let library = match other {
-                "qwen2_vl" | "qwen2_5_vl" => {
-                    "; Qwen2-VL and Qwen2.5-VL load as a library (ecache_model::qwen), no command runs them yet"
-                }
-                _ => "",
-            };
-            Err(ModelError::Config(format!(
-                "{source}: model_type {other:?} is not supported; supported: {}{library}",
-                SUPPORTED_MODEL_TYPES.join(", ")
-            )))
-        }
+    match crate::model::Architecture::of_json(text, source)? {
+        crate::model::Architecture::Llava => Ok(()),
+        other => Err(ModelError::Config(format!(
+            "{source}: model_type {:?} is not LLaVA (load it with ecache_model::model::load_model)",
+            other.model_type()
+        ))),
     }
 }
 

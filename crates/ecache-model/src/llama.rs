@@ -604,6 +604,17 @@ impl<B: KernelBackend> LlamaDecoder<B> {
         linear(&self.lm_head, self.norm.forward(x))
     }
 
+    /// [`LlamaDecoder::head`] on each row's last position only: the next token's logits.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, t, hidden]` -> logits `[batch, vocab]`
+    pub fn last_logits(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [b, t, _] = x.dims();
+        let logits = self.head(x.narrow(1, t - 1, 1));
+        let v = logits.dims()[2];
+        logits.reshape([b, v])
+    }
+
     /// Logits of every position of whole sequences under a causal mask, at positions
     /// `0..t` (no cache, no policy): the training forward.
     ///

@@ -5,14 +5,19 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{DType, Tensor, backend::Backend};
+use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+use image::{DynamicImage, RgbImage};
 
 use crate::clip::ClipVision;
-use crate::config::{Activation, FeatureStrategy, LlavaConfig};
-use crate::error::Result;
+use crate::config::{Activation, FeatureStrategy, LlamaConfig, LlavaConfig};
+use crate::error::{ModelError, Result};
 use crate::export::Exporter;
+use crate::kernels::KernelBackend;
 use crate::layers::{Loader, activate};
 use crate::llama::LlamaDecoder;
+use crate::model::{Architecture, Frontend, FrontendOptions, Pixels, VisionLanguageModel};
+use crate::preprocess::ImageProcessor;
+use crate::prompt::{PromptTokenizer, Turn, chat_prompt, chat_template};
 use crate::weights::Checkpoint;
 
 /// `linear_1`, activation, `linear_2`.
@@ -40,6 +45,10 @@ pub struct Llava<B: Backend> {
     pub projector: Projector<B>,
     pub decoder: LlamaDecoder<B>,
     drop_class_token: bool,
+    #[module(skip)]
+    text: LlamaConfig,
+    #[module(skip)]
+    image_token_id: u32,
 }
 
 impl<B: Backend> Llava<B> {
@@ -101,6 +110,8 @@ impl<B: Backend> Llava<B> {
             projector,
             decoder,
             drop_class_token: config.feature_strategy == FeatureStrategy::Default,
+            text: config.text.clone(),
+            image_token_id: config.image_token_id,
         })
     }
 
@@ -127,5 +138,157 @@ impl<B: Backend> Llava<B> {
             hidden
         };
         self.projector.forward(selected)
+    }
+}
+
+impl<B: KernelBackend> VisionLanguageModel<B> for Llava<B> {
+    fn decoder(&self) -> &LlamaDecoder<B> {
+        &self.decoder
+    }
+
+    fn text(&self) -> &LlamaConfig {
+        &self.text
+    }
+
+    fn image_token(&self) -> u32 {
+        self.image_token_id
+    }
+
+    fn image_features(
+        &self,
+        pixels: &Pixels,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Tensor<B, 2>> {
+        let &[c, h, w] = pixels.shape.as_slice() else {
+            return Err(ModelError::Image(format!(
+                "LLaVA takes [channels, height, width] pixels, got {:?}",
+                pixels.shape
+            )));
+        };
+        let input = Tensor::<B, 4>::from_data(
+            TensorData::new(pixels.data.clone(), [1, c, h, w]),
+            (device, dtype),
+        );
+        let features = self.image_features(input);
+        let [_, n, hidden] = features.dims();
+        Ok(features.reshape([n, hidden]))
+    }
+}
+
+/// LLaVA's [`Frontend`]: llava-hf's chat template, the tokenizer with its `<image>` token
+/// (one per picture, expanded to the picture's slots), the CLIP image processor.
+pub struct LlavaFrontend {
+    config: LlavaConfig,
+    tokenizer: PromptTokenizer,
+    processor: ImageProcessor,
+}
+
+impl LlavaFrontend {
+    /// Loads `config.json`, `tokenizer.json` and `preprocessor_config.json` from `dir`.
+    pub fn load(dir: &Path, options: FrontendOptions) -> Result<Self> {
+        let config = LlavaConfig::from_path(&dir.join("config.json"))?;
+        let tokenizer = PromptTokenizer::load(dir, config.image_token_id)?;
+        let mut processor = ImageProcessor::load(dir)?;
+        processor.pad_to_square = options.pad_to_square;
+        Ok(Self {
+            config,
+            tokenizer,
+            processor,
+        })
+    }
+
+    /// The validated `config.json`.
+    pub fn config(&self) -> &LlavaConfig {
+        &self.config
+    }
+}
+
+impl Frontend for LlavaFrontend {
+    fn architecture(&self) -> Architecture {
+        Architecture::Llava
+    }
+
+    fn text(&self) -> &LlamaConfig {
+        &self.config.text
+    }
+
+    fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    fn image_token(&self) -> u32 {
+        self.config.image_token_id
+    }
+
+    fn image_tokens(&self) -> Option<usize> {
+        Some(self.config.image_tokens())
+    }
+
+    fn question(&self, question: &str, images: usize) -> String {
+        if images == 0 {
+            question.to_string()
+        } else {
+            chat_prompt(question)
+        }
+    }
+
+    fn is_formatted(&self, prompt: &str) -> bool {
+        prompt.contains("<image>") || prompt.contains("USER:")
+    }
+
+    fn chat(&self, turns: &[Turn]) -> String {
+        chat_template(turns)
+    }
+
+    fn image_marker(&self) -> &'static str {
+        "<image>"
+    }
+
+    fn picture(&self, image: &DynamicImage) -> Result<RgbImage> {
+        self.processor.picture(image)
+    }
+
+    fn pixels(&self, image: &DynamicImage) -> Result<Pixels> {
+        let (data, shape) = self.processor.process(image)?;
+        let vision = &self.config.vision;
+        let size = vision.image_size;
+        if shape[1] != size || shape[2] != size {
+            return Err(ModelError::Image(format!(
+                "preprocessor_config.json makes {} x {} pictures but the vision tower takes {size} x {size} (vision_config.image_size)",
+                shape[2], shape[1]
+            )));
+        }
+        let side = size / vision.patch_size;
+        Ok(Pixels {
+            data,
+            shape: shape.to_vec(),
+            grid: [1, side, side],
+            tokens: self.config.image_tokens(),
+            cells: [side, side],
+        })
+    }
+
+    fn encode_prompt(&self, text: &str, images: &[&Pixels]) -> Result<Vec<u32>> {
+        if images.len() > 1 {
+            return Err(ModelError::Prompt(format!(
+                "{} images; LLaVA-1.5 takes one per prompt",
+                images.len()
+            )));
+        }
+        let ids = self.tokenizer.encode_prompt(text, !images.is_empty())?;
+        let Some(image) = images.first() else {
+            return Ok(ids);
+        };
+        let image_token = self.config.image_token_id;
+        let mut out = Vec::with_capacity(ids.len() + image.tokens);
+        for id in ids {
+            if id == image_token {
+                out.extend(std::iter::repeat_n(id, image.tokens));
+            } else {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 }

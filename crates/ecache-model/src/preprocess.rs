@@ -307,7 +307,7 @@ pub fn sniff_format(bytes: &[u8]) -> Option<&'static str> {
         .and_then(|f| f.extensions_str().first().copied())
 }
 
-fn decode<R: std::io::BufRead + std::io::Seek>(
+pub(crate) fn decode<R: std::io::BufRead + std::io::Seek>(
     reader: ImageReader<R>,
     name: &str,
     limits: &ImageLimits,

@@ -22,18 +22,39 @@ pub enum Role {
     Assistant,
 }
 
-/// One chat turn as the template sees it: its role, the images it carries and its text
-/// parts, in order.
+/// One part of a chat turn: an image's place or a piece of text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Image,
+    Text(String),
+}
+
+/// One chat turn as the template sees it: its role and its parts, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Turn {
     pub role: Role,
-    pub images: usize,
-    pub texts: Vec<String>,
+    pub parts: Vec<Content>,
+}
+
+impl Turn {
+    /// Images the turn carries.
+    pub fn images(&self) -> usize {
+        self.parts.iter().filter(|p| **p == Content::Image).count()
+    }
+
+    /// The turn's text parts, in order.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Content::Text(t) => Some(t.as_str()),
+            Content::Image => None,
+        })
+    }
 }
 
 /// LLaVA-1.5's chat template as the llava-hf checkpoints ship it (`chat_template` of
 /// `llava-1.5-7b-hf`): each turn but a system one opens with `USER: ` or `ASSISTANT: `,
-/// then one `<image>\n` per image, then each text part followed by a space; the prompt
+/// then one `<image>\n` per image (wherever the turn had it), then each text part
+/// followed by a space; the prompt
 /// ends with `ASSISTANT:`. One user turn holding an image and a question renders exactly
 /// as [`chat_prompt`] does.
 pub fn chat_template(turns: &[Turn]) -> String {
@@ -44,10 +65,10 @@ pub fn chat_template(turns: &[Turn]) -> String {
             Role::User => out.push_str("USER: "),
             Role::Assistant => out.push_str("ASSISTANT: "),
         }
-        for _ in 0..turn.images {
+        for _ in 0..turn.images() {
             out.push_str("<image>\n");
         }
-        for text in &turn.texts {
+        for text in turn.texts() {
             out.push_str(text);
             out.push(' ');
         }
@@ -175,16 +196,77 @@ pub fn splice<B: Backend>(
     }
 }
 
+/// The prompt's embeddings with each image token's row replaced by the next row of
+/// `features`, and each slot's kind (any architecture: `ids` has one image token per
+/// image slot, as [`crate::model::Frontend::encode_prompt`] makes them).
+///
+/// # Shapes
+/// - `ids`: `T` token ids; `features`: `[image tokens, hidden]` -> `[1, T, hidden]`
+pub fn embed_with_images<B: Backend>(
+    decoder: &crate::llama::LlamaDecoder<B>,
+    ids: &[u32],
+    image_token: u32,
+    features: Option<Tensor<B, 2>>,
+    device: &B::Device,
+) -> Result<(Tensor<B, 3>, Vec<SlotKind>)> {
+    let t = ids.len();
+    let kinds: Vec<SlotKind> = ids
+        .iter()
+        .map(|&id| {
+            if id == image_token {
+                SlotKind::Image
+            } else {
+                SlotKind::Text
+            }
+        })
+        .collect();
+    let rows = kinds.iter().filter(|k| **k == SlotKind::Image).count();
+    let ids_tensor = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, t]),
+        device,
+    );
+    let embeds = decoder.embed(ids_tensor);
+    let Some(features) = features else {
+        return if rows == 0 {
+            Ok((embeds, kinds))
+        } else {
+            Err(ModelError::Prompt(format!(
+                "{rows} image tokens and no image features"
+            )))
+        };
+    };
+    let [n, hidden] = features.dims();
+    if n != rows {
+        return Err(ModelError::Prompt(format!(
+            "{rows} image tokens for {n} image features"
+        )));
+    }
+    // Runs of text and image rows, concatenated in order.
+    let mut parts = Vec::new();
+    let (mut i, mut f) = (0, 0);
+    while i < t {
+        let kind = kinds[i];
+        let len = kinds[i..].iter().take_while(|k| **k == kind).count();
+        parts.push(match kind {
+            SlotKind::Text => embeds.clone().narrow(1, i, len),
+            SlotKind::Image => features.clone().narrow(0, f, len).reshape([1, len, hidden]),
+        });
+        if kind == SlotKind::Image {
+            f += len;
+        }
+        i += len;
+    }
+    Ok((Tensor::cat(parts, 1), kinds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn turn(role: Role, images: usize, texts: &[&str]) -> Turn {
-        Turn {
-            role,
-            images,
-            texts: texts.iter().map(|t| t.to_string()).collect(),
-        }
+        let mut parts = vec![Content::Image; images];
+        parts.extend(texts.iter().map(|t| Content::Text(t.to_string())));
+        Turn { role, parts }
     }
 
     /// The llava-hf template, rendered by hand for a system turn, a user turn with an

@@ -5,13 +5,11 @@
 
 use std::path::Path;
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
-use ecache_core::SlotKind;
 use serde::Deserialize;
 
 use crate::config::{Activation, HfLlamaConfig, LlamaConfig, TextKind};
 use crate::error::{ModelError, Result};
-use crate::llama::LlamaDecoder;
+use crate::prompt::{Content, Role, Turn};
 
 /// A Qwen2-VL `config.json` (transformers 5 nests the decoder in `text_config`; older
 /// configs keep its keys at the top level).
@@ -96,14 +94,47 @@ impl QwenVlConfig {
 /// The system message Qwen2-VL's chat template puts first when a conversation has none.
 pub const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
 
+/// The text that stands for one picture in a rendered prompt; [`encode_prompt`] expands
+/// its `<|image_pad|>` to the picture's tokens.
+pub const PICTURE: &str = "<|vision_start|><|image_pad|><|vision_end|>";
+
 /// The prompt Qwen2-VL's chat template renders for one user turn of `images` pictures
-/// followed by `question`, with the assistant's turn opened (ChatML; each picture one
-/// `<|vision_start|><|image_pad|><|vision_end|>`, expanded by [`encode_prompt`]).
+/// followed by `question`, with the assistant's turn opened.
 pub fn chat_prompt(question: &str, images: usize) -> String {
-    let pictures = "<|vision_start|><|image_pad|><|vision_end|>".repeat(images);
-    format!(
-        "<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n{pictures}{question}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    let mut parts = vec![Content::Image; images];
+    parts.push(Content::Text(question.to_string()));
+    chat_template(&[Turn {
+        role: Role::User,
+        parts,
+    }])
+}
+
+/// Qwen2-VL's published chat template (ChatML, `add_vision_id` off) with the assistant's
+/// turn opened: [`DEFAULT_SYSTEM`] first when the first turn is not a system one, then
+/// each turn as `<|im_start|>role\n`, its parts in order (a picture as [`PICTURE`]) and
+/// `<|im_end|>\n`.
+pub fn chat_template(turns: &[Turn]) -> String {
+    let mut out = String::new();
+    for (i, turn) in turns.iter().enumerate() {
+        if i == 0 && turn.role != Role::System {
+            out.push_str(&format!("<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"));
+        }
+        let role = match turn.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        out.push_str(&format!("<|im_start|>{role}\n"));
+        for part in &turn.parts {
+            match part {
+                Content::Image => out.push_str(PICTURE),
+                Content::Text(t) => out.push_str(t),
+            }
+        }
+        out.push_str("<|im_end|>\n");
+    }
+    out.push_str("<|im_start|>assistant\n");
+    out
 }
 
 /// Encodes a rendered prompt (no special tokens added: Qwen has no BOS) with its `i`-th
@@ -190,68 +221,6 @@ pub fn mrope_positions(
     }
     let max = out.iter().flatten().copied().max().map_or(0, |m| m + 1);
     Ok((out, max as i64 - ids.len() as i64))
-}
-
-/// The prompt's embeddings with each image pad token's row replaced by the next row of
-/// `features`, and each slot's kind.
-///
-/// # Shapes
-/// - `ids`: `T` token ids; `features`: `[image tokens, hidden]` -> `[1, T, hidden]`
-pub fn embed_with_images<B: Backend>(
-    decoder: &LlamaDecoder<B>,
-    ids: &[u32],
-    image_token: u32,
-    features: Option<Tensor<B, 2>>,
-    device: &B::Device,
-) -> Result<(Tensor<B, 3>, Vec<SlotKind>)> {
-    let t = ids.len();
-    let kinds: Vec<SlotKind> = ids
-        .iter()
-        .map(|&id| {
-            if id == image_token {
-                SlotKind::Image
-            } else {
-                SlotKind::Text
-            }
-        })
-        .collect();
-    let rows = kinds.iter().filter(|k| **k == SlotKind::Image).count();
-    let ids_tensor = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, t]),
-        device,
-    );
-    let embeds = decoder.embed(ids_tensor);
-    let Some(features) = features else {
-        return if rows == 0 {
-            Ok((embeds, kinds))
-        } else {
-            Err(ModelError::Prompt(format!(
-                "{rows} image tokens and no image features"
-            )))
-        };
-    };
-    let [n, hidden] = features.dims();
-    if n != rows {
-        return Err(ModelError::Prompt(format!(
-            "{rows} image tokens for {n} image features"
-        )));
-    }
-    // Runs of text and image rows, concatenated in order.
-    let mut parts = Vec::new();
-    let (mut i, mut f) = (0, 0);
-    while i < t {
-        let kind = kinds[i];
-        let len = kinds[i..].iter().take_while(|k| **k == kind).count();
-        parts.push(match kind {
-            SlotKind::Text => embeds.clone().narrow(1, i, len),
-            SlotKind::Image => features.clone().narrow(0, f, len).reshape([1, len, hidden]),
-        });
-        if kind == SlotKind::Image {
-            f += len;
-        }
-        i += len;
-    }
-    Ok((Tensor::cat(parts, 1), kinds))
 }
 
 /// `vision_config` of a Qwen2-VL or Qwen2.5-VL `config.json`, with transformers'

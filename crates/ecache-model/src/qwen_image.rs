@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use image::DynamicImage;
+use image::{DynamicImage, RgbImage};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -110,6 +110,11 @@ impl QwenImageProcessor {
         })
     }
 
+    /// Patches per side of a merge group (`merge_size`).
+    pub fn merge_size(&self) -> usize {
+        self.merge_size
+    }
+
     /// The side every resized dimension is a multiple of: `patch_size * merge_size`.
     pub fn factor(&self) -> usize {
         self.patch_size * self.merge_size
@@ -145,8 +150,9 @@ impl QwenImageProcessor {
         grid.iter().product::<usize>() / (self.merge_size * self.merge_size)
     }
 
-    /// Preprocesses one image.
-    pub fn process(&self, image: &DynamicImage) -> Result<QwenPixels> {
+    /// The picture the vision tower sees, before rescaling and normalisation: resized by
+    /// [`QwenImageProcessor::smart_resize`] (its sides multiples of the merge groups').
+    pub fn picture(&self, image: &DynamicImage) -> Result<RgbImage> {
         let rgb = image.to_rgb8();
         let (w0, h0) = rgb.dimensions();
         let (h, w) = if self.steps.resize {
@@ -160,7 +166,13 @@ impl QwenImageProcessor {
                 "a {w} x {h} picture does not divide into {f}-pixel merge groups (do_resize is off)"
             )));
         }
-        let rgb = resample::resize(&rgb, w, h, self.steps.filter);
+        Ok(resample::resize(&rgb, w, h, self.steps.filter))
+    }
+
+    /// Preprocesses one image.
+    pub fn process(&self, image: &DynamicImage) -> Result<QwenPixels> {
+        let rgb = self.picture(image)?;
+        let (w, h) = rgb.dimensions();
         let (p, t, m) = (self.patch_size, self.temporal_patch_size, self.merge_size);
         let (gh, gw) = (h as usize / p, w as usize / p);
         let row_len = 3 * t * p * p;

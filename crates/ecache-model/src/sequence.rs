@@ -20,6 +20,7 @@ use crate::error::{ModelError, Result};
 use crate::kernels::KernelBackend;
 use crate::layers::Rope;
 use crate::llama::LlamaDecoder;
+use crate::model::Prompt;
 
 /// Slots a fresh cache has room for before its first growth.
 const INITIAL_CAPACITY: usize = 64;
@@ -325,10 +326,23 @@ impl<'a, B: KernelBackend> Runner<'a, B> {
         kinds: &[SlotKind],
     ) -> Result<Tensor<B, 2>> {
         let hidden = self.prefill(seq, policy, embeds, kinds)?;
-        let t = hidden.dims()[1];
-        let logits = self.decoder.head(hidden.narrow(1, t - 1, 1));
-        let v = logits.dims()[2];
-        Ok(logits.reshape([1, v]))
+        Ok(self.decoder.last_logits(hidden))
+    }
+
+    /// [`Runner::prefill_last`] of a prompt from the model interface
+    /// ([`crate::VisionLanguageModel::prompt`]), at its RoPE positions if it has them.
+    ///
+    /// # Shapes
+    /// - `prompt.embeds`: `[1, T, hidden]` -> `[1, vocab]`
+    pub fn prefill_prompt_last(
+        &self,
+        seq: &mut Sequence<B>,
+        policy: &dyn CachePolicy,
+        prompt: Prompt<B>,
+    ) -> Result<Tensor<B, 2>> {
+        let rope = prompt.rope.as_deref();
+        let hidden = self.prefill_at(seq, policy, prompt.embeds, &prompt.kinds, rope)?;
+        Ok(self.decoder.last_logits(hidden))
     }
 
     /// One decode step of a ragged batch: sequence `i` is fed `tokens[i]` at its own next

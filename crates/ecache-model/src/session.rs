@@ -8,6 +8,7 @@ use ecache_core::{CachePolicy, PositionMode, SlotKind};
 use crate::error::{ModelError, Result};
 use crate::kernels::KernelBackend;
 use crate::llama::LlamaDecoder;
+use crate::model::Prompt;
 use crate::sequence::{Runner, Sequence};
 
 /// Per-batch generation state: one [`Sequence`] per row.
@@ -65,7 +66,7 @@ impl<'a, B: KernelBackend> Session<'a, B> {
     /// - `embeds`: `[batch, T, hidden]`; `kinds`: `T` slot kinds
     /// - returns `[batch, T, vocab]`
     pub fn prefill(&mut self, embeds: Tensor<B, 3>, kinds: &[SlotKind]) -> Result<Tensor<B, 3>> {
-        let hidden = self.prefill_hidden(embeds, kinds)?;
+        let hidden = self.prefill_hidden(embeds, kinds, None)?;
         Ok(self.runner.decoder().head(hidden))
     }
 
@@ -80,14 +81,28 @@ impl<'a, B: KernelBackend> Session<'a, B> {
         embeds: Tensor<B, 3>,
         kinds: &[SlotKind],
     ) -> Result<Tensor<B, 2>> {
-        let hidden = self.prefill_hidden(embeds, kinds)?;
-        let [b, t, _] = hidden.dims();
-        let logits = self.runner.decoder().head(hidden.narrow(1, t - 1, 1));
-        let v = logits.dims()[2];
-        Ok(logits.reshape([b, v]))
+        let hidden = self.prefill_hidden(embeds, kinds, None)?;
+        Ok(self.runner.decoder().last_logits(hidden))
     }
 
-    fn prefill_hidden(&mut self, embeds: Tensor<B, 3>, kinds: &[SlotKind]) -> Result<Tensor<B, 3>> {
+    /// [`Session::prefill_last`] of a prompt from the model interface
+    /// ([`crate::VisionLanguageModel::prompt`]), every row at its RoPE positions if it has
+    /// them.
+    ///
+    /// # Shapes
+    /// - `prompt.embeds`: `[batch, T, hidden]` -> `[batch, vocab]`
+    pub fn prefill_prompt_last(&mut self, prompt: Prompt<B>) -> Result<Tensor<B, 2>> {
+        let rope = prompt.rope.as_deref();
+        let hidden = self.prefill_hidden(prompt.embeds, &prompt.kinds, rope)?;
+        Ok(self.runner.decoder().last_logits(hidden))
+    }
+
+    fn prefill_hidden(
+        &mut self,
+        embeds: Tensor<B, 3>,
+        kinds: &[SlotKind],
+        rope: Option<&[[usize; 3]]>,
+    ) -> Result<Tensor<B, 3>> {
         let batch = embeds.dims()[0];
         if batch != self.sequences.len() {
             return Err(ModelError::Prompt(format!(
@@ -100,8 +115,8 @@ impl<'a, B: KernelBackend> Session<'a, B> {
             .iter_mut()
             .enumerate()
             .map(|(b, seq)| {
-                self.runner
-                    .prefill(seq, self.policy, embeds.clone().narrow(0, b, 1), kinds)
+                let row = embeds.clone().narrow(0, b, 1);
+                self.runner.prefill_at(seq, self.policy, row, kinds, rope)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(hidden, 0))

@@ -10,10 +10,11 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 use common::{fixture, json, max_difference, st_f32};
 use ecache_core::{CachePolicy, PolicyConfig, PositionMode};
+use ecache_model::embed_with_images;
 use ecache_model::generate::{nll, rows_of};
 use ecache_model::layers::Loader;
 use ecache_model::llama::LlamaDecoder;
-use ecache_model::qwen::{QwenVlConfig, embed_with_images, mrope_positions};
+use ecache_model::qwen::{QwenVlConfig, mrope_positions};
 use ecache_model::qwen_image::{QwenImageProcessor, QwenPixels};
 use ecache_model::qwen_vision::QwenVision;
 use ecache_model::weights::Checkpoint;
@@ -62,12 +63,7 @@ impl Qwen {
     }
 
     fn ids(&self, key: &str) -> Vec<u32> {
-        self.expected[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect()
+        ids_of(&self.expected[key])
     }
 
     fn pixels(&self, picture: &str) -> QwenPixels {
@@ -122,6 +118,16 @@ impl Qwen {
     fn runner(&self) -> Runner<'_, B> {
         Runner::new(&self.decoder, &self.config.text, &Default::default())
     }
+}
+
+/// A JSON array of token ids.
+fn ids_of(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -282,17 +288,83 @@ fn chat_prompts_match_transformers() {
         let pixels = q.pixels("wide");
         let tokens = q.processor.image_tokens(pixels.grid);
         let ids = encode_prompt(&tokenizer, &text, q.config.image_token_id, &[tokens]).unwrap();
-        let want: Vec<u32> = expected["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want = ids_of(&expected["input_ids"]);
         assert_eq!(ids, want, "{name}");
         assert!(encode_prompt(&tokenizer, &text, q.config.image_token_id, &[]).is_err());
         // The ids place as the decoder expects: one image, its grid.
         let (positions, _) =
             mrope_positions(&ids, q.config.image_token_id, &[pixels.grid], 2).unwrap();
         assert_eq!(positions.len(), ids.len());
+    }
+}
+
+/// The chat template through the model interface: each conversation of
+/// `expected_chat.json` (a system turn, a picture between texts, an assistant answer, a
+/// text-only question, a picture after the text) renders as transformers'
+/// `apply_chat_template` renders it; the frontend's encoded prompt equals the processor's
+/// ids, and each picture's slots follow its grid.
+#[test]
+fn the_frontend_renders_and_encodes_as_transformers() {
+    use ecache_model::{Architecture, Content, Role, Turn};
+
+    for (name, arch) in CHECKPOINTS
+        .into_iter()
+        .zip([Architecture::Qwen2Vl, Architecture::Qwen25Vl])
+    {
+        let dir = fixture(name);
+        let frontend = ecache_model::load_frontend(&dir, Default::default()).unwrap();
+        assert_eq!(frontend.architecture(), arch);
+        let expected = json(&dir.join("expected_chat.json"));
+        for chat in expected["chats"].as_array().unwrap() {
+            let turns: Vec<Turn> = chat["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| Turn {
+                    role: match m["role"].as_str().unwrap() {
+                        "system" => Role::System,
+                        "user" => Role::User,
+                        _ => Role::Assistant,
+                    },
+                    parts: m["content"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| match p["type"].as_str().unwrap() {
+                            "image" => Content::Image,
+                            _ => Content::Text(p["text"].as_str().unwrap().into()),
+                        })
+                        .collect(),
+                })
+                .collect();
+            assert_eq!(
+                frontend.chat(&turns),
+                chat["text"].as_str().unwrap(),
+                "{name}"
+            );
+        }
+        let prompt = json(&dir.join("expected_prompt.json"));
+        let question = prompt["question"].as_str().unwrap();
+        let text = frontend.question(question, 1);
+        assert!(frontend.is_formatted(&text) && !frontend.is_formatted(question));
+        let pixels = frontend
+            .open(&fixture("qwen2-vl-images").join("wide.png"))
+            .unwrap();
+        assert_eq!((pixels.tokens, pixels.cells), (8, [2, 4]));
+        let ids = frontend.encode_prompt(&text, &[&pixels]).unwrap();
+        let want = ids_of(&prompt["input_ids"]);
+        assert_eq!(ids, want, "{name}");
+        let err = frontend.encode_prompt(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("image pad"), "{err}");
+        let err = ecache_model::load_frontend(
+            &dir,
+            ecache_model::FrontendOptions {
+                pad_to_square: true,
+            },
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("pad_to_square"), "{err}");
     }
 }
