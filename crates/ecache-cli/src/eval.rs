@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use ecache_core::{PolicyConfig, RunConfig};
 use ecache_engine::{Completion, Engine, ImageInput, Request, RequestHandle, Task};
-use ecache_model::{LlavaConfig, PromptTokenizer, chat_prompt};
 use serde::{Deserialize, Serialize};
 
 use crate::BadInput;
@@ -243,11 +242,6 @@ fn run_on(request: &EvalRequest, engine: &Engine) -> Result<Vec<EvalRow>> {
 /// Runs the evaluation and returns its item records (only the shard's items when
 /// `request.shard` is set).
 pub fn records_on(request: &EvalRequest, engine: &Engine) -> Result<Records> {
-    let dir = &request.model_dir;
-    let config = LlavaConfig::from_path(&dir.join("config.json"))
-        .map_err(|e| BadInput(format!("model {}: {e}", dir.display())))?;
-    let tokenizer = PromptTokenizer::load(dir, config.image_token_id)
-        .map_err(|e| BadInput(format!("model {}: {e}", dir.display())))?;
     // Every input is checked before any computation; with keep_going a bad item is
     // reported and skipped instead.
     let mut items: Vec<&Item> = Vec::with_capacity(request.items.len());
@@ -258,9 +252,7 @@ pub fn records_on(request: &EvalRequest, engine: &Engine) -> Result<Records> {
         }
         let checked = check_item(
             item,
-            &tokenizer,
-            config.image_tokens(),
-            config.text.max_positions,
+            engine,
             if request.metric.generates() {
                 request.config.generation.max_new_tokens
             } else {
@@ -422,16 +414,11 @@ pub fn records_on(request: &EvalRequest, engine: &Engine) -> Result<Records> {
     Ok(Records { per_run: records })
 }
 
-/// What is wrong with an item, if anything: its image is missing, its question or answer
-/// does not encode, or the prompt and the answer (or the `generated` new tokens) exceed
-/// the model's context.
-fn check_item(
-    item: &Item,
-    tokenizer: &PromptTokenizer,
-    image_tokens: usize,
-    context: usize,
-    generated: usize,
-) -> Result<(), String> {
+/// What is wrong with an item, if anything: its image is missing or unreadable, its
+/// question or answer does not encode, or the prompt and the answer (or the `generated`
+/// new tokens) exceed the model's context. The engine checks each request it would
+/// submit ([`Engine::estimate`]), whatever the model's architecture.
+fn check_item(item: &Item, engine: &Engine, generated: usize) -> Result<(), String> {
     let name = format!("item {:?}", item.question);
     if !item.image.exists() {
         return Err(format!(
@@ -439,23 +426,22 @@ fn check_item(
             item.image.display()
         ));
     }
-    let prompt = tokenizer
-        .encode_prompt(&chat_prompt(&item.question), true)
-        .map_err(|e| format!("{name}: {e}"))?;
-    let answer = tokenizer
-        .encode_answer(&item.answer)
-        .map_err(|e| format!("{name}: {e}"))?;
-    let prompt_len = tokenizer.sequence_len(&prompt, image_tokens);
-    let total = prompt_len + answer.len();
-    if total > context {
-        return Err(format!(
-            "{name}: prompt and answer take {total} tokens but the model's context is {context}"
-        ));
+    let request = |task: Task, max_new_tokens: usize| {
+        let mut r = Request::text(item.question.clone());
+        r.image = Some(ImageInput::Path(item.image.clone()));
+        r.task = task;
+        r.max_new_tokens = max_new_tokens.max(1);
+        r
+    };
+    let answer = Task::Score {
+        answer: item.answer.clone(),
+    };
+    let mut checks = vec![request(answer, 1)];
+    if generated > 0 {
+        checks.push(request(Task::Generate, generated));
     }
-    if prompt_len + generated > context {
-        return Err(format!(
-            "{name}: the prompt's {prompt_len} tokens and {generated} new ones exceed the model's context of {context}"
-        ));
+    for r in checks {
+        engine.estimate(r).map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(())
 }

@@ -13,11 +13,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::DType;
 use ecache_core::{PolicyConfig, SlotKind};
+use ecache_model::Session;
 use ecache_model::kernels::KernelBackend;
 use ecache_model::sequence::PrefillRecord;
-use ecache_model::{ImageProcessor, Llava, PromptTokenizer, Session, chat_prompt, splice};
 use image::{Rgb, RgbImage};
 use serde::Serialize;
 
@@ -77,8 +77,9 @@ pub struct Inspection {
     /// (every position fed: the prompt and all generated tokens but the last).
     pub after_prefill: Vec<Vec<Fate>>,
     pub at_end: Vec<Vec<Fate>>,
-    /// The patch grid's side (image slots are its cells, row by row).
-    pub grid: usize,
+    /// How the image's slots lie over the picture, `(rows, columns)`: its last
+    /// `rows x columns` image slots are the cells, row by row.
+    pub cells: [usize; 2],
     /// The picture files, one per layer, relative to the output directory.
     pub pictures: Vec<String>,
 }
@@ -122,13 +123,13 @@ pub struct Layout {
 const GAP: u32 = 8;
 
 impl Layout {
-    fn new(grid: usize, picture: (u32, u32), text_slots: usize) -> Self {
+    fn new(cells: [usize; 2], picture: (u32, u32), text_slots: usize) -> Self {
         let scale = (336 / picture.0.max(1)).max(1);
         let (width, height) = (picture.0 * scale, picture.1 * scale);
         let cell = 12;
         let cells_per_row = (width / cell).max(1);
         Self {
-            patch: width / grid as u32,
+            patch: width / cells[1].max(1) as u32,
             width,
             height,
             cell,
@@ -145,9 +146,10 @@ impl Layout {
         )
     }
 
-    /// The centre of patch `i` (row by row) in panel `panel` (0: after prefill, 1: end).
-    pub fn patch_centre(&self, panel: u32, grid: usize, i: usize) -> (u32, u32) {
-        let (row, col) = ((i / grid) as u32, (i % grid) as u32);
+    /// The centre of patch `i` (row by row, `columns` to a row) in panel `panel` (0: after
+    /// prefill, 1: end).
+    pub fn patch_centre(&self, panel: u32, columns: usize, i: usize) -> (u32, u32) {
+        let (row, col) = ((i / columns) as u32, (i % columns) as u32);
         let x0 = panel * (self.width + GAP);
         (
             x0 + col * self.patch + self.patch / 2,
@@ -174,7 +176,7 @@ pub fn layout(inspection: &Inspection, picture: (u32, u32)) -> Layout {
             .iter()
             .filter(|k| **k == SlotKind::Image)
             .count();
-    Layout::new(inspection.grid, picture, text)
+    Layout::new(inspection.cells, picture, text)
 }
 
 /// Fates of positions `0..n` from what a layer holds (`held`, ascending positions) and
@@ -212,29 +214,37 @@ impl BackendJob for InspectRequest {
             .build(&self.policy)
             .map_err(|e| bad(&e))?;
         let dir = &self.model_dir;
-        let (model, config) = Llava::<B>::load(dir, device, self.dtype).map_err(|e| bad(&e))?;
-        let tokenizer = PromptTokenizer::load(dir, config.image_token_id).map_err(|e| bad(&e))?;
-        let mut processor = ImageProcessor::load(dir).map_err(|e| bad(&e))?;
-        processor.pad_to_square = self.pad_to_square;
-        let picture = processor.open_picture(&self.image).map_err(|e| bad(&e))?;
-        let (pixels, shape) = processor.open(&self.image).map_err(|e| bad(&e))?;
-        let pixels = Tensor::<B, 4>::from_data(
-            TensorData::new(pixels, [1, shape[0], shape[1], shape[2]]),
-            (device, self.dtype),
-        );
-        let prompt = if self.prompt.contains("<image>") {
+        let options = ecache_model::FrontendOptions {
+            pad_to_square: self.pad_to_square,
+        };
+        let frontend = ecache_model::load_frontend(dir, options).map_err(|e| bad(&e))?;
+        let model = ecache_model::load_model::<B>(dir, device, self.dtype).map_err(|e| bad(&e))?;
+        let image = ecache_model::model::open_image(&self.image).map_err(|e| bad(&e))?;
+        let picture = frontend.picture(&image).map_err(|e| bad(&e))?;
+        let pixels = frontend.pixels(&image).map_err(|e| bad(&e))?;
+        let prompt = if frontend.is_formatted(&self.prompt) {
             self.prompt.clone()
         } else {
-            chat_prompt(&self.prompt)
+            frontend.question(&self.prompt, 1)
         };
-        let ids = tokenizer
-            .encode_prompt(&prompt, true)
+        let ids = frontend
+            .encode_prompt(&prompt, &[&pixels])
             .map_err(|e| bad(&e))?;
-        let features = model.image_features(pixels);
-        let (embeds, kinds) = splice(&model, &ids, config.image_token_id, Some(features), device);
+        let text = frontend.text();
+        let t = ids.len();
+        if t + self.max_new_tokens > text.max_positions {
+            return Err(BadInput(format!(
+                "the prompt's {t} tokens and {} new ones exceed the model's context of {}",
+                self.max_new_tokens, text.max_positions
+            ))
+            .into());
+        }
+        let features = model.image_features(&pixels, device, self.dtype)?;
+        let prompt = model.prompt(&ids, vec![features], &[pixels.grid], device)?;
+        let kinds = prompt.kinds.clone();
         let mut session = Session::new(
-            &model.decoder,
-            &config.text,
+            model.decoder(),
+            text,
             policy.as_ref(),
             self.policy.positions,
             1,
@@ -242,15 +252,7 @@ impl BackendJob for InspectRequest {
             self.dtype,
         );
         session.sequences_mut()[0].record_prefill();
-        let t = kinds.len();
-        if t + self.max_new_tokens > config.text.max_positions {
-            return Err(BadInput(format!(
-                "the prompt's {t} tokens and {} new ones exceed the model's context of {}",
-                self.max_new_tokens, config.text.max_positions
-            ))
-            .into());
-        }
-        let mut row = ecache_model::generate::rows_of(session.prefill_last(embeds, &kinds)?)?;
+        let mut row = ecache_model::generate::rows_of(session.prefill_prompt_last(prompt)?)?;
         let records: Vec<PrefillRecord> = session.sequences()[0]
             .prefill_records()
             .unwrap_or_default()
@@ -259,7 +261,7 @@ impl BackendJob for InspectRequest {
         for step in 0..self.max_new_tokens {
             let next = ecache_model::generate::argmax(&row[0]);
             tokens.push(next);
-            if config.text.eos_token_ids.contains(&next) || step + 1 == self.max_new_tokens {
+            if text.eos_token_ids.contains(&next) || step + 1 == self.max_new_tokens {
                 break;
             }
             row = ecache_model::generate::rows_of(session.step(&[next])?)?;
@@ -278,15 +280,14 @@ impl BackendJob for InspectRequest {
                 held.map(|h| fates(fed, &h, &r.merged))
             })
             .collect::<std::result::Result<_, _>>()?;
-        let answer = tokenizer.decode(&tokens).map_err(|e| bad(&e))?;
-        let grid = config.vision.image_size / config.vision.patch_size;
+        let answer = frontend.tokenizer().decode(&tokens).map_err(|e| bad(&e))?;
         let mut inspection = Inspection {
             answer,
             tokens,
             kinds,
             after_prefill,
             at_end,
-            grid,
+            cells: pixels.cells,
             pictures: Vec::new(),
         };
         write(&self, &mut inspection, &picture)?;
@@ -312,7 +313,7 @@ fn write(request: &InspectRequest, inspection: &mut Inspection, picture: &RgbIma
     // With a class token among the image slots (feature strategy "full"), it is the first.
     let skip = image_positions
         .len()
-        .saturating_sub(inspection.grid * inspection.grid);
+        .saturating_sub(inspection.cells[0] * inspection.cells[1]);
     for (layer, (prefill, end)) in inspection
         .after_prefill
         .iter()
@@ -355,12 +356,12 @@ fn draw_panel(
 ) {
     let x0 = panel * (layout.width + GAP);
     let fate_of: HashMap<usize, Fate> = fates.iter().copied().enumerate().collect();
-    let grid = inspection.grid as u32;
+    let [rows, columns] = inspection.cells.map(|c| c as u32);
     for (x, y, p) in picture.enumerate_pixels() {
         let (col, row) = (x / layout.patch, y / layout.patch);
         // Pixels past the last whole patch (a picture not a multiple of the grid) stay as
         // they are.
-        let cell = (col < grid && row < grid).then(|| (row * grid + col) as usize);
+        let cell = (col < columns && row < rows).then(|| (row * columns + col) as usize);
         let mut c = *p;
         let fate = cell
             .and_then(|cell| image_positions.get(cell))
@@ -380,7 +381,7 @@ fn draw_panel(
     let mark = (layout.patch / 5).max(1);
     for (i, pos) in image_positions.iter().enumerate() {
         let Some(f) = fate_of.get(pos) else { continue };
-        let (cx, cy) = layout.patch_centre(panel, inspection.grid, i);
+        let (cx, cy) = layout.patch_centre(panel, inspection.cells[1], i);
         fill(img, cx, cy, mark, f.colour());
     }
     let text: Vec<usize> = (0..fates.len())
@@ -442,7 +443,7 @@ pub fn read_patch_fates(
     path: &Path,
     layout: &Layout,
     panel: u32,
-    grid: usize,
+    columns: usize,
     patches: usize,
 ) -> Result<Vec<Option<Fate>>> {
     let img = image::open(path)
@@ -450,7 +451,7 @@ pub fn read_patch_fates(
         .to_rgb8();
     Ok((0..patches)
         .map(|i| {
-            let (x, y) = layout.patch_centre(panel, grid, i);
+            let (x, y) = layout.patch_centre(panel, columns, i);
             Fate::of_colour(*img.get_pixel(x, y))
         })
         .collect())
@@ -533,7 +534,7 @@ mod tests {
             kinds: vec![t, i, i, i, i, t],
             after_prefill: vec![vec![K, K, M, M, R, R]],
             at_end: vec![vec![K, R, M, R, R, K, K]],
-            grid: 2,
+            cells: [2, 2],
             pictures: vec![],
         };
         assert_eq!(inspection.image_counts(0), [[1, 2, 1], [0, 1, 3]]);

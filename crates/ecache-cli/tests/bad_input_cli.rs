@@ -207,7 +207,7 @@ fn a_dataset_with_bad_items_stops_unless_told_to_keep_going() {
         "{stderr}"
     );
     assert!(stderr.contains("gone.png"), "{stderr}");
-    assert!(stderr.contains("model's context is 256"), "{stderr}");
+    assert!(stderr.contains("model's context of 256"), "{stderr}");
     let rows: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
     assert_eq!(rows[0]["items"], 2, "{rows}");

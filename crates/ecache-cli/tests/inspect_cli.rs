@@ -1,13 +1,13 @@
 //! `ecache inspect`: the pictures' colours agree with what the session's caches hold.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::backend::Flex;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::DType;
 use ecache_cli::inspect::{Fate, InspectRequest, layout, read_patch_fates};
 use ecache_core::{BackendKind, PolicyConfig, PositionMode, SlotKind};
-use ecache_model::{ImageProcessor, Llava, PromptTokenizer, Session, chat_prompt, splice};
+use ecache_model::Session;
 
 type B = Flex;
 
@@ -31,31 +31,31 @@ type Contents = (
 
 /// Runs the same prompt through a session of our own and reads, per layer, which prompt
 /// positions each layer holds after the prefill and at the end, and the prefill's merges.
-fn session_contents(policy: &PolicyConfig, question: &str, fed: &[u32]) -> Contents {
-    let dir = fixture();
+fn session_contents(
+    dir: &Path,
+    image: &Path,
+    policy: &PolicyConfig,
+    question: &str,
+    fed: &[u32],
+) -> Contents {
     let device = Default::default();
-    let (model, config) = Llava::<B>::load(&dir, &device, DType::F32).unwrap();
-    let tokenizer = PromptTokenizer::load(&dir, config.image_token_id).unwrap();
-    let (pixels, shape) = ImageProcessor::load(&dir)
-        .unwrap()
-        .open(&dir.join("image.png"))
+    let frontend = ecache_model::load_frontend(dir, Default::default()).unwrap();
+    let model = ecache_model::load_model::<B>(dir, &device, DType::F32).unwrap();
+    let pixels = frontend.open(image).unwrap();
+    let ids = frontend
+        .encode_prompt(&frontend.question(question, 1), &[&pixels])
         .unwrap();
-    let pixels = Tensor::<B, 4>::from_data(
-        TensorData::new(pixels, [1, shape[0], shape[1], shape[2]]),
-        &device,
-    );
-    let ids = tokenizer
-        .encode_prompt(&chat_prompt(question), true)
+    let features = model.image_features(&pixels, &device, DType::F32).unwrap();
+    let prompt = model
+        .prompt(&ids, vec![features], &[pixels.grid], &device)
         .unwrap();
-    let features = model.image_features(pixels);
-    let (embeds, kinds) = splice(&model, &ids, config.image_token_id, Some(features), &device);
     let built = ecache_engine::builtin_registry()
         .unwrap()
         .build(policy)
         .unwrap();
     let mut session = Session::new(
-        &model.decoder,
-        &config.text,
+        model.decoder(),
+        model.text(),
         built.as_ref(),
         PositionMode::Absolute,
         1,
@@ -63,7 +63,7 @@ fn session_contents(policy: &PolicyConfig, question: &str, fed: &[u32]) -> Conte
         DType::F32,
     );
     session.sequences_mut()[0].record_prefill();
-    session.prefill_last(embeds, &kinds).unwrap();
+    session.prefill_prompt_last(prompt).unwrap();
     let held = |s: &Session<'_, B>| -> Vec<Vec<usize>> {
         s.sequences()[0]
             .caches()
@@ -84,72 +84,97 @@ fn session_contents(policy: &PolicyConfig, question: &str, fed: &[u32]) -> Conte
     (after_prefill, held(&session), merges)
 }
 
+/// For a LLaVA and a Qwen2-VL checkpoint (a 4 x 4 square grid, a 2 x 4 one): every
+/// patch mark of every layer's picture, after the prefill and at the end, is the fate the
+/// slot has in a session run separately; the LLaVA case shows all three fates.
 #[test]
 fn pictures_show_what_the_caches_hold() {
-    let out = scratch("pictures");
-    let question = "what is the colour of the circle ?";
-    let mut policy = PolicyConfig::new("elastic", 0.4);
-    policy.set_param("offset", "2").unwrap();
-    let request = InspectRequest {
-        model_dir: fixture(),
-        image: fixture().join("image.png"),
-        prompt: question.into(),
-        policy: policy.clone(),
-        max_new_tokens: 8,
-        out: out.clone(),
-        pad_to_square: false,
-        dtype: DType::F32,
-    };
-    let inspection = ecache_cli::inspect::run(request, BackendKind::Flex).unwrap();
-    assert_eq!(
-        inspection.pictures.len(),
-        2,
-        "one picture per decoder layer"
-    );
-    let fed = &inspection.tokens[..inspection.tokens.len() - 1];
-    let (after_prefill, at_end, merges) = session_contents(&policy, question, fed);
-    let picture = ImageProcessor::load(&fixture())
-        .unwrap()
-        .open_picture(&fixture().join("image.png"))
-        .unwrap();
-    let layout = layout(&inspection, picture.dimensions());
-    let image: Vec<usize> = (0..inspection.kinds.len())
-        .filter(|&p| inspection.kinds[p] == SlotKind::Image)
-        .collect();
-    let grid = inspection.grid;
-    assert_eq!(image.len(), grid * grid);
-    let mut seen = std::collections::HashSet::new();
-    for (layer, name) in inspection.pictures.iter().enumerate() {
-        for (panel, held) in [(0, &after_prefill[layer]), (1, &at_end[layer])] {
-            let drawn =
-                read_patch_fates(&out.join(name), &layout, panel, grid, image.len()).unwrap();
-            for (i, &pos) in image.iter().enumerate() {
-                let merged_into_held = merges[layer]
-                    .iter()
-                    .any(|(a, m)| m.contains(&pos) && held.contains(a));
-                let want = if held.contains(&pos) {
-                    Fate::Kept
-                } else if merged_into_held {
-                    Fate::Merged
-                } else {
-                    Fate::Removed
-                };
-                assert_eq!(
-                    drawn[i],
-                    Some(want),
-                    "layer {layer} panel {panel} patch {i}"
-                );
-                seen.insert(want);
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let cases = [
+        (fixture(), fixture().join("image.png"), [4, 4], true),
+        (
+            fixtures.join("tiny-qwen2-vl"),
+            fixtures.join("qwen2-vl-images/wide.png"),
+            [2, 4],
+            false,
+        ),
+    ];
+    for (dir, image, cells, all_fates) in cases {
+        let out = scratch("pictures");
+        let question = "what is the colour of the circle ?";
+        let mut policy = PolicyConfig::new("elastic", 0.4);
+        policy.set_param("offset", "2").unwrap();
+        let request = InspectRequest {
+            model_dir: dir.clone(),
+            image: image.clone(),
+            prompt: question.into(),
+            policy: policy.clone(),
+            max_new_tokens: 8,
+            out: out.clone(),
+            pad_to_square: false,
+            dtype: DType::F32,
+        };
+        let inspection = ecache_cli::inspect::run(request, BackendKind::Flex).unwrap();
+        assert_eq!(inspection.cells, cells);
+        assert_eq!(
+            inspection.pictures.len(),
+            2,
+            "one picture per decoder layer"
+        );
+        let fed = &inspection.tokens[..inspection.tokens.len() - 1];
+        let (after_prefill, at_end, merges) =
+            session_contents(&dir, &image, &policy, question, fed);
+        let frontend = ecache_model::load_frontend(&dir, Default::default()).unwrap();
+        let picture = frontend
+            .picture(&ecache_model::model::open_image(&image).unwrap())
+            .unwrap();
+        let layout = layout(&inspection, picture.dimensions());
+        let image: Vec<usize> = (0..inspection.kinds.len())
+            .filter(|&p| inspection.kinds[p] == SlotKind::Image)
+            .collect();
+        assert_eq!(image.len(), cells[0] * cells[1]);
+        let mut seen = std::collections::HashSet::new();
+        for (layer, name) in inspection.pictures.iter().enumerate() {
+            for (panel, held) in [(0, &after_prefill[layer]), (1, &at_end[layer])] {
+                let drawn =
+                    read_patch_fates(&out.join(name), &layout, panel, cells[1], image.len())
+                        .unwrap();
+                for (i, &pos) in image.iter().enumerate() {
+                    let merged_into_held = merges[layer]
+                        .iter()
+                        .any(|(a, m)| m.contains(&pos) && held.contains(a));
+                    let want = if held.contains(&pos) {
+                        Fate::Kept
+                    } else if merged_into_held {
+                        Fate::Merged
+                    } else {
+                        Fate::Removed
+                    };
+                    assert_eq!(
+                        drawn[i],
+                        Some(want),
+                        "{} layer {layer} panel {panel} patch {i}",
+                        dir.display()
+                    );
+                    seen.insert(want);
+                }
             }
         }
+        // The LLaVA case exercises every colour.
+        if all_fates {
+            assert_eq!(seen.len(), 3, "{seen:?}");
+        }
+        let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+        let escaped = inspection
+            .answer
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
+        assert!(
+            html.contains("layer-01.png") && html.contains(&escaped),
+            "{html}"
+        );
     }
-    // The case exercises every colour.
-    assert_eq!(seen.len(), 3, "{seen:?}");
-    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
-    assert!(
-        html.contains("layer-01.png") && html.contains(&inspection.answer),
-        "{html}"
-    );
 }
 
 #[test]
