@@ -34,7 +34,16 @@ impl Server {
         engine: impl FnOnce(&mut EngineConfig),
         server: impl FnOnce(&mut ServerConfig),
     ) -> Self {
-        let mut config = EngineConfig::new(demo_dir());
+        Self::start_on(demo_dir(), engine, server).await
+    }
+
+    /// Starts a server on the model in `dir`.
+    pub async fn start_on(
+        dir: PathBuf,
+        engine: impl FnOnce(&mut EngineConfig),
+        server: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
+        let mut config = EngineConfig::new(dir);
         config.image_limits = ecache_server::IMAGE_LIMITS;
         engine(&mut config);
         let engine = Arc::new(
