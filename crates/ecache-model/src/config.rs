@@ -288,8 +288,43 @@ impl HfLlamaConfig {
                 t.hidden_act
             ));
         }
-        let rope_type = t.rope_parameters.as_ref().and_then(|p| p.rope_type.clone());
-        let mrope_section = t.rope_parameters.as_ref().and_then(|p| p.mrope_section);
+        // Qwen2-VL configs written before transformers 5 (the published checkpoints') keep
+        // the sections in `rope_scaling` with the type "mrope" (or "default"); transformers
+        // reads them as these `rope_parameters`.
+        let legacy = match (kind, t.rope_scaling.as_ref()) {
+            (TextKind::Qwen2Vl, Some(serde_json::Value::Object(o)))
+                if t.rope_parameters.is_none() =>
+            {
+                let kind = o.get("rope_type").or_else(|| o.get("type"));
+                match kind.and_then(|k| k.as_str()) {
+                    Some("mrope" | "default") => Some(
+                        serde_json::from_value::<HfRopeParameters>(serde_json::Value::Object(
+                            o.iter()
+                                .filter(|(k, _)| *k == "mrope_section")
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                        ))
+                        .map_err(|e| {
+                            ModelError::Config(format!("text_config.rope_scaling: {e}"))
+                        })?,
+                    ),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if let Some(scaling) = t
+            .rope_scaling
+            .as_ref()
+            .filter(|s| !s.is_null() && legacy.is_none())
+        {
+            return bad(format!(
+                "text_config.rope_scaling = {scaling} is not supported"
+            ));
+        }
+        let rope_parameters = t.rope_parameters.as_ref().or(legacy.as_ref());
+        let rope_type = rope_parameters.and_then(|p| p.rope_type.clone());
+        let mrope_section = rope_parameters.and_then(|p| p.mrope_section);
         let mrope_section = match (kind, mrope_section) {
             (TextKind::Llama, None) => None,
             (TextKind::Llama, Some(_)) => {
@@ -316,14 +351,7 @@ impl HfLlamaConfig {
                 "text_config.rope_parameters.rope_type = {kind:?} is not supported (default)"
             ));
         }
-        if let Some(scaling) = t.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-            return bad(format!(
-                "text_config.rope_scaling = {scaling} is not supported"
-            ));
-        }
-        let rope_theta = t
-            .rope_parameters
-            .as_ref()
+        let rope_theta = rope_parameters
             .and_then(|p| p.rope_theta)
             .or(t.rope_theta)
             .unwrap_or(10000.0);

@@ -52,16 +52,25 @@ impl QwenVlConfig {
     /// Reads and validates `config.json`.
     pub fn from_path(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let source = path.display().to_string();
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates the text of a `config.json`; `source` names it in errors.
+    pub fn from_json(text: &str, source: &str) -> Result<Self> {
         let bad = |m: String| ModelError::Config(format!("{source}: {m}"));
-        let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let raw: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let hf: HfQwenVlConfig =
             serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
         let text_config = match hf.text_config {
             Some(t) => t,
             None => serde_json::from_value(raw).map_err(|e| bad(e.to_string()))?,
         };
-        let text = text_config.validate(hf.tie_word_embeddings, TextKind::Qwen2Vl)?;
+        let text = text_config
+            .validate(hf.tie_word_embeddings, TextKind::Qwen2Vl)
+            .map_err(|e| match e {
+                ModelError::Config(m) => bad(m),
+                other => other,
+            })?;
         let vision = hf.vision_config.validate().map_err(bad)?;
         if vision.out != text.hidden {
             return Err(bad(format!(
@@ -438,6 +447,43 @@ mod tests {
             let err = config.validate().unwrap_err();
             assert!(err.contains(needle), "{json}: {err}");
         }
+    }
+
+    /// Configs written before transformers 5 (the published checkpoints'): the decoder's
+    /// keys at the top level, the sections in `rope_scaling` of type "mrope" (read as
+    /// transformers 5 reads them); another scaling type is refused, naming the key.
+    #[test]
+    fn legacy_configs_read_as_transformers_reads_them() {
+        let config = |scaling: &str| {
+            format!(
+                r#"{{"model_type": "qwen2_vl", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "vocab_size": 64, "rope_theta": 1000000.0, "image_token_id": 60,
+                "vision_start_token_id": 62, "vision_end_token_id": 63,
+                "vision_config": {{"embed_dim": 32, "num_heads": 4, "hidden_size": 64}},
+                "rope_scaling": {scaling}}}"#
+            )
+        };
+        for kind in ["type", "rope_type"] {
+            let json = config(&format!(
+                r#"{{"{kind}": "mrope", "mrope_section": [2, 3, 3]}}"#
+            ));
+            let c = QwenVlConfig::from_json(&json, "config.json").unwrap();
+            assert_eq!(c.text.mrope_section, Some([2, 3, 3]));
+            assert_eq!(c.text.rope_theta, 1e6);
+            assert_eq!(
+                (c.text.hidden, c.text.kv_heads, c.text.head_dim),
+                (64, 2, 16)
+            );
+        }
+        let json = config(r#"{"type": "yarn", "factor": 4.0, "mrope_section": [2, 3, 3]}"#);
+        let err = QwenVlConfig::from_json(&json, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config.json") && err.contains("rope_scaling"),
+            "{err}"
+        );
     }
 
     /// The tiny fixture's layout: 4 text tokens, a 2 x 4 merged grid, 7 text tokens.
