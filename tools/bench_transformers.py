@@ -11,7 +11,11 @@ field names as `ecache bench --output`.
         --batch 1 --prompt-len 900 --gen-len 64 --dtype f32 --threads 2 --output t.json
 
 `--shape` takes the same config.json files as `ecache bench` (a LLaVA config: its
-text_config is used; a model directory: its config.json). `--attn` lists the attention
+text_config is used; a model directory: its config.json). A Qwen2-VL or Qwen2.5-VL config
+builds transformers' Qwen2-VL text model (Qwen2 with multimodal RoPE) and an LM head, and
+places the prompt as `ecache bench` does: 15 text tokens, a 672 x 672 picture's 24 x 24
+merged cells at (15, 15 + row, 15 + column), the text after it from 15 + 24 on; the decode
+steps continue from the largest position + 1. `--attn` lists the attention
 implementations to time, one row each: by default transformers' default (`sdpa`) first and
 `eager` second. `--compress F` also times decode after keeping only a fraction F of the
 prompt's cache (the first and last slots), which shows how much a smaller cache alone
@@ -26,6 +30,8 @@ import json
 import os
 import time
 
+import types
+
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -33,14 +39,58 @@ SHAPES = os.path.join(os.path.dirname(__file__), "..", "crates", "ecache-cli", "
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
+QWEN = ("qwen2_vl", "qwen2_5_vl")
+QWEN_HEAD, QWEN_CELLS = 15, 24
+
+
 def text_config(shape):
+    """The decoder's config and whether it is Qwen2-VL's."""
     path = shape
     if not os.path.exists(path):
         path = os.path.join(SHAPES, f"{shape}.json")
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     config = json.load(open(path))
-    return LlamaConfig(**config.get("text_config", config))
+    if config.get("model_type") in QWEN:
+        from transformers import Qwen2VLConfig
+
+        # Qwen2.5-VL's decoder is Qwen2-VL's; its vision keys are not read here.
+        config = dict(config, model_type="qwen2_vl", vision_config={})
+        return Qwen2VLConfig.from_dict(config).text_config, True
+    return LlamaConfig(**config.get("text_config", config)), False
+
+
+class QwenDecoder(torch.nn.Module):
+    """Qwen2-VL's text model and LM head (what `ecache bench` runs; no vision tower)."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+        self.config = config
+        self.model = Qwen2VLTextModel(config)
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids, past_key_values, use_cache, position_ids, logits_to_keep=0, cache_position=None):
+        hidden = self.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache,
+                            position_ids=position_ids, cache_position=cache_position).last_hidden_state
+        return types.SimpleNamespace(logits=self.lm_head(hidden[:, -logits_to_keep:]))
+
+
+def qwen_positions(batch, prompt_len, device):
+    """[3, batch, prompt_len] multimodal positions of the bench's prompt layout."""
+    rows = []
+    for i in range(prompt_len):
+        cell = i - QWEN_HEAD
+        if 0 <= cell < QWEN_CELLS * QWEN_CELLS:
+            r, c = divmod(cell, QWEN_CELLS)
+            rows.append((QWEN_HEAD, QWEN_HEAD + r, QWEN_HEAD + c))
+        else:
+            after = max(0, cell - QWEN_CELLS * QWEN_CELLS)
+            p = QWEN_HEAD + QWEN_CELLS + after if cell >= 0 else i
+            rows.append((p, p, p))
+    t = torch.tensor(rows, device=device).T
+    return t[:, None, :].expand(3, batch, prompt_len)
 
 
 def sync(device):
@@ -48,14 +98,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(model, ids, gen_len, device, keep=None):
-    """Prefill, then gen_len greedy steps; returns (prefill s, decode s, kv bytes)."""
+def run(model, ids, gen_len, device, keep=None, positions=None):
+    """Prefill, then gen_len greedy steps; returns (prefill s, decode s, kv bytes).
+    `positions`: the prompt's [3, batch, T] multimodal positions (Qwen2-VL)."""
     sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
         cache = DynamicCache()
         # As generate() does: the LM head only on the last position.
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        extra = {} if positions is None else {"position_ids": positions}
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         if keep is not None:
             # Keep `keep` prompt slots per layer: the first 4 and the most recent ones.
@@ -68,13 +120,15 @@ def run(model, ids, gen_len, device, keep=None):
         sync(device)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        position = ids.shape[1]
+        position = ids.shape[1] if positions is None else int(positions.max()) + 1
         for _ in range(gen_len):
-            positions = torch.full((ids.shape[0], 1), position, device=ids.device)
+            step = torch.full((ids.shape[0], 1), position, device=ids.device)
+            if positions is not None:
+                step = step[None].expand(3, -1, -1)
             out = model(
                 input_ids=next_ids,
                 past_key_values=cache,
-                position_ids=positions,
+                position_ids=step,
                 cache_position=torch.tensor([cache.get_seq_length()], device=ids.device),
                 use_cache=True,
             )
@@ -189,24 +243,25 @@ def main():
     if a.parts:
         return parts(a)
     torch.manual_seed(a.seed)
-    config = text_config(a.shape)
+    config, qwen = text_config(a.shape)
     attentions = [x.strip() for x in a.attn.split(",") if x.strip()]
     config._attn_implementation = attentions[0]
     with torch.device(a.device):
         torch.set_default_dtype(DTYPES[a.dtype])
-        model = LlamaForCausalLM(config).eval()
+        model = (QwenDecoder(config) if qwen else LlamaForCausalLM(config)).eval()
     torch.set_default_dtype(torch.float32)
     ids = torch.randint(0, config.vocab_size, (a.batch, a.prompt_len), device=a.device)
+    positions = qwen_positions(a.batch, a.prompt_len, a.device) if qwen else None
     rows = []
     for attention in attentions:
         # The layers read the implementation from the shared config at every forward.
         model.config._attn_implementation = attention
         for _ in range(a.warmup):
-            run(model, ids, a.gen_len, a.device)
+            run(model, ids, a.gen_len, a.device, positions=positions)
         for label, keep in [("full", None)] + (
             [(f"keep {a.compress}", max(8, int(a.prompt_len * a.compress)))] if a.compress else []
         ):
-            prefill, decode, kv = run(model, ids, a.gen_len, a.device, keep)
+            prefill, decode, kv = run(model, ids, a.gen_len, a.device, keep, positions)
             rows.append(
                 {
                     "policy": label,

@@ -10,12 +10,14 @@ use crate::BadInput;
 /// Model selection shared by generate and eval.
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// A Hugging Face LLaVA directory (config.json, weights, tokenizer.json, preprocessor_config.json).
+    /// A Hugging Face model directory, LLaVA-1.5, Qwen2-VL or Qwen2.5-VL (config.json, weights,
+    /// tokenizer.json, preprocessor_config.json).
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Pad images to a square with the mean colour first (LLaVA-1.5 evaluation setting).
+    /// Pad images to a square with the mean colour first (LLaVA-1.5 evaluation setting;
+    /// LLaVA only).
     #[arg(long)]
     pub pad_to_square: bool,
 }

@@ -5,8 +5,10 @@
 //! prompt: prefill, then `gen_len` greedy decode steps. The full cache always runs first,
 //! so each policy's figures are ratios against a baseline measured in the same process.
 //! The vision tower is not run: the prompt's embeddings are those of random token ids,
-//! laid out as LLaVA-1.5 lays out a prompt (a short text head, the image's tokens, the
-//! question), so that the policies see image and text slots where a real prompt has them.
+//! laid out as the architecture's chat prompt lays them out (a text head, the image's
+//! tokens, the question), so that the policies see image and text slots where a real
+//! prompt has them; a Qwen2-VL shape places them with multimodal RoPE as a 672 x 672
+//! picture would be (24 x 24 merged cells: 576 image tokens, as LLaVA-1.5's).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,7 +16,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use ecache_core::{CachePolicy, PolicyConfig, PositionMode, SlotKind};
-use ecache_model::{LlavaConfig, Session, llama::LlamaDecoder};
+use ecache_model::config::LlamaConfig;
+use ecache_model::qwen::QwenVlConfig;
+use ecache_model::{Architecture, LlavaConfig, Prompt, Session, llama::LlamaDecoder};
 use serde::Serialize;
 
 use crate::BadInput;
@@ -25,6 +29,13 @@ use crate::policies::builtin_registry;
 /// Text tokens before the image in LLaVA-1.5's prompt (`<s> USER :` and the newline).
 const TEXT_HEAD: usize = 5;
 
+/// Text tokens before the image in Qwen2-VL's chat prompt: `<|im_start|>system\nYou are
+/// a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>` under its tokenizer.
+const QWEN_TEXT_HEAD: usize = 15;
+
+/// Merged cells per side of the picture a Qwen2-VL shape is measured with.
+const QWEN_CELLS: usize = 24;
+
 /// The shapes `--shape` knows by name, as Hugging Face `config.json` texts.
 const SHAPES: &[(&str, &str)] = &[
     ("llava-1.5-7b", include_str!("../shapes/llava-1.5-7b.json")),
@@ -33,6 +44,16 @@ const SHAPES: &[(&str, &str)] = &[
         include_str!("../shapes/llava-1.5-13b.json"),
     ),
     ("llava-mid", include_str!("../shapes/llava-mid.json")),
+    // The published Qwen2-VL-7B-Instruct and Qwen2.5-VL-7B-Instruct configs (one decoder:
+    // the bench does not run the towers, where they differ).
+    ("qwen2-vl-7b", include_str!("../shapes/qwen2-vl-7b.json")),
+    // Qwen2-VL's decoder (GQA 8:1, biases on q, k, v, multimodal RoPE, vocabulary 152,064)
+    // at llava-mid's width and depth: a size whose f32 weights fit beside transformers'.
+    ("qwen2-vl-mid", include_str!("../shapes/qwen2-vl-mid.json")),
+    (
+        "qwen2.5-vl-7b",
+        include_str!("../shapes/qwen2.5-vl-7b.json"),
+    ),
     // A LLaMA decoder (1024 wide, 8 layers, MHA, vocabulary 32,000) with a vision tower
     // of 4 image tokens: a text model's decode.
     (
@@ -41,10 +62,68 @@ const SHAPES: &[(&str, &str)] = &[
     ),
 ];
 
-/// A named shape's config, or the `config.json` at a path.
-pub fn resolve_shape(shape: &str) -> Result<LlavaConfig> {
+/// What the protocol needs of a shape: its decoder and where a prompt puts the image.
+#[derive(Debug, Clone)]
+pub struct BenchShape {
+    pub architecture: Architecture,
+    pub text: LlamaConfig,
+    /// Image slots in the prompt.
+    pub image_tokens: usize,
+    /// Text slots before the image.
+    pub text_head: usize,
+    /// Multimodal RoPE (Qwen2-VL): the picture's patch grid, the merge size and the image
+    /// token's id.
+    pub mrope: Option<([usize; 3], usize, u32)>,
+}
+
+impl BenchShape {
+    /// The shape a `config.json` text describes; `source` names it in errors.
+    pub fn from_json(text: &str, source: &str) -> Result<Self> {
+        let bad = |e: ecache_model::ModelError| BadInput(e.to_string());
+        Ok(match Architecture::of_json(text, source).map_err(bad)? {
+            Architecture::Llava => {
+                let c = LlavaConfig::from_json(text, source).map_err(bad)?;
+                Self {
+                    architecture: Architecture::Llava,
+                    image_tokens: c.image_tokens(),
+                    text: c.text,
+                    text_head: TEXT_HEAD,
+                    mrope: None,
+                }
+            }
+            arch => {
+                let c = QwenVlConfig::from_json(text, source).map_err(bad)?;
+                let merge = c.vision.merge;
+                let side = QWEN_CELLS * merge;
+                Self {
+                    architecture: arch,
+                    text: c.text,
+                    image_tokens: QWEN_CELLS * QWEN_CELLS,
+                    text_head: QWEN_TEXT_HEAD,
+                    mrope: Some(([1, side, side], merge, c.image_token_id)),
+                }
+            }
+        })
+    }
+
+    /// Each prompt slot's multimodal RoPE position, for a Qwen2-VL shape.
+    fn rope(&self, prompt_len: usize) -> Result<Option<Vec<[usize; 3]>>> {
+        let Some((grid, merge, image)) = self.mrope else {
+            return Ok(None);
+        };
+        let ids: Vec<u32> = prompt_kinds(prompt_len, self.text_head, self.image_tokens)
+            .iter()
+            .map(|k| if *k == SlotKind::Image { image } else { 0 })
+            .collect();
+        let (positions, _) = ecache_model::qwen::mrope_positions(&ids, image, &[grid], merge)?;
+        Ok(Some(positions))
+    }
+}
+
+/// A named shape, or the `config.json` at a path (of any supported architecture).
+pub fn resolve_shape(shape: &str) -> Result<BenchShape> {
     if let Some((name, text)) = SHAPES.iter().find(|(n, _)| *n == shape) {
-        return Ok(LlavaConfig::from_json(text, name)?);
+        return BenchShape::from_json(text, name);
     }
     let path = Path::new(shape);
     let path = if path.is_dir() {
@@ -60,14 +139,16 @@ pub fn resolve_shape(shape: &str) -> Result<LlavaConfig> {
         ))
         .into());
     }
-    LlavaConfig::from_path(&path).map_err(|e| BadInput(e.to_string()).into())
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| BadInput(format!("--shape {}: {e}", path.display())))?;
+    BenchShape::from_json(&text, &path.display().to_string())
 }
 
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchRequest {
     pub shape_name: String,
-    pub config: LlavaConfig,
+    pub shape: BenchShape,
     pub batch: usize,
     pub prompt_len: usize,
     pub gen_len: usize,
@@ -126,15 +207,16 @@ pub struct BenchReport {
 
 /// Checks the protocol against the shape before any weight is created.
 pub fn check_request(request: &BenchRequest) -> Result<usize> {
-    let image = request.config.image_tokens();
-    let text = &request.config.text;
+    let (image, head) = (request.shape.image_tokens, request.shape.text_head);
+    let text = &request.shape.text;
     if request.batch == 0 || request.gen_len == 0 {
         return Err(BadInput("--batch and --gen-len must be at least 1".into()).into());
     }
-    if request.prompt_len < TEXT_HEAD + image + 1 {
+    if request.prompt_len < head + image + 1 {
         return Err(BadInput(format!(
-            "--prompt-len {} is shorter than LLaVA's prompt layout: {TEXT_HEAD} text tokens, the image's {image} tokens and at least one more",
-            request.prompt_len
+            "--prompt-len {} is shorter than the {} prompt layout: {head} text tokens, the image's {image} tokens and at least one more",
+            request.prompt_len,
+            request.shape.architecture.model_type()
         ))
         .into());
     }
@@ -149,10 +231,10 @@ pub fn check_request(request: &BenchRequest) -> Result<usize> {
 }
 
 /// Parameters of the decoder (embeddings and LM head included).
-pub fn decoder_parameters(config: &LlavaConfig) -> usize {
-    let t = &config.text;
+pub fn decoder_parameters(t: &LlamaConfig) -> usize {
     let (h, q, kv) = (t.hidden, t.heads * t.head_dim, t.kv_heads * t.head_dim);
-    let layer = h * q * 2 + h * kv * 2 + 3 * h * t.intermediate + 2 * h;
+    let bias = if t.qkv_bias { q + 2 * kv } else { 0 };
+    let layer = h * q * 2 + h * kv * 2 + 3 * h * t.intermediate + 2 * h + bias;
     let head = if t.tie_word_embeddings {
         0
     } else {
@@ -182,24 +264,23 @@ impl BackendJob for BenchRequest {
                     .map_err(|e| BadInput(e.to_string()).into())
             })
             .collect::<Result<Vec<Box<dyn CachePolicy>>>>()?;
-        let decoder = LlamaDecoder::<B>::init(&self.config.text, device, self.dtype, self.seed);
-        let kinds = prompt_kinds(self.prompt_len, image_tokens);
-        let ids = random_ids(
-            self.batch,
-            self.prompt_len,
-            self.config.text.vocab_size,
-            self.seed,
-        );
+        let text = &self.shape.text;
+        let decoder = LlamaDecoder::<B>::init(text, device, self.dtype, self.seed);
+        let kinds = prompt_kinds(self.prompt_len, self.shape.text_head, image_tokens);
+        let rope = self.shape.rope(self.prompt_len)?;
+        let ids = random_ids(self.batch, self.prompt_len, text.vocab_size, self.seed);
         let ids = Tensor::<B, 2, Int>::from_data(
             TensorData::new(ids, [self.batch, self.prompt_len]),
             device,
         );
         for _ in 0..self.warmup {
-            run_once(&self, &decoder, policies[0].as_ref(), &ids, &kinds, device)?;
+            let prompt = (&ids, &kinds[..], rope.as_deref());
+            run_once(&self, &decoder, policies[0].as_ref(), prompt, device)?;
         }
         let mut rows: Vec<BenchRow> = Vec::new();
         for (config, policy) in configs.iter().zip(&policies) {
-            let mut row = run_once(&self, &decoder, policy.as_ref(), &ids, &kinds, device)?;
+            let prompt = (&ids, &kinds[..], rope.as_deref());
+            let mut row = run_once(&self, &decoder, policy.as_ref(), prompt, device)?;
             row.budget = config.budget;
             row.params = params_label(config);
             let (ms, prefill, kv) = rows.first().map_or(
@@ -209,9 +290,8 @@ impl BackendJob for BenchRequest {
             row.decode_speedup = ms / row.ms_per_step;
             row.prefill_speedup = prefill / row.prefill_seconds;
             row.kv_ratio = row.kv_bytes_end as f64 / kv.max(1) as f64;
-            let weights = (decoder_parameters(&self.config)
-                - self.config.text.vocab_size * self.config.text.hidden)
-                * self.dtype.size();
+            let weights =
+                (decoder_parameters(text) - text.vocab_size * text.hidden) * self.dtype.size();
             row.bytes_per_step += weights as f64;
             row.bandwidth_share = machine
                 .bandwidth_gb_s
@@ -232,24 +312,30 @@ impl BackendJob for BenchRequest {
             prompt_len: self.prompt_len,
             image_tokens,
             gen_len: self.gen_len,
-            parameters: decoder_parameters(&self.config),
+            parameters: decoder_parameters(text),
             rows,
         })
     }
 }
+
+/// The prompt's token ids, slot kinds and multimodal RoPE positions (if any).
+type BenchPrompt<'a, B> = (
+    &'a Tensor<B, 2, Int>,
+    &'a [SlotKind],
+    Option<&'a [[usize; 3]]>,
+);
 
 /// One timed pass of the protocol under `policy`.
 fn run_once<B: ecache_model::kernels::KernelBackend>(
     request: &BenchRequest,
     decoder: &LlamaDecoder<B>,
     policy: &dyn CachePolicy,
-    ids: &Tensor<B, 2, Int>,
-    kinds: &[SlotKind],
+    (ids, kinds, rope): BenchPrompt<'_, B>,
     device: &B::Device,
 ) -> Result<BenchRow> {
     let mut session = Session::new(
         decoder,
-        &request.config.text,
+        &request.shape.text,
         policy,
         PositionMode::Absolute,
         request.batch,
@@ -258,8 +344,12 @@ fn run_once<B: ecache_model::kernels::KernelBackend>(
     );
     reset_peak_rss();
     let start = Instant::now();
-    let embeds = decoder.embed(ids.clone());
-    let mut next = greedy(session.prefill_last(embeds, kinds)?)?;
+    let prompt = Prompt {
+        embeds: decoder.embed(ids.clone()),
+        kinds: kinds.to_vec(),
+        rope: rope.map(<[_]>::to_vec),
+    };
+    let mut next = greedy(session.prefill_prompt_last(prompt)?)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let kv_after_prefill = session.kv_bytes();
     let start = Instant::now();
@@ -299,11 +389,11 @@ fn greedy<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<u32>> {
     Ok(ids.into_iter().map(|i| i as u32).collect())
 }
 
-/// LLaVA-1.5's layout: a text head, the image's tokens, then text.
-pub fn prompt_kinds(prompt_len: usize, image_tokens: usize) -> Vec<SlotKind> {
+/// A chat prompt's layout: `text_head` text slots, the image's slots, then text.
+pub fn prompt_kinds(prompt_len: usize, text_head: usize, image_tokens: usize) -> Vec<SlotKind> {
     (0..prompt_len)
         .map(|i| {
-            if (TEXT_HEAD..TEXT_HEAD + image_tokens).contains(&i) {
+            if (text_head..text_head + image_tokens).contains(&i) {
                 SlotKind::Image
             } else {
                 SlotKind::Text
@@ -402,27 +492,64 @@ mod tests {
     #[test]
     fn named_shapes_match_the_published_sizes() {
         let seven = resolve_shape("llava-1.5-7b").unwrap();
-        assert_eq!(seven.image_tokens(), 576);
+        assert_eq!(seven.image_tokens, 576);
         // LLaVA-1.5-7B's language model: 6.74 B parameters with its 32,064-token vocabulary.
-        let p = decoder_parameters(&seven) as f64 / 1e9;
+        let p = decoder_parameters(&seven.text) as f64 / 1e9;
         assert!((p - 6.74).abs() < 0.01, "{p}");
         let thirteen = resolve_shape("llava-1.5-13b").unwrap();
-        let p = decoder_parameters(&thirteen) as f64 / 1e9;
+        let p = decoder_parameters(&thirteen.text) as f64 / 1e9;
         assert!((p - 13.02).abs() < 0.02, "{p}");
+        // Qwen2-VL-7B's language model: 7.62 B parameters (Qwen2-7B's count: biases on q, k
+        // and v, an untied 152,064-token head), read from the published config.
+        for (name, arch) in [
+            ("qwen2-vl-7b", Architecture::Qwen2Vl),
+            ("qwen2.5-vl-7b", Architecture::Qwen25Vl),
+        ] {
+            let qwen = resolve_shape(name).unwrap();
+            assert_eq!(qwen.architecture, arch);
+            assert_eq!(qwen.text.mrope_section, Some([16, 24, 24]));
+            assert_eq!((qwen.text.kv_heads, qwen.text.head_dim), (4, 128));
+            assert_eq!(qwen.text.rope_theta, 1e6);
+            assert_eq!(qwen.image_tokens, 576);
+            let p = decoder_parameters(&qwen.text) as f64 / 1e9;
+            assert!((p - 7.62).abs() < 0.01, "{name}: {p}");
+        }
     }
 
     #[test]
     fn prompt_layout_puts_the_image_after_the_text_head() {
-        let kinds = prompt_kinds(10, 3);
+        let kinds = prompt_kinds(10, 5, 3);
         let image: Vec<usize> = (0..10).filter(|&i| kinds[i] == SlotKind::Image).collect();
         assert_eq!(image, vec![5, 6, 7]);
+    }
+
+    /// A Qwen2-VL shape's prompt: 15 text slots at 0..15 on every axis, the 24 x 24 cells
+    /// at (15, 15 + row, 15 + column), the text after them from 15 + 24 on.
+    #[test]
+    fn a_qwen_prompt_places_the_picture_with_multimodal_rope() {
+        let shape = resolve_shape("qwen2-vl-7b").unwrap();
+        let rope = shape.rope(600).unwrap().unwrap();
+        assert_eq!(rope.len(), 600);
+        assert_eq!(rope[14], [14; 3]);
+        assert_eq!(rope[15], [15, 15, 15]);
+        assert_eq!(rope[15 + 24 + 5], [15, 16, 20]);
+        assert_eq!(rope[15 + 576 - 1], [15, 38, 38]);
+        assert_eq!(rope[15 + 576], [39; 3]);
+        assert_eq!(rope[599], [39 + 8; 3]);
+        assert!(
+            resolve_shape("llava-mid")
+                .unwrap()
+                .rope(600)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
     fn a_protocol_longer_than_the_context_is_refused_naming_both_numbers() {
         let request = BenchRequest {
             shape_name: "llava-1.5-7b".into(),
-            config: resolve_shape("llava-1.5-7b").unwrap(),
+            shape: resolve_shape("llava-1.5-7b").unwrap(),
             batch: 1,
             prompt_len: 4000,
             gen_len: 512,

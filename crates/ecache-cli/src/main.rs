@@ -32,7 +32,8 @@ struct Cli {
 enum Command {
     /// Show what a policy keeps and merges, given attention scores (no model needed).
     Trace(TraceArgs),
-    /// Answer a prompt about an image with a LLaVA checkpoint under a cache policy.
+    /// Answer a prompt about an image with a checkpoint (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL)
+    /// under a cache policy.
     Generate(GenerateArgs),
     /// Perplexity or ROUGE-L of policies and budgets over a dataset, against the full cache.
     Eval(EvalArgs),
@@ -57,7 +58,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// llava-1.5-7b | llava-1.5-13b | llava-mid | llama-h1024x8 | a config.json or model directory.
+    /// llava-1.5-7b | llava-1.5-13b | llava-mid | llama-h1024x8 | qwen2-vl-7b | qwen2.5-vl-7b |
+    /// qwen2-vl-mid | a config.json or model directory.
     #[arg(long, default_value = "llava-1.5-7b")]
     shape: String,
     #[arg(long, default_value_t = 8)]
@@ -100,7 +102,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     }
     let request = BenchRequest {
         shape_name: args.shape.clone(),
-        config: resolve_shape(&args.shape)?,
+        shape: resolve_shape(&args.shape)?,
         batch: args.batch,
         prompt_len: args.prompt_len,
         gen_len: args.gen_len,

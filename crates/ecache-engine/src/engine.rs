@@ -19,7 +19,8 @@ use crate::scheduler::{self, Msg};
 /// How an engine is set up.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// A Hugging Face LLaVA directory (config.json, weights, tokenizer.json,
+    /// A Hugging Face model directory of any architecture `ecache_model` loads
+    /// (config.json, weights, tokenizer.json,
     /// preprocessor_config.json).
     pub model_dir: PathBuf,
     pub backend: BackendKind,

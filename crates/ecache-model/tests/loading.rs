@@ -19,6 +19,11 @@ fn fixture(name: &str) -> PathBuf {
 
 /// A scratch copy of the MHA fixture, unique per test.
 fn scratch(tag: &str) -> PathBuf {
+    scratch_of("tiny-llava-mha", tag)
+}
+
+/// A scratch copy of fixture `name`'s model files, unique per test.
+fn scratch_of(name: &str, tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ecache-load-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -28,7 +33,7 @@ fn scratch(tag: &str) -> PathBuf {
         "tokenizer.json",
         "preprocessor_config.json",
     ] {
-        std::fs::copy(fixture("tiny-llava-mha").join(f), dir.join(f)).unwrap();
+        std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
     }
     dir
 }
@@ -246,5 +251,62 @@ fn an_unsupported_architecture_names_the_supported_ones() {
                 && err.contains("qwen2_5_vl"),
             "{err}"
         );
+    }
+}
+
+/// A Qwen2-VL checkpoint under the published names (`model.layers.*`, `model.embed_tokens`,
+/// `visual.*`, as the Qwen/Qwen2-VL-*-Instruct files have them) instead of what
+/// transformers 5 writes (`model.language_model.*`, `model.visual.*`) loads whole and
+/// gives the same image features and logits.
+#[test]
+fn qwen_published_names_load_as_transformers_5_names_do() {
+    for name in ["tiny-qwen2-vl", "tiny-qwen2.5-vl"] {
+        let dir = scratch_of(name, "qwen-names");
+        rewrite(&dir, |t| {
+            let renamed: HashMap<String, (Vec<usize>, Vec<u8>)> = t
+                .drain()
+                .map(|(n, v)| {
+                    let n = n
+                        .replace("model.language_model.", "model.")
+                        .replace("model.visual.", "visual.");
+                    (n, v)
+                })
+                .collect();
+            assert!(renamed.keys().any(|n| n.starts_with("visual.blocks.")));
+            assert!(renamed.keys().any(|n| n.starts_with("model.layers.")));
+            *t = renamed;
+        });
+        let device = Default::default();
+        let outputs = |dir: &Path| {
+            let frontend = ecache_model::load_frontend(dir, Default::default()).unwrap();
+            let model = ecache_model::load_model::<B>(dir, &device, DType::F32).unwrap();
+            let pixels = frontend
+                .open(&fixture("qwen2-vl-images").join("wide.png"))
+                .unwrap();
+            let features = model.image_features(&pixels, &device, DType::F32).unwrap();
+            let ids = frontend
+                .encode_prompt(&frontend.question("what is it ?", 1), &[&pixels])
+                .unwrap();
+            let prompt = model
+                .prompt(&ids, vec![features.clone()], &[pixels.grid], &device)
+                .unwrap();
+            let full =
+                ecache_policy_full::build(&ecache_core::PolicyConfig::new("full", 1.0)).unwrap();
+            let mut seq = ecache_model::Sequence::new(
+                model.text(),
+                full.as_ref(),
+                ecache_core::PositionMode::Absolute,
+                &device,
+                DType::F32,
+            );
+            let logits = ecache_model::Runner::new(model.decoder(), model.text(), &device)
+                .prefill_prompt_last(&mut seq, full.as_ref(), prompt)
+                .unwrap();
+            let f: Vec<f32> = features.into_data().into_vec().unwrap();
+            let l: Vec<f32> = logits.into_data().into_vec().unwrap();
+            (f, l)
+        };
+        assert_eq!(outputs(&dir), outputs(&fixture(name)), "{name}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
