@@ -87,13 +87,14 @@ impl<B: Backend> QwenVision<B> {
     /// and the published checkpoints' `visual.`).
     pub fn load(c: &QwenVisionConfig, l: &mut Loader<'_, B>) -> Result<Self> {
         let e = c.embed;
-        let conv = l.tensor::<5>(
-            "visual.patch_embed.proj.weight",
-            [e, c.channels, c.temporal, c.patch, c.patch],
-        )?;
         // The Conv3d's weight [embed, C, T, P, P], flattened as a patch row is, is a
         // linear map from the row to the embedding ([in, out] for burn).
-        let weight = conv.reshape([e, c.patch_values]).transpose();
+        let weight = l.checkpoint.take_flattened_weight(
+            "visual.patch_embed.proj.weight",
+            &[e, c.channels, c.temporal, c.patch, c.patch],
+            l.device,
+            l.dtype,
+        )?;
         let patch_embed = Linear {
             weight: burn::module::Param::from_tensor(weight),
             bias: None,

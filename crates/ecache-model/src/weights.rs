@@ -246,6 +246,24 @@ impl Checkpoint {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Tensor<B, 2>> {
+        self.take_flattened_weight(canonical, &[d_out, d_in], device, dtype)
+    }
+
+    /// Takes a PyTorch weight of shape `stored` (`[out, ...]`, e.g. a convolution's whose
+    /// kernel covers its whole input) as the linear map from its flattened trailing
+    /// dimensions, burn's `[in, out]`. The reshape and transpose are done here, on the
+    /// host: Qwen2-VL's 5-D patch-embedding weight reshaped and transposed on the device
+    /// gave wrong products as a `Linear` weight on burn 0.21's wgpu backend (0.5 off on
+    /// the tiny tower; `tests/qwen.rs` on wgpu), while the same values copied did not.
+    pub fn take_flattened_weight<B: Backend>(
+        &mut self,
+        canonical: &str,
+        stored: &[usize],
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Tensor<B, 2>> {
+        let d_out = stored.first().copied().unwrap_or(0);
+        let d_in = stored.iter().skip(1).product::<usize>();
         if let Some(std) = self.std_for(canonical) {
             return Ok(Self::random_tensor(
                 std,
@@ -255,7 +273,7 @@ impl Checkpoint {
                 dtype,
             ));
         }
-        let data = self.take_data(canonical, &[d_out, d_in])?;
+        let data = self.take_data(canonical, stored)?;
         let values: Vec<f32> = data.into_vec().expect("decoded as f32");
         let mut transposed = vec![0.0f32; values.len()];
         for o in 0..d_out {

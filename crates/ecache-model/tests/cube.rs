@@ -88,3 +88,58 @@ fn linear_layers_take_the_cube_kernel_at_decode_shapes() {
     let diff: f32 = (ours - theirs).abs().max().into_scalar();
     assert!(diff < 1e-4, "{diff}");
 }
+
+/// A decoder whose LM head is tied to its embeddings (Qwen2-VL-2B, Qwen2.5-VL-3B; the head
+/// is a transposed view of the embedding table): on the CubeCL backend its logits, step
+/// after step, equal the CPU backend's for the same weights (exported and reloaded).
+#[test]
+fn a_tied_lm_head_agrees_with_the_cpu_backend_step_after_step() {
+    use burn::tensor::TensorData;
+    use ecache_model::config::{HfLlamaConfig, TextKind};
+    use ecache_model::llama::LlamaDecoder;
+
+    type Cpu = burn::backend::Flex;
+    let hf: HfLlamaConfig = serde_json::from_str(
+        r#"{"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 4}"#,
+    )
+    .unwrap();
+    let config = hf.validate(true, TextKind::Llama).unwrap();
+    let device = Default::default();
+    let cube = LlamaDecoder::<Fused>::init(&config, &device, DType::F32, 3);
+    let dir = std::env::temp_dir().join(format!("ecache-tied-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut exporter = ecache_model::export::Exporter::default();
+    cube.export(&mut exporter);
+    exporter.save(&dir.join("model.safetensors")).unwrap();
+    let mut checkpoint = ecache_model::weights::Checkpoint::open(&dir).unwrap();
+    let mut loader = ecache_model::layers::Loader::<Cpu> {
+        checkpoint: &mut checkpoint,
+        device: &Default::default(),
+        dtype: DType::F32,
+    };
+    let cpu = LlamaDecoder::<Cpu>::load(&config, &mut loader).unwrap();
+    for step in 0..3 {
+        let values: Vec<f32> = (0..64)
+            .map(|i| ((i * 7 + step * 13) % 17) as f32 / 17.0 - 0.5)
+            .collect();
+        let on = |data: Vec<f32>| TensorData::new(data, [1, 1, 64]);
+        let a: Vec<f32> = cube
+            .head(Tensor::from_data(on(values.clone()), &device))
+            .into_data()
+            .into_vec()
+            .unwrap();
+        let b: Vec<f32> = cpu
+            .head(Tensor::from_data(on(values), &Default::default()))
+            .into_data()
+            .into_vec()
+            .unwrap();
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "step {step}: max difference {worst}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -6,7 +6,6 @@
 
 mod common;
 
-use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 use common::{fixture, json, max_difference, st_f32};
 use ecache_core::{CachePolicy, PolicyConfig, PositionMode};
@@ -20,7 +19,14 @@ use ecache_model::qwen_vision::QwenVision;
 use ecache_model::weights::Checkpoint;
 use ecache_model::{Runner, Sequence};
 
-type B = Flex;
+/// The CPU backend, or CUDA when built with `--features cuda`, or wgpu with `--features
+/// wgpu` (.ci/run, on Mesa's software Vulkan driver).
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+type B = burn::backend::Flex;
+#[cfg(feature = "cuda")]
+type B = burn::backend::Cuda;
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+type B = burn::backend::Wgpu;
 
 const CHECKPOINTS: [&str; 2] = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"];
 const PICTURES: [&str; 3] = ["wide", "large", "small"];
