@@ -225,7 +225,7 @@ impl BackendJob for InspectRequest {
         let prompt = if frontend.is_formatted(&self.prompt) {
             self.prompt.clone()
         } else {
-            frontend.question(&self.prompt, 1)
+            frontend.question(&self.prompt, 1).map_err(|e| bad(&e))?
         };
         let ids = frontend
             .encode_prompt(&prompt, &[&pixels])

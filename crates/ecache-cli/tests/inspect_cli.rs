@@ -43,7 +43,7 @@ fn session_contents(
     let model = ecache_model::load_model::<B>(dir, &device, DType::F32).unwrap();
     let pixels = frontend.open(image).unwrap();
     let ids = frontend
-        .encode_prompt(&frontend.question(question, 1), &[&pixels])
+        .encode_prompt(&frontend.question(question, 1).unwrap(), &[&pixels])
         .unwrap();
     let features = model.image_features(&pixels, &device, DType::F32).unwrap();
     let prompt = model

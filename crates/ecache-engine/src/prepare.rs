@@ -68,9 +68,13 @@ pub(crate) struct Checker<'a> {
 /// The prompt as the model sees it for [`Prompt::Text`]: the text as given when it is
 /// already in the model's format, else the model's chat format around a bare question
 /// ([`Frontend::question`]: LLaVA leaves a question without an image as it is).
-pub fn format_prompt(frontend: &dyn Frontend, prompt: &str, with_image: bool) -> String {
+pub fn format_prompt(
+    frontend: &dyn Frontend,
+    prompt: &str,
+    with_image: bool,
+) -> ecache_model::Result<String> {
     if frontend.is_formatted(prompt) {
-        prompt.to_string()
+        Ok(prompt.to_string())
     } else {
         frontend.question(prompt, usize::from(with_image))
     }
@@ -248,7 +252,8 @@ fn render(
             if text.trim().is_empty() {
                 return Err(SubmitError::invalid("the prompt is empty", "prompt"));
             }
-            let text = format_prompt(frontend, &text, image.is_some());
+            let text = format_prompt(frontend, &text, image.is_some())
+                .map_err(|e| SubmitError::invalid(e.to_string(), "prompt"))?;
             Ok((text, image))
         }
         Prompt::Chat(messages) => {
@@ -306,7 +311,10 @@ fn render(
                     "messages",
                 ));
             }
-            Ok((frontend.chat(&turns), images.pop()))
+            let text = frontend
+                .chat(&turns)
+                .map_err(|e| SubmitError::invalid(e.to_string(), "messages"))?;
+            Ok((text, images.pop()))
         }
     }
 }

@@ -133,7 +133,7 @@ fn answers_under_policies_in_flight_equal_a_lone_sequences() {
                 .open(&fixture("qwen2-vl-images").join("wide.png"))
                 .unwrap();
             let ids = frontend
-                .encode_prompt(&frontend.question(question, 1), &[&pixels])
+                .encode_prompt(&frontend.question(question, 1).unwrap(), &[&pixels])
                 .unwrap();
             let features = model.image_features(&pixels, &device, DType::F32).unwrap();
             let prompt = model
@@ -162,4 +162,52 @@ fn answers_under_policies_in_flight_equal_a_lone_sequences() {
             assert_eq!(got, want, "{name} {}", config.name);
         }
     }
+}
+
+/// A directory's own chat template is what renders the messages: one that refuses system
+/// turns (`raise_exception`, as some published templates do) has such a request refused
+/// naming `messages`, and serves the others with its own format.
+#[test]
+fn the_directorys_chat_template_renders_and_may_refuse() {
+    let dir = std::env::temp_dir().join(format!("ecache-qwen-template-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-qwen2-vl")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('system turns are not supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n",
+    )
+    .unwrap();
+    let engine = Engine::load(EngineConfig::new(&dir)).unwrap();
+    let system = Message {
+        role: Role::System,
+        parts: vec![Part::Text("be brief .".into())],
+    };
+    let question = user(vec![picture(), Part::Text("what is it ?".into())]);
+    let ecache_engine::Prompt::Chat(mut messages) = question.prompt.clone() else {
+        unreachable!()
+    };
+    messages.insert(0, system);
+    match engine.submit(Request::chat(messages)).err() {
+        Some(SubmitError::Invalid { param, message }) => {
+            assert_eq!(param.as_deref(), Some("messages"));
+            assert!(
+                message.contains("system turns are not supported"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without the default system turn the published template adds: 8 image slots and
+    // the words of `<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant` (a template's
+    // last newline is dropped, as Jinja does by default).
+    let handle = engine.submit(question).unwrap();
+    let frontend = ecache_model::load_frontend(&dir, Default::default()).unwrap();
+    let rendered = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it ?<|im_end|>\n<|im_start|>assistant";
+    let ids = frontend.tokenizer().encode(rendered, false).unwrap();
+    assert_eq!(handle.prompt_tokens(), ids.len() - 1 + 8);
+    handle.wait().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -28,6 +28,7 @@ pub mod qwen_vl;
 pub mod resample;
 pub mod sequence;
 pub mod session;
+pub mod template;
 pub mod weights;
 
 pub use config::LlavaConfig;

@@ -17,7 +17,8 @@ use crate::layers::{Loader, activate};
 use crate::llama::LlamaDecoder;
 use crate::model::{Architecture, Frontend, FrontendOptions, Pixels, VisionLanguageModel};
 use crate::preprocess::ImageProcessor;
-use crate::prompt::{PromptTokenizer, Turn, chat_prompt, chat_template};
+use crate::prompt::{Content, PromptTokenizer, Role, Turn, chat_template};
+use crate::template::ChatTemplate;
 use crate::weights::Checkpoint;
 
 /// `linear_1`, activation, `linear_2`.
@@ -182,6 +183,7 @@ pub struct LlavaFrontend {
     config: LlavaConfig,
     tokenizer: PromptTokenizer,
     processor: ImageProcessor,
+    template: Option<ChatTemplate>,
 }
 
 impl LlavaFrontend {
@@ -195,6 +197,7 @@ impl LlavaFrontend {
             config,
             tokenizer,
             processor,
+            template: ChatTemplate::load(dir)?,
         })
     }
 
@@ -225,20 +228,27 @@ impl Frontend for LlavaFrontend {
         Some(self.config.image_tokens())
     }
 
-    fn question(&self, question: &str, images: usize) -> String {
+    fn question(&self, question: &str, images: usize) -> Result<String> {
         if images == 0 {
-            question.to_string()
-        } else {
-            chat_prompt(question)
+            return Ok(question.to_string());
         }
+        let mut parts = vec![Content::Image; images];
+        parts.push(Content::Text(question.to_string()));
+        self.chat(&[Turn {
+            role: Role::User,
+            parts,
+        }])
     }
 
     fn is_formatted(&self, prompt: &str) -> bool {
         prompt.contains("<image>") || prompt.contains("USER:")
     }
 
-    fn chat(&self, turns: &[Turn]) -> String {
-        chat_template(turns)
+    fn chat(&self, turns: &[Turn]) -> Result<String> {
+        match &self.template {
+            Some(template) => template.render(turns),
+            None => Ok(chat_template(turns)),
+        }
     }
 
     fn image_marker(&self) -> &'static str {

@@ -170,13 +170,15 @@ pub trait Frontend: Send + Sync {
 
     /// The prompt for a bare `question` about `images` pictures, in the model's chat format
     /// with the assistant's turn opened.
-    fn question(&self, question: &str, images: usize) -> String;
+    fn question(&self, question: &str, images: usize) -> Result<String>;
 
     /// Whether `prompt` is already in the model's format (then it is used as given).
     fn is_formatted(&self, prompt: &str) -> bool;
 
-    /// The model's chat template over `turns`, with the assistant's turn opened.
-    fn chat(&self, turns: &[Turn]) -> String;
+    /// The model's chat template over `turns`, with the assistant's turn opened: the one
+    /// its directory ships ([`crate::template::ChatTemplate`]), else the architecture's
+    /// published one built in. A template may refuse a conversation (`raise_exception`).
+    fn chat(&self, turns: &[Turn]) -> Result<String>;
 
     /// Text a message may not contain: it marks an image's place in a rendered prompt.
     fn image_marker(&self) -> &'static str;

@@ -14,10 +14,11 @@ use crate::kernels::KernelBackend;
 use crate::layers::Loader;
 use crate::llama::LlamaDecoder;
 use crate::model::{Architecture, Frontend, FrontendOptions, Pixels, VisionLanguageModel};
-use crate::prompt::{PromptTokenizer, Turn};
+use crate::prompt::{Content, PromptTokenizer, Role, Turn};
 use crate::qwen::{self, QwenVlConfig};
 use crate::qwen_image::QwenImageProcessor;
 use crate::qwen_vision::QwenVision;
+use crate::template::ChatTemplate;
 use crate::weights::Checkpoint;
 
 /// A Qwen2-VL or Qwen2.5-VL model: the vision tower (its merger included) and the
@@ -121,6 +122,7 @@ pub struct QwenFrontend {
     config: QwenVlConfig,
     tokenizer: PromptTokenizer,
     processor: QwenImageProcessor,
+    template: Option<ChatTemplate>,
 }
 
 impl QwenFrontend {
@@ -148,6 +150,7 @@ impl QwenFrontend {
             config,
             tokenizer,
             processor,
+            template: ChatTemplate::load(dir)?,
         })
     }
 
@@ -178,16 +181,24 @@ impl Frontend for QwenFrontend {
         None
     }
 
-    fn question(&self, question: &str, images: usize) -> String {
-        qwen::chat_prompt(question, images)
+    fn question(&self, question: &str, images: usize) -> Result<String> {
+        let mut parts = vec![Content::Image; images];
+        parts.push(Content::Text(question.to_string()));
+        self.chat(&[Turn {
+            role: Role::User,
+            parts,
+        }])
     }
 
     fn is_formatted(&self, prompt: &str) -> bool {
         prompt.contains("<|im_start|>") || prompt.contains(qwen::PICTURE)
     }
 
-    fn chat(&self, turns: &[Turn]) -> String {
-        qwen::chat_template(turns)
+    fn chat(&self, turns: &[Turn]) -> Result<String> {
+        match &self.template {
+            Some(template) => template.render(turns),
+            None => Ok(qwen::chat_template(turns)),
+        }
     }
 
     fn image_marker(&self) -> &'static str {

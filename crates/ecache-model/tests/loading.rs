@@ -285,7 +285,7 @@ fn qwen_published_names_load_as_transformers_5_names_do() {
                 .unwrap();
             let features = model.image_features(&pixels, &device, DType::F32).unwrap();
             let ids = frontend
-                .encode_prompt(&frontend.question("what is it ?", 1), &[&pixels])
+                .encode_prompt(&frontend.question("what is it ?", 1).unwrap(), &[&pixels])
                 .unwrap();
             let prompt = model
                 .prompt(&ids, vec![features.clone()], &[pixels.grid], &device)

@@ -304,7 +304,8 @@ fn chat_prompts_match_transformers() {
     }
 }
 
-/// The chat template through the model interface: each conversation of
+/// The chat template through the model interface (the directory's `chat_template.jinja`,
+/// rendered by minijinja): each conversation of
 /// `expected_chat.json` (a system turn, a picture between texts, an assistant answer, a
 /// text-only question, a picture after the text) renders as transformers'
 /// `apply_chat_template` renders it; the frontend's encoded prompt equals the processor's
@@ -344,14 +345,14 @@ fn the_frontend_renders_and_encodes_as_transformers() {
                 })
                 .collect();
             assert_eq!(
-                frontend.chat(&turns),
+                frontend.chat(&turns).unwrap(),
                 chat["text"].as_str().unwrap(),
                 "{name}"
             );
         }
         let prompt = json(&dir.join("expected_prompt.json"));
         let question = prompt["question"].as_str().unwrap();
-        let text = frontend.question(question, 1);
+        let text = frontend.question(question, 1).unwrap();
         assert!(frontend.is_formatted(&text) && !frontend.is_formatted(question));
         let pixels = frontend
             .open(&fixture("qwen2-vl-images").join("wide.png"))
