@@ -221,17 +221,17 @@ impl BackendJob for InspectRequest {
         let model = ecache_model::load_model::<B>(dir, device, self.dtype).map_err(|e| bad(&e))?;
         let image = ecache_model::model::open_image(&self.image).map_err(|e| bad(&e))?;
         let picture = frontend.picture(&image).map_err(|e| bad(&e))?;
-        let pixels = frontend.pixels(&image).map_err(|e| bad(&e))?;
-        let prompt = if frontend.is_formatted(&self.prompt) {
-            self.prompt.clone()
-        } else {
-            frontend.question(&self.prompt, 1).map_err(|e| bad(&e))?
-        };
-        let ids = frontend
-            .encode_prompt(&prompt, &[&pixels])
-            .map_err(|e| bad(&e))?;
+        let (prompt, pixels) = ecache_model::image_prompt(
+            frontend.as_ref(),
+            model.as_ref(),
+            &self.prompt,
+            &image,
+            device,
+            self.dtype,
+        )
+        .map_err(|e| bad(&e))?;
         let text = frontend.text();
-        let t = ids.len();
+        let t = prompt.kinds.len();
         if t + self.max_new_tokens > text.max_positions {
             return Err(BadInput(format!(
                 "the prompt's {t} tokens and {} new ones exceed the model's context of {}",
@@ -239,8 +239,6 @@ impl BackendJob for InspectRequest {
             ))
             .into());
         }
-        let features = model.image_features(&pixels, device, self.dtype)?;
-        let prompt = model.prompt(&ids, vec![features], &[pixels.grid], device)?;
         let kinds = prompt.kinds.clone();
         let mut session = Session::new(
             model.decoder(),

@@ -41,14 +41,16 @@ fn session_contents(
     let device = Default::default();
     let frontend = ecache_model::load_frontend(dir, Default::default()).unwrap();
     let model = ecache_model::load_model::<B>(dir, &device, DType::F32).unwrap();
-    let pixels = frontend.open(image).unwrap();
-    let ids = frontend
-        .encode_prompt(&frontend.question(question, 1).unwrap(), &[&pixels])
-        .unwrap();
-    let features = model.image_features(&pixels, &device, DType::F32).unwrap();
-    let prompt = model
-        .prompt(&ids, vec![features], &[pixels.grid], &device)
-        .unwrap();
+    let image = ecache_model::model::open_image(image).unwrap();
+    let (prompt, _) = ecache_model::image_prompt(
+        frontend.as_ref(),
+        model.as_ref(),
+        question,
+        &image,
+        &device,
+        DType::F32,
+    )
+    .unwrap();
     let built = ecache_engine::builtin_registry()
         .unwrap()
         .build(policy)

@@ -129,16 +129,18 @@ fn answers_under_policies_in_flight_equal_a_lone_sequences() {
         for (handle, config) in handles.into_iter().zip(&policies) {
             let got = handle.wait().unwrap().tokens;
             let policy = registry.build(config).unwrap();
-            let pixels = frontend
-                .open(&fixture("qwen2-vl-images").join("wide.png"))
-                .unwrap();
-            let ids = frontend
-                .encode_prompt(&frontend.question(question, 1).unwrap(), &[&pixels])
-                .unwrap();
-            let features = model.image_features(&pixels, &device, DType::F32).unwrap();
-            let prompt = model
-                .prompt(&ids, vec![features], &[pixels.grid], &device)
-                .unwrap();
+            let image =
+                ecache_model::model::open_image(&fixture("qwen2-vl-images").join("wide.png"))
+                    .unwrap();
+            let (prompt, _) = ecache_model::image_prompt(
+                frontend.as_ref(),
+                model.as_ref(),
+                question,
+                &image,
+                &device,
+                DType::F32,
+            )
+            .unwrap();
             let mut seq = Sequence::new(
                 model.text(),
                 policy.as_ref(),

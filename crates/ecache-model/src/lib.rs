@@ -36,8 +36,8 @@ pub use error::{ModelError, Result};
 pub use generate::{Generation, Sampling, answer_nll, answer_nll_batch, generate, generate_batch};
 pub use llava::Llava;
 pub use model::{
-    Architecture, Frontend, FrontendOptions, Pixels, Prompt, VisionLanguageModel, load_frontend,
-    load_model,
+    Architecture, Frontend, FrontendOptions, Pixels, Prompt, VisionLanguageModel, image_prompt,
+    load_frontend, load_model,
 };
 pub use preprocess::ImageProcessor;
 pub use prompt::{

@@ -17,7 +17,7 @@ use crate::layers::{Loader, activate};
 use crate::llama::LlamaDecoder;
 use crate::model::{Architecture, Frontend, FrontendOptions, Pixels, VisionLanguageModel};
 use crate::preprocess::ImageProcessor;
-use crate::prompt::{Content, PromptTokenizer, Role, Turn, chat_template};
+use crate::prompt::{PromptTokenizer, Turn, chat_template};
 use crate::template::ChatTemplate;
 use crate::weights::Checkpoint;
 
@@ -232,12 +232,7 @@ impl Frontend for LlavaFrontend {
         if images == 0 {
             return Ok(question.to_string());
         }
-        let mut parts = vec![Content::Image; images];
-        parts.push(Content::Text(question.to_string()));
-        self.chat(&[Turn {
-            role: Role::User,
-            parts,
-        }])
+        self.chat(&[Turn::question(question, images)])
     }
 
     fn is_formatted(&self, prompt: &str) -> bool {
@@ -245,10 +240,7 @@ impl Frontend for LlavaFrontend {
     }
 
     fn chat(&self, turns: &[Turn]) -> Result<String> {
-        match &self.template {
-            Some(template) => template.render(turns),
-            None => Ok(chat_template(turns)),
-        }
+        ChatTemplate::render_or(self.template.as_ref(), turns, chat_template)
     }
 
     fn image_marker(&self) -> &'static str {

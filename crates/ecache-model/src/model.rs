@@ -282,6 +282,29 @@ pub trait VisionLanguageModel<B: KernelBackend> {
     }
 }
 
+/// The decoder's input for `text` about one picture: the text in the model's chat format
+/// unless it already is ([`Frontend::is_formatted`]), encoded, the picture preprocessed and
+/// its features in its slots; and the picture's [`Pixels`].
+pub fn image_prompt<B: KernelBackend>(
+    frontend: &dyn Frontend,
+    model: &dyn VisionLanguageModel<B>,
+    text: &str,
+    image: &DynamicImage,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<(Prompt<B>, Pixels)> {
+    let pixels = frontend.pixels(image)?;
+    let text = if frontend.is_formatted(text) {
+        text.to_string()
+    } else {
+        frontend.question(text, 1)?
+    };
+    let ids = frontend.encode_prompt(&text, &[&pixels])?;
+    let features = model.image_features(&pixels, device, dtype)?;
+    let prompt = model.prompt(&ids, vec![features], &[pixels.grid], device)?;
+    Ok((prompt, pixels))
+}
+
 /// Loads the frontend of the model in `dir`, whatever its architecture.
 pub fn load_frontend(dir: &Path, options: FrontendOptions) -> Result<Box<dyn Frontend>> {
     Ok(match Architecture::of_dir(dir)? {

@@ -37,6 +37,16 @@ pub struct Turn {
 }
 
 impl Turn {
+    /// A user turn of `images` pictures followed by `question`.
+    pub fn question(question: &str, images: usize) -> Self {
+        let mut parts = vec![Content::Image; images];
+        parts.push(Content::Text(question.to_string()));
+        Self {
+            role: Role::User,
+            parts,
+        }
+    }
+
     /// Images the turn carries.
     pub fn images(&self) -> usize {
         self.parts.iter().filter(|p| **p == Content::Image).count()

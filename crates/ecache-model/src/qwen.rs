@@ -110,12 +110,7 @@ pub const PICTURE: &str = "<|vision_start|><|image_pad|><|vision_end|>";
 /// The prompt Qwen2-VL's chat template renders for one user turn of `images` pictures
 /// followed by `question`, with the assistant's turn opened.
 pub fn chat_prompt(question: &str, images: usize) -> String {
-    let mut parts = vec![Content::Image; images];
-    parts.push(Content::Text(question.to_string()));
-    chat_template(&[Turn {
-        role: Role::User,
-        parts,
-    }])
+    chat_template(&[Turn::question(question, images)])
 }
 
 /// Qwen2-VL's published chat template (ChatML, `add_vision_id` off) with the assistant's

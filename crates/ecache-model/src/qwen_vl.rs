@@ -14,7 +14,7 @@ use crate::kernels::KernelBackend;
 use crate::layers::Loader;
 use crate::llama::LlamaDecoder;
 use crate::model::{Architecture, Frontend, FrontendOptions, Pixels, VisionLanguageModel};
-use crate::prompt::{Content, PromptTokenizer, Role, Turn};
+use crate::prompt::{PromptTokenizer, Turn};
 use crate::qwen::{self, QwenVlConfig};
 use crate::qwen_image::QwenImageProcessor;
 use crate::qwen_vision::QwenVision;
@@ -182,12 +182,7 @@ impl Frontend for QwenFrontend {
     }
 
     fn question(&self, question: &str, images: usize) -> Result<String> {
-        let mut parts = vec![Content::Image; images];
-        parts.push(Content::Text(question.to_string()));
-        self.chat(&[Turn {
-            role: Role::User,
-            parts,
-        }])
+        self.chat(&[Turn::question(question, images)])
     }
 
     fn is_formatted(&self, prompt: &str) -> bool {
@@ -195,10 +190,7 @@ impl Frontend for QwenFrontend {
     }
 
     fn chat(&self, turns: &[Turn]) -> Result<String> {
-        match &self.template {
-            Some(template) => template.render(turns),
-            None => Ok(qwen::chat_template(turns)),
-        }
+        ChatTemplate::render_or(self.template.as_ref(), turns, qwen::chat_template)
     }
 
     fn image_marker(&self) -> &'static str {

@@ -48,6 +48,19 @@ impl ChatTemplate {
         }
     }
 
+    /// `template`'s rendering of `turns` when there is one, else `built_in`'s (the
+    /// architecture's published template).
+    pub fn render_or(
+        template: Option<&Self>,
+        turns: &[Turn],
+        built_in: fn(&[Turn]) -> String,
+    ) -> Result<String> {
+        match template {
+            Some(template) => template.render(turns),
+            None => Ok(built_in(turns)),
+        }
+    }
+
     /// The file it came from.
     pub fn path(&self) -> &Path {
         &self.path
