@@ -11,14 +11,7 @@ use ecache_core::{CachePolicy, PolicyConfig, PositionMode};
 use ecache_model::{Llava, LlavaConfig, PromptTokenizer, Session, splice};
 use safetensors::SafeTensors;
 
-/// The CPU backend, or CUDA when built with `--features cuda` (tools/gpu-check.sh), or
-/// wgpu with `--features wgpu` (.ci/run, on Mesa's software Vulkan driver).
-#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
-type B = burn::backend::Flex;
-#[cfg(feature = "cuda")]
-type B = burn::backend::Cuda;
-#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
-type B = burn::backend::Wgpu;
+type B = common::AnyBackend;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

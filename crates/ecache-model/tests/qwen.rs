@@ -19,14 +19,7 @@ use ecache_model::qwen_vision::QwenVision;
 use ecache_model::weights::Checkpoint;
 use ecache_model::{Runner, Sequence};
 
-/// The CPU backend, or CUDA when built with `--features cuda`, or wgpu with `--features
-/// wgpu` (.ci/run, on Mesa's software Vulkan driver).
-#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
-type B = burn::backend::Flex;
-#[cfg(feature = "cuda")]
-type B = burn::backend::Cuda;
-#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
-type B = burn::backend::Wgpu;
+type B = common::AnyBackend;
 
 const CHECKPOINTS: [&str; 2] = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"];
 const PICTURES: [&str; 3] = ["wide", "large", "small"];

@@ -4,6 +4,19 @@ use burn::tensor::DType;
 use ecache_core::{CachePolicy, PositionMode};
 use ecache_model::{Llava, LlavaConfig, Session};
 
+/// The CPU backend, or CUDA when built with `--features cuda` (tools/gpu-check.sh), or
+/// wgpu with `--features wgpu` (.ci/run, on Mesa's software Vulkan driver): the backend of
+/// the tests that run on any of them.
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+#[allow(dead_code)]
+pub type AnyBackend = burn::backend::Flex;
+#[cfg(feature = "cuda")]
+#[allow(dead_code)]
+pub type AnyBackend = burn::backend::Cuda;
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+#[allow(dead_code)]
+pub type AnyBackend = burn::backend::Wgpu;
+
 #[allow(dead_code)]
 /// A session on the backend's default device in f32 with absolute positions, for `batch`
 /// sequences.
