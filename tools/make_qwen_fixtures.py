@@ -242,6 +242,11 @@ def build_model(name, config_class, model_class, vision, seed):
         logits = model(input_ids=ids, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                        mm_token_type_ids=mm).logits[0]
         positions, delta = model.model.get_rope_index(ids, mm, batch["image_grid_thw"])
+        # Greedy decoding after the prompt, transformers' generate() (8 tokens, no early end).
+        prompt_ids = torch.tensor([prompt])
+        greedy = model.generate(input_ids=prompt_ids, pixel_values=batch["pixel_values"],
+                                image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(prompt_ids == 60).long(),
+                                max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
         tensors["logits"] = logits.float().contiguous().numpy()
         tensors["position_ids"] = positions[:, 0].numpy().astype(np.int64)
         # Policies at budget 0.5 by the independent spec implementation: the answer's PPL.
@@ -260,7 +265,7 @@ def build_model(name, config_class, model_class, vision, seed):
     build_chat(out, model, processor, images)
     save_file(tensors, os.path.join(out, "expected.safetensors"))
     with open(os.path.join(out, "expected.json"), "w") as f:
-        json.dump({"prompt_ids": prompt, "continuation_ids": continuation, "image": "wide",
+        json.dump({"prompt_ids": prompt, "continuation_ids": continuation, "greedy_ids": greedy, "image": "wide",
                    "rope_delta": int(delta[0, 0]), "answer_ids": answer, "ppl": math.exp(np.mean(ref_nll)),
                    "policy_budget": 0.5, "policy_ppl": policy_ppl, "snapkv_params": SNAPKV,
                    "transformers": __import__("transformers").__version__}, f, indent=1)

@@ -209,6 +209,30 @@ fn prompt_and_decode_logits_match_transformers() {
     }
 }
 
+/// Greedy decoding after the prompt under the full cache: the same eight tokens as
+/// transformers' `generate()`, each fed back at its multimodal position.
+#[test]
+fn greedy_tokens_match_transformers() {
+    let full = ecache_policy_full::build(&PolicyConfig::new("full", 1.0)).unwrap();
+    for name in CHECKPOINTS {
+        let q = Qwen::load(name);
+        let want = q.ids("greedy_ids");
+        let (mut seq, hidden) = q.prefill(full.as_ref());
+        let mut row = rows_of(q.decoder.last_logits(hidden)).unwrap().remove(0);
+        let runner = q.runner();
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let next = ecache_model::generate::argmax(&row);
+            got.push(next);
+            let logits = runner
+                .decode(&mut [(&mut seq, full.as_ref())], &[next])
+                .unwrap();
+            row = rows_of(logits).unwrap().remove(0);
+        }
+        assert_eq!(got, want, "{name}");
+    }
+}
+
 /// The answer's teacher-forced PPL under the full cache (transformers' own, 1e-5) and
 /// under local, h2o, elastic and snapkv at budget 0.5 (the independent spec
 /// implementation over transformers' modules in tools/make_qwen_fixtures.py, 1e-4): the
