@@ -297,17 +297,19 @@ impl HfLlamaConfig {
             {
                 let kind = o.get("rope_type").or_else(|| o.get("type"));
                 match kind.and_then(|k| k.as_str()) {
-                    Some("mrope" | "default") => Some(
-                        serde_json::from_value::<HfRopeParameters>(serde_json::Value::Object(
-                            o.iter()
-                                .filter(|(k, _)| *k == "mrope_section")
-                                .map(|(k, v)| (k.clone(), v.clone()))
-                                .collect(),
-                        ))
-                        .map_err(|e| {
-                            ModelError::Config(format!("text_config.rope_scaling: {e}"))
-                        })?,
-                    ),
+                    Some("mrope" | "default") => Some(HfRopeParameters {
+                        rope_theta: None,
+                        rope_type: None,
+                        mrope_section: o
+                            .get("mrope_section")
+                            .map(|v| serde_json::from_value(v.clone()))
+                            .transpose()
+                            .map_err(|e| {
+                                ModelError::Config(format!(
+                                    "text_config.rope_scaling.mrope_section: {e}"
+                                ))
+                            })?,
+                    }),
                     _ => None,
                 }
             }
