@@ -17,7 +17,7 @@ use crate::layers::{Loader, activate};
 use crate::llama::LlamaDecoder;
 use crate::model::{Architecture, Frontend, FrontendOptions, Pixels, VisionLanguageModel};
 use crate::preprocess::ImageProcessor;
-use crate::prompt::{PromptTokenizer, Turn, chat_template};
+use crate::prompt::{PromptTokenizer, Turn, chat_template, expand_image_tokens};
 use crate::template::ChatTemplate;
 use crate::weights::Checkpoint;
 
@@ -283,14 +283,6 @@ impl Frontend for LlavaFrontend {
             return Ok(ids);
         };
         let image_token = self.config.image_token_id;
-        let mut out = Vec::with_capacity(ids.len() + image.tokens);
-        for id in ids {
-            if id == image_token {
-                out.extend(std::iter::repeat_n(id, image.tokens));
-            } else {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        Ok(expand_image_tokens(ids, image_token, &[image.tokens]))
     }
 }

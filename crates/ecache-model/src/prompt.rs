@@ -22,6 +22,17 @@ pub enum Role {
     Assistant,
 }
 
+impl Role {
+    /// Its name in chat messages and templates: `system`, `user`, `assistant`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
 /// One part of a chat turn: an image's place or a piece of text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {
@@ -160,6 +171,23 @@ impl PromptTokenizer {
             .decode(ids, true)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
+}
+
+/// `ids` with their `i`-th image token repeated `counts[i]` times: one id per image slot,
+/// as transformers' processors expand them. The caller has checked that `ids` holds one
+/// image token per count.
+pub fn expand_image_tokens(ids: Vec<u32>, image_token: u32, counts: &[usize]) -> Vec<u32> {
+    let mut counts = counts.iter();
+    let mut out = Vec::with_capacity(ids.len() + counts.as_slice().iter().sum::<usize>());
+    for id in ids {
+        if id == image_token {
+            let n = counts.next().copied().unwrap_or(1);
+            out.extend(std::iter::repeat_n(id, n));
+        } else {
+            out.push(id);
+        }
+    }
+    out
 }
 
 /// Prompt embeddings with the image's features in place of its `<image>` token, and the

@@ -123,12 +123,7 @@ pub fn chat_template(turns: &[Turn]) -> String {
         if i == 0 && turn.role != Role::System {
             out.push_str(&format!("<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"));
         }
-        let role = match turn.role {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        };
-        out.push_str(&format!("<|im_start|>{role}\n"));
+        out.push_str(&format!("<|im_start|>{}\n", turn.role.as_str()));
         for part in &turn.parts {
             match part {
                 Content::Image => out.push_str(PICTURE),
@@ -158,17 +153,11 @@ pub fn encode_prompt(
             image_tokens.len()
         )));
     }
-    let mut counts = image_tokens.iter();
-    let mut out = Vec::with_capacity(ids.len() + image_tokens.iter().sum::<usize>());
-    for id in ids {
-        if id == image_token {
-            let n = counts.next().copied().unwrap_or(1);
-            out.extend(std::iter::repeat_n(id, n));
-        } else {
-            out.push(id);
-        }
-    }
-    Ok(out)
+    Ok(crate::prompt::expand_image_tokens(
+        ids,
+        image_token,
+        image_tokens,
+    ))
 }
 
 /// Where multimodal RoPE places each token of a prompt, and the offset (`rope_deltas`) at

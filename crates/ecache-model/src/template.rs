@@ -73,11 +73,6 @@ impl ChatTemplate {
         let messages: Vec<serde_json::Value> = turns
             .iter()
             .map(|turn| {
-                let role = match turn.role {
-                    Role::System => "system",
-                    Role::User => "user",
-                    Role::Assistant => "assistant",
-                };
                 let content: Vec<serde_json::Value> = turn
                     .parts
                     .iter()
@@ -86,7 +81,7 @@ impl ChatTemplate {
                         Content::Text(t) => json!({"type": "text", "text": t}),
                     })
                     .collect();
-                json!({"role": role, "content": content})
+                json!({"role": turn.role.as_str(), "content": content})
             })
             .collect();
         let bad = |e: Error| {
