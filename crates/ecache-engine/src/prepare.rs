@@ -65,21 +65,6 @@ pub(crate) struct Checker<'a> {
     pub cap: usize,
 }
 
-/// The prompt as the model sees it for [`Prompt::Text`]: the text as given when it is
-/// already in the model's format, else the model's chat format around a bare question
-/// ([`Frontend::question`]: LLaVA leaves a question without an image as it is).
-pub fn format_prompt(
-    frontend: &dyn Frontend,
-    prompt: &str,
-    with_image: bool,
-) -> ecache_model::Result<String> {
-    if frontend.is_formatted(prompt) {
-        Ok(prompt.to_string())
-    } else {
-        frontend.question(prompt, usize::from(with_image))
-    }
-}
-
 impl Checker<'_> {
     pub fn prepare(
         &self,
@@ -252,7 +237,10 @@ fn render(
             if text.trim().is_empty() {
                 return Err(SubmitError::invalid("the prompt is empty", "prompt"));
             }
-            let text = format_prompt(frontend, &text, image.is_some())
+            // A bare question gets the model's chat format (LLaVA leaves one without an
+            // image as it is).
+            let text = frontend
+                .formatted(&text, usize::from(image.is_some()))
                 .map_err(|e| SubmitError::invalid(e.to_string(), "prompt"))?;
             Ok((text, image))
         }

@@ -16,13 +16,14 @@ use std::path::Path;
 
 use burn::tensor::{DType, Tensor, backend::Backend};
 use ecache_core::SlotKind;
-use image::{DynamicImage, ImageReader, RgbImage};
+use image::{DynamicImage, RgbImage};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::kernels::KernelBackend;
 use crate::llama::LlamaDecoder;
 use crate::preprocess::ImageLimits;
+pub use crate::preprocess::open_image;
 use crate::prompt::{PromptTokenizer, Turn};
 
 /// The architectures ecache runs.
@@ -175,6 +176,16 @@ pub trait Frontend: Send + Sync {
     /// Whether `prompt` is already in the model's format (then it is used as given).
     fn is_formatted(&self, prompt: &str) -> bool;
 
+    /// `prompt` as the model sees it: as given when [`Frontend::is_formatted`], else
+    /// [`Frontend::question`] around it.
+    fn formatted(&self, prompt: &str, images: usize) -> Result<String> {
+        if self.is_formatted(prompt) {
+            Ok(prompt.to_string())
+        } else {
+            self.question(prompt, images)
+        }
+    }
+
     /// The model's chat template over `turns`, with the assistant's turn opened: the one
     /// its directory ships ([`crate::template::ChatTemplate`]), else the architecture's
     /// published one built in. A template may refuse a conversation (`raise_exception`).
@@ -202,17 +213,8 @@ pub trait Frontend: Send + Sync {
     /// Decodes an encoded image held in memory within `limits` and preprocesses it; `name`
     /// says where it came from in errors.
     fn decode(&self, bytes: &[u8], name: &str, limits: &ImageLimits) -> Result<Pixels> {
-        let reader = ImageReader::new(std::io::Cursor::new(bytes));
-        self.pixels(&crate::preprocess::decode(reader, name, limits)?)
+        self.pixels(&crate::preprocess::decode_image(bytes, name, limits)?)
     }
-}
-
-/// Opens an image file within the default [`ImageLimits`].
-pub fn open_image(path: &Path) -> Result<DynamicImage> {
-    let reader = ImageReader::open(path)
-        .map_err(|e| ModelError::Image(format!("cannot open {}: {e}", path.display())))?;
-    let name = path.display().to_string();
-    crate::preprocess::decode(reader, &name, &ImageLimits::default())
 }
 
 /// The half of a model that holds weights, on a backend.
@@ -283,7 +285,7 @@ pub trait VisionLanguageModel<B: KernelBackend> {
 }
 
 /// The decoder's input for `text` about one picture: the text in the model's chat format
-/// unless it already is ([`Frontend::is_formatted`]), encoded, the picture preprocessed and
+/// ([`Frontend::formatted`]), encoded, the picture preprocessed and
 /// its features in its slots; and the picture's [`Pixels`].
 pub fn image_prompt<B: KernelBackend>(
     frontend: &dyn Frontend,
@@ -294,12 +296,7 @@ pub fn image_prompt<B: KernelBackend>(
     dtype: DType,
 ) -> Result<(Prompt<B>, Pixels)> {
     let pixels = frontend.pixels(image)?;
-    let text = if frontend.is_formatted(text) {
-        text.to_string()
-    } else {
-        frontend.question(text, 1)?
-    };
-    let ids = frontend.encode_prompt(&text, &[&pixels])?;
+    let ids = frontend.encode_prompt(&frontend.formatted(text, 1)?, &[&pixels])?;
     let features = model.image_features(&pixels, device, dtype)?;
     let prompt = model.prompt(&ids, vec![features], &[pixels.grid], device)?;
     Ok((prompt, pixels))

@@ -225,18 +225,12 @@ impl ImageProcessor {
 
     /// Opens an image file and returns [`ImageProcessor::picture`] of it.
     pub fn open_picture(&self, path: &Path) -> Result<RgbImage> {
-        let reader = ImageReader::open(path)
-            .map_err(|e| ModelError::Image(format!("cannot open {}: {e}", path.display())))?;
-        let name = path.display().to_string();
-        self.picture(&decode(reader, &name, &ImageLimits::default())?)
+        self.picture(&open_image(path)?)
     }
 
     /// Opens and preprocesses an image file.
     pub fn open(&self, path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
-        let reader = ImageReader::open(path)
-            .map_err(|e| ModelError::Image(format!("cannot open {}: {e}", path.display())))?;
-        let name = path.display().to_string();
-        self.process(&decode(reader, &name, &ImageLimits::default())?)
+        self.process(&open_image(path)?)
     }
 
     /// Decodes an encoded image (PNG, JPEG, ...) held in memory within `limits`, then
@@ -247,8 +241,7 @@ impl ImageProcessor {
         name: &str,
         limits: &ImageLimits,
     ) -> Result<(Vec<f32>, [usize; 3])> {
-        let reader = ImageReader::new(std::io::Cursor::new(bytes));
-        self.process(&decode(reader, name, limits)?)
+        self.process(&decode_image(bytes, name, limits)?)
     }
 
     /// Preprocesses a decoded image into `[3, height, width]` normalised f32 data.
@@ -307,7 +300,20 @@ pub fn sniff_format(bytes: &[u8]) -> Option<&'static str> {
         .and_then(|f| f.extensions_str().first().copied())
 }
 
-pub(crate) fn decode<R: std::io::BufRead + std::io::Seek>(
+/// Opens and decodes an image file within the default [`ImageLimits`].
+pub fn open_image(path: &Path) -> Result<DynamicImage> {
+    let reader = ImageReader::open(path)
+        .map_err(|e| ModelError::Image(format!("cannot open {}: {e}", path.display())))?;
+    decode(reader, &path.display().to_string(), &ImageLimits::default())
+}
+
+/// Decodes an encoded image (PNG, JPEG, ...) held in memory within `limits`; `name` says
+/// where it came from in errors.
+pub fn decode_image(bytes: &[u8], name: &str, limits: &ImageLimits) -> Result<DynamicImage> {
+    decode(ImageReader::new(std::io::Cursor::new(bytes)), name, limits)
+}
+
+fn decode<R: std::io::BufRead + std::io::Seek>(
     reader: ImageReader<R>,
     name: &str,
     limits: &ImageLimits,
