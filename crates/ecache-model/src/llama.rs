@@ -413,7 +413,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
         // Query head `g * rep + r` becomes rows `r * t .. (r + 1) * t` of group `g`.
         let q = q.reshape([b, kv, rep * t, d]);
         let dtype = q.dtype();
-        let logits = (q.matmul(keys.swap_dims(2, 3)) * self.scale()).cast(DType::F32);
+        let logits = (B::attention_matmul(q, keys.swap_dims(2, 3)) * self.scale()).cast(DType::F32);
         let logits = match mask {
             Some(mask) if rep > 1 => logits.mask_fill(mask.repeat_dim(2, rep), f32::NEG_INFINITY),
             Some(mask) => logits.mask_fill(mask, f32::NEG_INFINITY),
@@ -421,7 +421,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
         };
         let probs = activation::softmax(logits, 3);
         let kept = keep_probs.then(|| probs.clone().reshape([b, h, t, slots]));
-        let out = probs.cast(dtype).matmul(values).reshape([b, h, t, d]);
+        let out = B::attention_matmul(probs.cast(dtype), values).reshape([b, h, t, d]);
         (out, kept)
     }
 

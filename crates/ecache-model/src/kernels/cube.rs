@@ -34,7 +34,9 @@ mod device {
 
     /// `out = x · w` for few rows: unit `(c, s)` of cube `(bx, by)` sums, for column
     /// `bx * 32 + c` and rows `by * 8 ..`, the products over `k = s, s + 8, ...` in f32; the
-    /// eight slices are added through shared memory.
+    /// eight slices are added through shared memory. `x` and `out` are contiguous; `w` is
+    /// read through its strides, so a transposed view (a tied LM head's embeddings) needs
+    /// no copy.
     #[cube(launch)]
     pub fn skinny_kernel<F: Float>(
         x: &Tensor<F>,
@@ -45,6 +47,7 @@ mod device {
         let m = x.shape(0);
         let k = x.shape(1);
         let n = w.shape(1);
+        let (w_row, w_col) = (w.stride(0), w.stride(1));
         let columns = CUBE_DIM_X as usize;
         let slices = CUBE_DIM_Y as usize;
         let col = CUBE_POS_X as usize * columns + UNIT_POS_X as usize;
@@ -59,7 +62,7 @@ mod device {
         if col < n {
             let mut kk = slice;
             while kk < k {
-                let weight = f32::cast_from(w[kk * n + col]);
+                let weight = f32::cast_from(w[kk * w_row + col * w_col]);
                 #[unroll]
                 for i in 0..CUBE_ROWS {
                     if row0 + i < m {
@@ -94,13 +97,12 @@ mod device {
 pub use device::CUBE_ROWS;
 use device::{CUBE_COLUMNS, CUBE_SLICES};
 
-/// [`skinny_kernel`] on two `CubeBackend` tensors.
+/// [`skinny_kernel`] on two `CubeBackend` tensors (`w` in any layout).
 ///
 /// # Shapes
 /// - `x`: `[m, k]`, `w`: `[k, n]` -> `[m, n]`
 pub fn skinny_matmul<R: CubeRuntime>(x: CubeTensor<R>, w: CubeTensor<R>) -> CubeTensor<R> {
     let x = into_contiguous(x);
-    let w = into_contiguous(w);
     let [m, k] = x.meta.shape().dims::<2>();
     let [k_w, n] = w.meta.shape().dims::<2>();
     assert_eq!(k, k_w, "skinny_matmul: x is [m, k], w is [k, n]");
@@ -127,22 +129,27 @@ pub fn skinny_matmul<R: CubeRuntime>(x: CubeTensor<R>, w: CubeTensor<R>) -> Cube
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBackend
     for CubeBackend<R, F, I, BT>
 {
+    /// Every weight: besides streaming a weight once for all rows, the kernel keeps
+    /// one-row products away from burn's matmul autotuner (see
+    /// [`super::matmul_by_reduction`] for the hazard).
     fn skinny_rows(k: usize, n: usize) -> usize {
-        if cube_skinny_enabled() && k * n >= 1 << 20 {
-            CUBE_ROWS
-        } else {
-            0
-        }
+        let _ = (k, n);
+        if cube_skinny_enabled() { CUBE_ROWS } else { 0 }
     }
 
     fn skinny_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let out = skinny_matmul(x.into_primitive().tensor(), w.into_primitive().tensor());
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
+
+    fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        super::matmul_by_reduction(a, b)
+    }
 }
 
 /// `ECACHE_CUBE_SKINNY=0` turns the CubeCL skinny product off (burn's matmul instead): its
-/// speed has not been measured on a GPU yet (docs/performance.md).
+/// speed has not been measured on a GPU yet (docs/performance.md). Off, one-row linear
+/// products meet burn's autotuner again.
 fn cube_skinny_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("ECACHE_CUBE_SKINNY").map_or(true, |v| v != "0"))
@@ -153,6 +160,10 @@ fn cube_skinny_enabled() -> bool {
 impl<B: FusionBackend + KernelBackend> KernelBackend for Fusion<B> {
     fn skinny_rows(k: usize, n: usize) -> usize {
         B::skinny_rows(k, n)
+    }
+
+    fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        super::matmul_by_reduction(a, b)
     }
 
     fn skinny_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {

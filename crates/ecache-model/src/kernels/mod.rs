@@ -12,6 +12,8 @@
 //!   [`activation`].
 //! - [`KernelBackend::rope`]: rotate-half RoPE written heads-first in one pass. On flex:
 //!   [`rope`].
+//! - [`KernelBackend::attention_matmul`]: attention's two products. On CUDA and wgpu, a
+//!   product with a single row or column is [`matmul_by_reduction`].
 
 pub mod activation;
 pub mod cpu;
@@ -21,7 +23,7 @@ pub mod flex;
 pub mod rope;
 
 use burn::nn::Linear;
-use burn::tensor::{Tensor, activation::silu, backend::Backend};
+use burn::tensor::{DType, Tensor, activation::silu, backend::Backend};
 
 /// A backend the model runs on, with the kernels it may override.
 pub trait KernelBackend: Backend {
@@ -81,6 +83,43 @@ pub trait KernelBackend: Backend {
     ) -> Option<Tensor<Self, 4>> {
         let _ = (x, cos, sin);
         None
+    }
+
+    /// Attention's products, scores `q · kᵀ` and output `p · v`. The fallback is burn's
+    /// matmul; CubeCL backends take [`matmul_by_reduction`] for a single query row.
+    ///
+    /// # Shapes
+    /// - `a`: `[batch, groups, m, k]`, `b`: `[batch, groups, k, n]` -> `[batch, groups, m, n]`
+    fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        a.matmul(b)
+    }
+}
+
+/// `a · b` where `a` has one row or `b` one column, as a broadcast multiply summed over the
+/// inner axis (in f32, like a matmul's accumulator), and burn's matmul otherwise.
+///
+/// CubeCL backends use it because burn 0.21's matmul autotuner (cubecl 0.10) caches its
+/// choice under a key that shapes of different validity share: a vector-matrix kernel that
+/// needs the width to be a multiple of the plane size can win at one width and then be
+/// launched at another, which panics and poisons the device. A decode step's attention
+/// width grows by one each step, so every decode would sooner or later meet it. A reduction
+/// has no such constraint, and at one row it reads the same bytes as the product.
+///
+/// # Shapes
+/// - `a`: `[batch, groups, m, k]`, `b`: `[batch, groups, k, n]` -> `[batch, groups, m, n]`
+pub fn matmul_by_reduction<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    let m = a.dims()[2];
+    let n = b.dims()[3];
+    let dtype = a.dtype();
+    let wide = |t: Tensor<B, 4>| t.cast(DType::F32);
+    if m == 1 {
+        // [.., k, 1] * [.., k, n], summed over k.
+        (wide(a.swap_dims(2, 3)) * wide(b)).sum_dim(2).cast(dtype)
+    } else if n == 1 {
+        // [.., m, k] * [.., 1, k], summed over k.
+        (wide(a) * wide(b.swap_dims(2, 3))).sum_dim(3).cast(dtype)
+    } else {
+        a.matmul(b)
     }
 }
 
