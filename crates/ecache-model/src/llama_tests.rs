@@ -172,9 +172,9 @@ fn attention_paths_agree_for_prefill_decode_and_ragged_batches() {
     check_paths(&cache, layer, q, Visibility::Ragged);
 }
 
-/// A prefill long enough (600 x 600 scores per head) that `flex` takes its tiled flash
-/// kernel, with its causal tile skipping and heads run in parallel, agrees with attention
-/// written out.
+/// A prefill long enough (600 x 600 scores per head) that `flex` takes its blocked kernel
+/// (blocks of query rows, exact softmax, keys cut at each block's causal limit; heads in
+/// parallel) agrees with attention written out.
 #[test]
 fn a_long_causal_prefill_agrees_with_attention_written_out() {
     let (decoder, config) = decoder();
@@ -182,6 +182,21 @@ fn a_long_causal_prefill_agrees_with_attention_written_out() {
     let mut cache = empty_cache(&config, 2, 600, false);
     let q = feed(layer, &config, &mut cache, 600);
     check_paths(&cache, layer, q, Visibility::Causal);
+}
+
+/// A long chunk appended to a ragged batch (a mask per sequence, 520 x 1,117 scores per
+/// head) takes `flex`'s tiled flash kernel, with its mask, and agrees with attention
+/// written out.
+#[test]
+fn a_long_ragged_chunk_agrees_with_attention_written_out() {
+    let (decoder, config) = decoder();
+    let layer = &decoder.layers()[0];
+    let mut cache = empty_cache(&config, 2, 1200, false);
+    feed(layer, &config, &mut cache, 600);
+    let plan = Plan::new(Decision::remove(600, &[3, 100, 401]), 600, "test", 0).unwrap();
+    cache.apply(1, &plan).unwrap();
+    let q = feed(layer, &config, &mut cache, 520);
+    check_paths(&cache, layer, q, Visibility::Ragged);
 }
 
 /// `buffer`'s rows of every sequence put back in slot order (through `cache.rows`).

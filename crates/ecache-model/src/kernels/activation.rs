@@ -64,7 +64,12 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let input = x;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // The rounded value sits in the low mantissa bits of `shifted`: `n` as an integer
+    // without a float-to-int conversion (Rust's `as` saturates and maps NaN to 0, which
+    // compiles to scalar code per lane and kept the loop from vectorising).
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
@@ -74,8 +79,8 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // `n` is in -126..=128 here; 2^128 is split in two so that no exponent overflows.
-    let n = n as i32;
-    let half = n / 2;
+    let n = n_int;
+    let half = n >> 1;
     let scale = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
     let y = er * scale(half) * scale(n - half);
     // Below the range the result would be subnormal or 0: flushed to 0 (a select, not a
