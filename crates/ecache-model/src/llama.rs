@@ -141,7 +141,22 @@ impl<B: KernelBackend> LlamaLayer<B> {
                 })
             }
         };
-        let (attn, scores) = if want_scores {
+        // A prompt over itself with a policy's importance: one pass through the backend's
+        // kernel when it has one.
+        let fused_scores = (want_scores && visibility == Visibility::Causal)
+            .then(|| {
+                let rep = self.heads / self.kv_heads;
+                B::causal_attention_with_sums(
+                    &q,
+                    &repeat_kv(keys.clone(), rep),
+                    &repeat_kv(values.clone(), rep),
+                    self.scale(),
+                )
+            })
+            .flatten();
+        let (attn, scores) = if let Some((attn, scores)) = fused_scores {
+            (attn, Some(scores))
+        } else if want_scores {
             let mask = Visibility::mask::<B>(cache, t, &x.device());
             let (attn, scores) = self.attention_with_scores(
                 q,

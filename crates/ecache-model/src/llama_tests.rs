@@ -184,6 +184,46 @@ fn a_long_causal_prefill_agrees_with_attention_written_out() {
     check_paths(&cache, layer, q, Visibility::Causal);
 }
 
+/// A prompt's attention with its importance in one pass (`flex`'s blocked kernel, which
+/// sums each row's probabilities as it computes them) equals attention written out in
+/// blocks with the importance accumulated from its probabilities, for a short prompt and
+/// one of several blocks, at batch 2 with grouped-query heads.
+#[test]
+fn causal_attention_with_sums_equals_the_scored_path() {
+    let (decoder, config) = decoder();
+    let layer = &decoder.layers()[0];
+    let rep = config.heads / config.kv_heads;
+    for t in [9, 300] {
+        let mut cache = empty_cache(&config, 2, t, false);
+        let q = feed(layer, &config, &mut cache, t);
+        assert_eq!(Visibility::of(&cache, t), Visibility::Causal);
+        let mask = Visibility::mask::<B>(&cache, t, &Default::default());
+        let (written, scores) = layer
+            .attention_with_scores(
+                q.clone(),
+                cache.keys(),
+                cache.values(),
+                mask,
+                Visibility::Causal,
+                SCORE_BLOCK_ELEMENTS,
+            )
+            .unwrap();
+        let (fused, sums) = B::causal_attention_with_sums(
+            &q,
+            &repeat_kv(cache.keys(), rep),
+            &repeat_kv(cache.values(), rep),
+            layer.scale(),
+        )
+        .expect("flex has the kernel");
+        assert!(max_diff(fused, written) < 1e-5, "t = {t}: attention");
+        let scale = scores.clone().abs().max().into_scalar();
+        assert!(
+            max_diff(sums, scores) < 1e-5 * scale.max(1.0),
+            "t = {t}: importance"
+        );
+    }
+}
+
 /// A long chunk appended to a ragged batch (a mask per sequence, 520 x 1,117 scores per
 /// head) takes `flex`'s tiled flash kernel, with its mask, and agrees with attention
 /// written out.

@@ -90,6 +90,46 @@ impl KernelBackend for Flex {
         ))
     }
 
+    fn causal_attention_with_sums(
+        q: &Tensor<Flex, 4>,
+        keys: &Tensor<Flex, 4>,
+        values: &Tensor<Flex, 4>,
+        scale: f64,
+    ) -> Option<(Tensor<Flex, 4>, Tensor<Flex, 2>)> {
+        let [batch, heads, t, _] = q.dims();
+        if keys.dims()[..3] != [batch, heads, t] || values.dims()[..3] != [batch, heads, t] {
+            return None;
+        }
+        let options = burn::tensor::ops::AttentionModuleOptions {
+            scale: Some(scale),
+            softcap: None,
+            is_causal: true,
+        };
+        let (out, sums) = burn_flex::ops::attention::attention_blocked_column_sums(
+            primitive(q),
+            primitive(keys),
+            primitive(values),
+            options,
+        )?;
+        // [batch, heads, t] per-head sums -> the mean over heads, [batch, t].
+        let mut mean = vec![0.0f32; batch * t];
+        for (b, row) in mean.chunks_exact_mut(t).enumerate() {
+            for head in sums[b * heads * t..(b + 1) * heads * t].chunks_exact(t) {
+                for (m, &s) in row.iter_mut().zip(head) {
+                    *m += s;
+                }
+            }
+            for m in row.iter_mut() {
+                *m /= heads as f32;
+            }
+        }
+        let device = Default::default();
+        Some((
+            Tensor::from_primitive(TensorPrimitive::Float(out)),
+            Tensor::from_data(TensorData::new(mean, [batch, t]), &device),
+        ))
+    }
+
     fn swiglu(gate: Tensor<Flex, 3>, up: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
         let u = primitive(&up);
         let Some(us) = contiguous_f32(&u) else {

@@ -12,6 +12,9 @@
 //!   [`activation`].
 //! - [`KernelBackend::rope`]: rotate-half RoPE written heads-first in one pass. On flex:
 //!   [`rope`].
+//! - [`KernelBackend::causal_attention_with_sums`]: a prompt's causal attention and the
+//!   head-mean column sums of its probabilities (a scored policy's importance) in one
+//!   pass. On flex: the vendored crate's blocked kernel.
 //! - [`KernelBackend::attention_matmul`]: attention's two products. On CUDA and wgpu, a
 //!   product with a single row or column is [`matmul_by_reduction`].
 
@@ -82,6 +85,25 @@ pub trait KernelBackend: Backend {
         sin: &Tensor<Self, 4>,
     ) -> Option<Tensor<Self, 4>> {
         let _ = (x, cos, sin);
+        None
+    }
+
+    /// Causal attention of a prompt over itself and the head-mean column sums of its
+    /// probabilities (`sum_i mean_h p[b, h, i, j]`, what [`ecache_core::importance`]
+    /// accumulates), or `None` when the backend has no such kernel (or not for these
+    /// dtypes): the caller then writes attention out in blocks.
+    ///
+    /// # Shapes
+    /// - `q`, `keys`, `values`: `[batch, heads, t, d]` (keys and values already repeated
+    ///   to the query heads)
+    /// - returns `[batch, heads, t, d]` and `[batch, t]`
+    fn causal_attention_with_sums(
+        q: &Tensor<Self, 4>,
+        keys: &Tensor<Self, 4>,
+        values: &Tensor<Self, 4>,
+        scale: f64,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 2>)> {
+        let _ = (q, keys, values, scale);
         None
     }
 

@@ -229,6 +229,28 @@ pub fn attention_blocked(
     )
 }
 
+/// ecache patch: [`attention_blocked`] on f32 tensors, also returning every
+/// (batch, head)'s column sums of its probabilities: `sums[(b * heads + h) * seq_kv + j]`
+/// is `sum_i p[b, h, i, j]` (a KV-cache policy's importance before the mean over heads).
+/// Each row's probabilities are added to its head's sums as they are computed, so nothing
+/// but the scores of one block is held. `None` for other dtypes.
+pub fn attention_blocked_column_sums(
+    query: FlexTensor,
+    key: FlexTensor,
+    value: FlexTensor,
+    options: AttentionModuleOptions,
+) -> Option<(FlexTensor, Vec<f32>)> {
+    if query.dtype() != DType::F32 || key.dtype() != DType::F32 || value.dtype() != DType::F32
+    {
+        return None;
+    }
+    if options.softcap.is_some() {
+        return None;
+    }
+    let (out, sums) = attention_tiled::<f32>(query, key, value, None, None, options, true, true);
+    Some((out, sums?))
+}
+
 fn attention_impl<T>(
     query: FlexTensor,
     key: FlexTensor,
@@ -240,7 +262,7 @@ fn attention_impl<T>(
 where
     T: FlashGemm + burn_backend::Element,
 {
-    attention_tiled::<T>(query, key, value, mask, attn_bias, options, false)
+    attention_tiled::<T>(query, key, value, mask, attn_bias, options, false, false).0
 }
 
 fn attention_blocked_impl<T>(
@@ -254,7 +276,7 @@ fn attention_blocked_impl<T>(
 where
     T: FlashGemm + burn_backend::Element,
 {
-    attention_tiled::<T>(query, key, value, mask, attn_bias, options, true)
+    attention_tiled::<T>(query, key, value, mask, attn_bias, options, true, false).0
 }
 
 fn cast_to_f32<E: burn_backend::Element + Pod + Copy>(
@@ -307,7 +329,8 @@ fn cast_from_f32<E: burn_backend::Element + Pod + Copy>(
 ///   Final: output\[qi\] /= row_sum\[qi\] for each query row
 /// ecache patch: the flash path's set-up, running each (batch, head) pair by
 /// [`blocked_attention_head`] when `blocked` (and there is no mask, bias or softcap), else
-/// by [`flash_attention_head`].
+/// by [`flash_attention_head`]; with `column_sums` (blocked only) also every pair's column
+/// sums of its probabilities, `[batch, heads, seq_kv]`.
 #[allow(clippy::too_many_arguments)]
 fn attention_tiled<T>(
     query: FlexTensor,
@@ -317,11 +340,13 @@ fn attention_tiled<T>(
     attn_bias: Option<FlexTensor>,
     options: AttentionModuleOptions,
     blocked: bool,
-) -> FlexTensor
+    column_sums: bool,
+) -> (FlexTensor, Option<Vec<T>>)
 where
     T: FlashGemm + burn_backend::Element,
 {
     let blocked = blocked && mask.is_none() && attn_bias.is_none() && options.softcap.is_none();
+    let column_sums = column_sums && blocked;
     if let Some(softcap) = options.softcap {
         assert!(softcap > 0.0, "softcap must be positive, got {softcap}");
     }
@@ -420,7 +445,7 @@ where
             }
         ],
     };
-    let run_head = |i: usize, out: &mut [T], scratch: &mut ScratchBuffers<T>| {
+    let run_head = |i: usize, out: &mut [T], sums: &mut [T], scratch: &mut ScratchBuffers<T>| {
         let (b, h) = (i / heads, i % heads);
         let q_off = b * q_batch_stride + h * q_head_stride;
         let k_off = b * k_batch_stride + h * k_head_stride;
@@ -434,6 +459,7 @@ where
                 &k_data[k_off..k_off + k_head_stride],
                 &v_data[v_off..v_off + v_head_stride],
                 out,
+                (!sums.is_empty()).then_some(sums),
                 &mut scratch.scores,
                 &mut scratch.row_sum,
                 &params,
@@ -451,24 +477,40 @@ where
             scratch,
         );
     };
-    for_each_head(&mut output, o_head_stride, new_scratch, run_head);
+    let mut sums = column_sums.then(|| vec![T::zero(); batch * heads * seq_kv]);
+    let (side, side_len) = match sums.as_mut() {
+        Some(sums) => (sums.as_mut_slice(), seq_kv),
+        None => (&mut [][..], 0),
+    };
+    for_each_head(
+        &mut output,
+        o_head_stride,
+        side,
+        side_len,
+        new_scratch,
+        run_head,
+    );
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
-    FlexTensor::new(
+    let output = FlexTensor::new(
         Bytes::from_elems(output),
         Layout::contiguous(shape),
         T::dtype(),
-    )
+    );
+    (output, sums)
 }
 
-/// ecache patch: runs `run(i, out, scratch)` for every `(batch, head)` pair `i`, `out`
-/// being pair `i`'s `head_len` elements of `output`: in parallel under the `rayon`
+/// ecache patch: runs `run(i, out, side, scratch)` for every `(batch, head)` pair `i`,
+/// `out` being pair `i`'s `head_len` elements of `output` and `side` its `side_len`
+/// elements of `side_output` (empty when `side_len` is 0): in parallel under the `rayon`
 /// feature (one `scratch` from `new_scratch` per rayon task), else one after another.
 fn for_each_head<T, S>(
     output: &mut [T],
     head_len: usize,
+    side_output: &mut [T],
+    side_len: usize,
     new_scratch: impl Fn() -> S + Send + Sync,
-    run: impl Fn(usize, &mut [T], &mut S) + Send + Sync,
+    run: impl Fn(usize, &mut [T], &mut [T], &mut S) + Send + Sync,
 ) where
     T: Send,
 {
@@ -478,16 +520,34 @@ fn for_each_head<T, S>(
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
-        output
-            .par_chunks_mut(head_len)
-            .enumerate()
-            .for_each_init(new_scratch, |scratch, (i, out)| run(i, out, scratch));
+        if side_len == 0 {
+            output
+                .par_chunks_mut(head_len)
+                .enumerate()
+                .for_each_init(new_scratch, |scratch, (i, out)| {
+                    run(i, out, &mut [], scratch)
+                });
+        } else {
+            debug_assert_eq!(side_output.len() / side_len, output.len() / head_len);
+            output
+                .par_chunks_mut(head_len)
+                .zip(side_output.par_chunks_mut(side_len))
+                .enumerate()
+                .for_each_init(new_scratch, |scratch, (i, (out, side))| {
+                    run(i, out, side, scratch)
+                });
+        }
     }
     #[cfg(not(feature = "rayon"))]
     {
         let mut scratch = new_scratch();
         for (i, out) in output.chunks_mut(head_len).enumerate() {
-            run(i, out, &mut scratch);
+            let side = if side_len == 0 {
+                &mut []
+            } else {
+                &mut side_output[i * side_len..(i + 1) * side_len]
+            };
+            run(i, out, side, &mut scratch);
         }
     }
 }
@@ -891,12 +951,15 @@ fn flash_attention_head<T: FlashGemm>(
 }
 
 /// ecache patch: one (batch, head) pair of [`attention_blocked`]. `scores` holds
-/// `QUERY_BLOCK.min(seq_q) * seq_kv` elements, `inverse` at least `QUERY_BLOCK.min(seq_q)`.
+/// `QUERY_BLOCK.min(seq_q) * seq_kv` elements, `inverse` at least `QUERY_BLOCK.min(seq_q)`;
+/// `column_sums` (`seq_kv`), when given, gets each row's probabilities added.
+#[allow(clippy::too_many_arguments)]
 fn blocked_attention_head<T: FlashGemm>(
     q: &[T],
     k: &[T],
     v: &[T],
     output: &mut [T],
+    mut column_sums: Option<&mut [T]>,
     scores: &mut [T],
     inverse: &mut [T],
     p: &AttentionParams<T>,
@@ -954,7 +1017,13 @@ fn blocked_attention_head<T: FlashGemm>(
                 continue;
             }
             let max = T::row_max(visible);
-            inverse[i] = T::one() / T::exp_shifted_sum(visible, max);
+            let inv = T::one() / T::exp_shifted_sum(visible, max);
+            inverse[i] = inv;
+            if let Some(sums) = column_sums.as_deref_mut() {
+                for (sum, &e) in sums.iter_mut().zip(visible.iter()) {
+                    *sum += e * inv;
+                }
+            }
         }
         // out[rows, val_dim] = P[rows, keys] @ V[0..keys]
         unsafe {
@@ -1107,7 +1176,7 @@ where
 
     // ecache patch: (batch, head) pairs run in parallel, one score buffer per rayon task.
     let new_scores = || vec![T::zero(); seq_q * seq_kv];
-    let run_head = |i: usize, out: &mut [T], scores: &mut Vec<T>| {
+    let run_head = |i: usize, out: &mut [T], _: &mut [T], scores: &mut Vec<T>| {
         let (b, h) = (i / heads, i % heads);
         let q_off = b * q_batch_stride + h * q_head_stride;
         let k_off = b * k_batch_stride + h * k_head_stride;
@@ -1128,7 +1197,7 @@ where
             ),
         );
     };
-    for_each_head(&mut output, o_head_stride, new_scores, run_head);
+    for_each_head(&mut output, o_head_stride, &mut [], 0, new_scores, run_head);
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
     FlexTensor::new(
@@ -1835,6 +1904,71 @@ mod tests {
             assert_eq!(b.len(), n.len(), "{label}");
             for (i, (x, y)) in b.iter().zip(n).enumerate() {
                 assert!((x - y).abs() < 1e-12, "{label} f64, element {i}: {x} vs {y}");
+            }
+        }
+    }
+
+    /// ecache patch: the column sums of the blocked path equal those of softmax written
+    /// out in f64, under causal offsets either way and without a mask; its output equals
+    /// the plain blocked path's.
+    #[test]
+    fn test_blocked_column_sums() {
+        let causal = AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+        for (batch, heads, seq_q, seq_kv, d, options) in [
+            (1, 2, 300, 300, 16, causal),
+            (1, 1, 130, 200, 8, causal),
+            (1, 1, 200, 100, 8, causal),
+            (2, 3, 129, 100, 8, AttentionModuleOptions::default()),
+        ] {
+            let value = |i: usize, salt: usize| ((i * 997 + salt * 131) % 1009) as f32 / 400.0 - 1.25;
+            let qv: Vec<f32> = (0..batch * heads * seq_q * d).map(|i| value(i, 1)).collect();
+            let kv: Vec<f32> = (0..batch * heads * seq_kv * d).map(|i| value(i, 2)).collect();
+            let vv: Vec<f32> = (0..batch * heads * seq_kv * d).map(|i| value(i, 3)).collect();
+            let q = flex_f32(qv.clone(), &[batch, heads, seq_q, d]);
+            let k = flex_f32(kv.clone(), &[batch, heads, seq_kv, d]);
+            let v = flex_f32(vv, &[batch, heads, seq_kv, d]);
+            let (out, sums) =
+                super::attention_blocked_column_sums(q.clone(), k.clone(), v.clone(), options)
+                    .unwrap();
+            let plain = super::attention_blocked(q, k, v, options);
+            assert_eq!(out.storage::<f32>(), plain.storage::<f32>());
+            let scale = 1.0 / (d as f64).sqrt();
+            let offset = seq_kv as isize - seq_q as isize;
+            for pair in 0..batch * heads {
+                let mut want = vec![0.0f64; seq_kv];
+                for i in 0..seq_q {
+                    let seen = if options.is_causal {
+                        (i as isize + offset + 1).clamp(0, seq_kv as isize) as usize
+                    } else {
+                        seq_kv
+                    };
+                    let logits: Vec<f64> = (0..seen)
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| {
+                                    qv[(pair * seq_q + i) * d + c] as f64
+                                        * kv[(pair * seq_kv + j) * d + c] as f64
+                                })
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+                    for (j, l) in logits.iter().enumerate() {
+                        want[j] += (l - max).exp() / total;
+                    }
+                }
+                for (j, w) in want.iter().enumerate() {
+                    let got = sums[pair * seq_kv + j] as f64;
+                    assert!(
+                        (got - w).abs() < 1e-4 * w.abs().max(1.0),
+                        "{batch}x{heads}x{seq_q}x{seq_kv}: pair {pair}, key {j}: {got} vs {w}"
+                    );
+                }
             }
         }
     }
