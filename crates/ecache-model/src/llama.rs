@@ -144,15 +144,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
         // A prompt over itself with a policy's importance: one pass through the backend's
         // kernel when it has one.
         let fused_scores = (want_scores && visibility == Visibility::Causal)
-            .then(|| {
-                let rep = self.heads / self.kv_heads;
-                B::causal_attention_with_sums(
-                    &q,
-                    &repeat_kv(keys.clone(), rep),
-                    &repeat_kv(values.clone(), rep),
-                    self.scale(),
-                )
-            })
+            .then(|| B::causal_attention_with_sums(&q, &keys, &values, self.scale()))
             .flatten();
         let (attn, scores) = if let Some((attn, scores)) = fused_scores {
             (attn, Some(scores))
@@ -511,7 +503,7 @@ impl Visibility {
 
 /// `[batch, kv_heads, slots, d]` -> `[batch, kv_heads * rep, slots, d]`, query head `i`
 /// reading KV head `i / rep` (transformers' `repeat_kv`).
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+pub(crate) fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
     if rep == 1 {
         return x;
     }

@@ -97,9 +97,20 @@ impl KernelBackend for Flex {
         scale: f64,
     ) -> Option<(Tensor<Flex, 4>, Tensor<Flex, 2>)> {
         let [batch, heads, t, _] = q.dims();
-        if keys.dims()[..3] != [batch, heads, t] || values.dims()[..3] != [batch, heads, t] {
+        let kv_heads = keys.dims()[1];
+        if q.dtype() != DType::F32
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || keys.dims()[..3] != [batch, kv_heads, t]
+            || values.dims()[..3] != [batch, kv_heads, t]
+        {
             return None;
         }
+        let rep = heads / kv_heads;
+        let (keys, values) = (
+            crate::llama::repeat_kv(keys.clone(), rep),
+            crate::llama::repeat_kv(values.clone(), rep),
+        );
         let options = burn::tensor::ops::AttentionModuleOptions {
             scale: Some(scale),
             softcap: None,
@@ -107,8 +118,8 @@ impl KernelBackend for Flex {
         };
         let (out, sums) = burn_flex::ops::attention::attention_blocked_column_sums(
             primitive(q),
-            primitive(keys),
-            primitive(values),
+            primitive(&keys),
+            primitive(&values),
             options,
         )?;
         // [batch, heads, t] per-head sums -> the mean over heads, [batch, t].

@@ -94,8 +94,8 @@ pub trait KernelBackend: Backend {
     /// dtypes): the caller then writes attention out in blocks.
     ///
     /// # Shapes
-    /// - `q`, `keys`, `values`: `[batch, heads, t, d]` (keys and values already repeated
-    ///   to the query heads)
+    /// - `q`: `[batch, heads, t, d]`; `keys`, `values`: `[batch, kv_heads, t, d]` (query
+    ///   head `i` reads key/value head `i / (heads / kv_heads)`)
     /// - returns `[batch, heads, t, d]` and `[batch, t]`
     fn causal_attention_with_sums(
         q: &Tensor<Self, 4>,
