@@ -543,7 +543,7 @@ fn for_each_head<T, S>(
         let mut scratch = new_scratch();
         for (i, out) in output.chunks_mut(head_len).enumerate() {
             let side = if side_len == 0 {
-                &mut []
+                &mut [][..]
             } else {
                 &mut side_output[i * side_len..(i + 1) * side_len]
             };
