@@ -122,22 +122,14 @@ impl KernelBackend for Flex {
             primitive(&values),
             options,
         )?;
-        // [batch, heads, t] per-head sums -> the mean over heads, [batch, t].
-        let mut mean = vec![0.0f32; batch * t];
-        for (b, row) in mean.chunks_exact_mut(t).enumerate() {
-            for head in sums[b * heads * t..(b + 1) * heads * t].chunks_exact(t) {
-                for (m, &s) in row.iter_mut().zip(head) {
-                    *m += s;
-                }
-            }
-            for m in row.iter_mut() {
-                *m /= heads as f32;
-            }
-        }
-        let device = Default::default();
+        // Per-head sums, [batch, heads, t] -> their mean over heads, [batch, t].
+        let sums = Tensor::<Flex, 3>::from_data(
+            TensorData::new(sums, [batch, heads, t]),
+            &Default::default(),
+        );
         Some((
             Tensor::from_primitive(TensorPrimitive::Float(out)),
-            Tensor::from_data(TensorData::new(mean, [batch, t]), &device),
+            sums.mean_dim(1).reshape([batch, t]),
         ))
     }
 
