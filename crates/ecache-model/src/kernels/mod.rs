@@ -23,6 +23,8 @@ pub mod cpu;
 #[cfg(feature = "cube")]
 pub mod cube;
 pub mod flex;
+#[cfg(target_arch = "x86_64")]
+mod half_avx512;
 pub mod rope;
 
 use burn::nn::Linear;
