@@ -114,6 +114,7 @@ fn main() {
 
 /// The sum of `v`, eight vectors at a time.
 #[macerator::with_simd]
+#[allow(clippy::needless_lifetimes)] // the macro needs the lifetime named
 fn sum<'a, S: Simd>(v: &'a [f32]) -> f32 {
     let lanes = f32::lanes::<S>();
     let step = 8 * lanes;

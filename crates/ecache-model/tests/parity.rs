@@ -260,20 +260,17 @@ fn gqa_policies_match_the_spec_implementation() {
 }
 
 /// Half precision: weights and activations in f16 and bf16 stay close to transformers' f32
-/// logits (softmax and importance are computed in f32 either way).
+/// logits (softmax and importance are computed in f32 either way), at prefill and over the
+/// fixture's 16 greedy tokens fed back (decode steps reading a half-precision cache, against
+/// the same steps in f32).
 #[test]
 fn half_precision_stays_close_to_f32() {
     let dir = fixture("tiny-llava-mha");
     let device = Default::default();
     let expected = Expected::load(&dir);
     let (_, want) = expected.tensor("prompt_logits");
-    // wgpu has no bf16 (WGSL lacks the type).
-    let dtypes: &[(DType, f32)] = if cfg!(all(feature = "wgpu", not(feature = "cuda"))) {
-        &[(DType::F16, 0.05)]
-    } else {
-        &[(DType::F16, 0.05), (DType::BF16, 0.4)]
-    };
-    for &(dtype, tolerance) in dtypes {
+    let greedy = expected.ids("greedy_ids");
+    let session_logits = |dtype: DType| -> (Vec<f32>, Vec<Vec<f32>>, usize) {
         let (model, config) = Llava::<B>::load(&dir, &device, dtype).unwrap();
         let tokenizer = PromptTokenizer::load(&dir, config.image_token_id).unwrap();
         let (shape, data) = expected.tensor("pixel_values");
@@ -293,24 +290,39 @@ fn half_precision_stays_close_to_f32() {
             &device,
             dtype,
         );
-        let got: Vec<f32> = session
-            .prefill(embeds, &kinds)
-            .unwrap()
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap();
+        let prompt = session.prefill(embeds, &kinds).unwrap().into_data();
+        let prompt = prompt.convert::<f32>().into_vec::<f32>().unwrap();
+        assert!(session.kv_bytes() > 0);
+        let steps = greedy
+            .iter()
+            .map(|&t| {
+                let row = session.step(&[t]).unwrap().into_data();
+                row.convert::<f32>().into_vec::<f32>().unwrap()
+            })
+            .collect();
+        (prompt, steps, config.text.vocab_size)
+    };
+    let (_, steps_f32, _) = session_logits(DType::F32);
+    // wgpu has no bf16 (WGSL lacks the type).
+    let dtypes: &[(DType, f32)] = if cfg!(all(feature = "wgpu", not(feature = "cuda"))) {
+        &[(DType::F16, 0.05)]
+    } else {
+        &[(DType::F16, 0.05), (DType::BF16, 0.4)]
+    };
+    for &(dtype, tolerance) in dtypes {
+        let (got, steps, vocab) = session_logits(dtype);
         let diff = max_abs_diff(&got, &want);
         assert!(
             diff < tolerance,
             "{dtype:?}: prompt logits differ by {diff}"
         );
-        let vocab = config.text.vocab_size;
-        assert_eq!(
-            argmax(&got[got.len() - vocab..]),
-            expected.ids("greedy_ids")[0],
-            "{dtype:?}"
-        );
-        assert!(session.kv_bytes() > 0);
+        assert_eq!(argmax(&got[got.len() - vocab..]), greedy[0], "{dtype:?}");
+        for (i, (step, step_f32)) in steps.iter().zip(&steps_f32).enumerate() {
+            let diff = max_abs_diff(step, step_f32);
+            assert!(
+                diff < tolerance,
+                "{dtype:?}: logits of step {i} differ from f32's by {diff}"
+            );
+        }
     }
 }

@@ -54,7 +54,7 @@ impl<'a> Weights<'a> {
 
     /// Elements `at..at + len` in f32: borrowed where stored in f32, else widened into
     /// `buffer` (at least `len` long).
-    fn f32_run<'b>(self, at: usize, len: usize, buffer: &'b mut [f32]) -> &'b [f32]
+    pub(super) fn f32_run<'b>(self, at: usize, len: usize, buffer: &'b mut [f32]) -> &'b [f32]
     where
         'a: 'b,
     {
@@ -213,19 +213,24 @@ fn rows_range<'a, S: Simd>(
 
 /// Weight rows `kk..kk + rows.len()`, columns `j0..j0 + rows[0].len()` of a `[k, n]`
 /// product.
-struct Tile<'a> {
-    rows: &'a [&'a [f32]],
-    k: usize,
-    n: usize,
-    kk: usize,
-    j0: usize,
+pub(super) struct Tile<'a> {
+    pub(super) rows: &'a [&'a [f32]],
+    pub(super) k: usize,
+    pub(super) n: usize,
+    pub(super) kk: usize,
+    pub(super) j0: usize,
 }
 
 impl Tile<'_> {
     /// `acc[i] += sum_r x[i, kk + r] * rows[r]` for the `R` rows `i0..i0 + R`: `V` vectors
     /// of columns at a time, their `R x V` accumulators in registers across the tile's rows.
     #[inline(always)]
-    fn fold<S: Simd, const R: usize, const V: usize>(&self, acc: &mut [f32], x: &[f32], i0: usize) {
+    pub(super) fn fold<S: Simd, const R: usize, const V: usize>(
+        &self,
+        acc: &mut [f32],
+        x: &[f32],
+        i0: usize,
+    ) {
         let (k, n, kk, j0) = (self.k, self.n, self.kk, self.j0);
         let width = self.rows[0].len();
         assert!((i0 + R - 1) * n + j0 + width <= acc.len());
@@ -404,139 +409,6 @@ fn dots<S: Simd>(xs: &[&[f32]], ws: &[&[f32]]) -> [[f32; 4]; 4] {
         }
     }
     out
-}
-
-/// Where one sequence's keys (or values) for one layer lie in a buffer: `kv_heads` heads
-/// of `len` rows of `d` contiguous floats, head `g` starting at `offset + g * head_stride`,
-/// rows `row_stride` apart.
-#[derive(Debug, Clone, Copy)]
-pub struct CacheView<'a> {
-    pub data: &'a [f32],
-    pub offset: usize,
-    pub head_stride: usize,
-    pub row_stride: usize,
-    pub len: usize,
-}
-
-/// Decode attention of `queries.len() / (heads * d)` sequences, each over its own keys and
-/// values, every (sequence, head) pair a task: `softmax(q · K^T * scale) · V`, in f32.
-/// Query head `h` reads key/value head `h / (heads / kv_heads)`.
-///
-/// # Shapes
-/// - `queries`: `[heads, B, d]`; `keys[b]`, `values[b]`: sequence `b`'s views
-/// - returns `[heads, B, d]`
-pub fn decode_attention(
-    queries: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-    keys: &[CacheView<'_>],
-    values: &[CacheView<'_>],
-    scale: f32,
-) -> Vec<f32> {
-    let batch = keys.len();
-    assert_eq!(
-        queries.len(),
-        heads * batch * d,
-        "queries are [heads, B, d]"
-    );
-    assert_eq!(values.len(), batch, "one value view per sequence");
-    let rep = (heads / kv_heads.max(1)).max(1);
-    let mut out = vec![0.0f32; heads * batch * d];
-    // Small passes run on this thread: handing tiny tasks to other threads costs more
-    // than it saves.
-    let work: usize = keys.iter().map(|k| k.len).sum::<usize>() * heads * d;
-    let min_len = if work < PARALLEL_WORK { usize::MAX } else { 1 };
-    out.par_chunks_mut(d)
-        .with_min_len(min_len)
-        .enumerate()
-        .for_each(|(task, row)| {
-            let (h, b) = (task / batch, task % batch);
-            let g = h / rep;
-            let (k, v) = (&keys[b], &values[b]);
-            let q = &queries[task * d..(task + 1) * d];
-            attend(
-                row,
-                q,
-                &k.data[k.offset + g * k.head_stride..],
-                &v.data[v.offset + g * v.head_stride..],
-                k.row_stride,
-                v.row_stride,
-                k.len,
-                scale,
-            );
-        });
-    out
-}
-
-/// One query row over `len` keys and values (rows `key_stride` / `value_stride` apart).
-#[allow(clippy::too_many_arguments)]
-#[macerator::with_simd]
-fn attend<S: Simd>(
-    out: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    key_stride: usize,
-    value_stride: usize,
-    len: usize,
-    scale: f32,
-) {
-    let d = q.len();
-    let mut scores = vec![0.0f32; len];
-    let mut max = f32::NEG_INFINITY;
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = dot::<S>(q, &keys[j * key_stride..j * key_stride + d]) * scale;
-        max = max.max(*s);
-    }
-    let mut sum = 0.0f32;
-    for s in &mut scores {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    for s in &mut scores {
-        *s /= sum;
-    }
-    // The weighted sum of the values is a one-row product `[1, len] x [len, d]`.
-    out.fill(0.0);
-    let mut j = 0;
-    while j < len {
-        let count = UNROLL.min(len - j);
-        let rows: [&[f32]; UNROLL] = std::array::from_fn(|r| {
-            let at = (j + r.min(count - 1)) * value_stride;
-            &values[at..at + d]
-        });
-        let tile = Tile {
-            rows: &rows[..count],
-            k: len,
-            n: d,
-            kk: j,
-            j0: 0,
-        };
-        tile.fold::<S, 1, 1>(out, &scores, 0);
-        j += count;
-    }
-}
-
-#[inline(always)]
-fn dot<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
-    let lanes = f32::lanes::<S>();
-    let simd_len = a.len() / lanes * lanes;
-    let mut acc = 0.0f32.splat::<S>();
-    let mut j = 0;
-    while j < simd_len {
-        // SAFETY: j + lanes <= a.len() == b.len().
-        unsafe {
-            acc = vload_unaligned::<S, f32>(a.as_ptr().add(j))
-                .mul_add(vload_unaligned(b.as_ptr().add(j)), acc);
-        }
-        j += lanes;
-    }
-    let mut total = macerator::ReduceAdd::reduce_add(acc);
-    for j in simd_len..a.len() {
-        total += a[j] * b[j];
-    }
-    total
 }
 
 /// Half-precision to f32, sixteen at a time with AVX-512 (`vcvtph2ps`, and a zero-extend
@@ -772,64 +644,6 @@ pub(super) mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0.0, f32::max);
                 assert!(err < 1e-4, "{weights:?} {m}x{k}x{n}: {err}");
-            }
-        }
-    }
-
-    /// Two sequences of different lengths in buffers with spare rows, grouped-query heads.
-    #[test]
-    fn decode_attention_matches_softmax_written_out() {
-        let (heads, kv_heads, d, cap) = (4, 2, 20, 9);
-        let lens = [3usize, 9];
-        let queries = numbers(heads * 2 * d, 3);
-        let buffers: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
-            .map(|b| {
-                (
-                    numbers(kv_heads * cap * d, 10 + b),
-                    numbers(kv_heads * cap * d, 20 + b),
-                )
-            })
-            .collect();
-        fn view(data: &[f32], len: usize, head_stride: usize, d: usize) -> CacheView<'_> {
-            CacheView {
-                data,
-                offset: 0,
-                head_stride,
-                row_stride: d,
-                len,
-            }
-        }
-        let keys: Vec<_> = (0..2)
-            .map(|b| view(&buffers[b].0, lens[b], cap * d, d))
-            .collect();
-        let values: Vec<_> = (0..2)
-            .map(|b| view(&buffers[b].1, lens[b], cap * d, d))
-            .collect();
-        let scale = 0.3;
-        let got = decode_attention(&queries, heads, kv_heads, d, &keys, &values, scale);
-        for h in 0..heads {
-            for b in 0..2 {
-                let g = h / 2;
-                let q = &queries[(h * 2 + b) * d..][..d];
-                let (k, v) = (&buffers[b].0[g * cap * d..], &buffers[b].1[g * cap * d..]);
-                let s: Vec<f64> = (0..lens[b])
-                    .map(|j| {
-                        (0..d)
-                            .map(|i| q[i] as f64 * k[j * d + i] as f64)
-                            .sum::<f64>()
-                            * scale as f64
-                    })
-                    .collect();
-                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
-                let total: f64 = e.iter().sum();
-                for i in 0..d {
-                    let want: f64 = (0..lens[b])
-                        .map(|j| e[j] / total * v[j * d + i] as f64)
-                        .sum();
-                    let have = got[(h * 2 + b) * d + i] as f64;
-                    assert!((want - have).abs() < 1e-5, "head {h} sequence {b} dim {i}");
-                }
             }
         }
     }

@@ -5,7 +5,8 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use half::{bf16, f16};
 
-use super::cpu::{self, CacheView, Weights};
+use super::cpu::{self, Weights};
+use super::decode_attention::{self, CacheView};
 use super::rope::{self, RopeShape};
 use super::{KernelBackend, activation};
 
@@ -59,7 +60,12 @@ impl KernelBackend for Flex {
         scale: f64,
     ) -> Option<Tensor<Flex, 4>> {
         let [_, heads, batch, d] = q.dims();
-        if q.dtype() != DType::F32 || keys.len() != batch || values.len() != batch {
+        let dtype = q.dtype();
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+            || keys.len() != batch
+            || values.len() != batch
+            || keys.iter().chain(values).any(|t| t.dtype() != dtype)
+        {
             return None;
         }
         let kv_heads = keys.first()?.dims()[1];
@@ -73,8 +79,9 @@ impl KernelBackend for Flex {
             .iter()
             .map(|t| view(t, kv_heads, d))
             .collect::<Option<Vec<_>>>()?;
-        let queries: Vec<f32> = q.clone().into_data().into_vec().ok()?;
-        let out = cpu::decode_attention(
+        // In f32 whatever the model's type: a query row is small, the cache is read as stored.
+        let queries: Vec<f32> = q.clone().cast(DType::F32).into_data().into_vec().ok()?;
+        let out = decode_attention::decode_attention(
             &queries,
             heads,
             kv_heads,
@@ -84,10 +91,10 @@ impl KernelBackend for Flex {
             scale as f32,
         );
         let device = Default::default();
-        Some(Tensor::from_data(
-            TensorData::new(out, [1, heads, batch, d]),
-            &device,
-        ))
+        Some(
+            Tensor::<Flex, 4>::from_data(TensorData::new(out, [1, heads, batch, d]), &device)
+                .cast(dtype),
+        )
     }
 
     fn causal_attention_with_sums(
@@ -219,11 +226,15 @@ fn weight_slice(t: &FlexTensor, k: usize, n: usize) -> Option<(Weights<'_>, bool
     Some((weights, transposed))
 }
 
-/// One sequence's `[1, kv_heads, len, d]` cache view in f32 whose rows are contiguous.
+/// One sequence's `[1, kv_heads, len, d]` cache view (f32, f16 or bf16) whose rows are
+/// contiguous.
 fn view(t: &FlexTensor, kv_heads: usize, d: usize) -> Option<CacheView<'_>> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
+    let data = match t.dtype() {
+        DType::F32 => Weights::F32(t.storage::<f32>()),
+        DType::F16 => Weights::F16(t.storage::<f16>()),
+        DType::BF16 => Weights::Bf16(t.storage::<bf16>()),
+        _ => return None,
+    };
     let layout = t.layout();
     let dims = layout.shape().to_vec();
     let strides = layout.strides();
@@ -235,7 +246,7 @@ fn view(t: &FlexTensor, kv_heads: usize, d: usize) -> Option<CacheView<'_>> {
         usize::try_from(strides[2]).ok()?,
     );
     Some(CacheView {
-        data: t.storage::<f32>(),
+        data,
         offset: layout.start_offset(),
         head_stride,
         row_stride,
@@ -402,6 +413,31 @@ mod tests {
                 .max()
                 .into_scalar();
             assert!(diff < 1e-5, "sequence {b}: {diff}");
+        }
+        // Half-precision caches are read as stored and computed in f32: the same result as
+        // the f32 kernel on the rounded values, returned in the model's type.
+        for dtype in [DType::F16, DType::BF16] {
+            let half = |ts: &[Tensor<Flex, 4>]| ts.iter().map(|t| t.clone().cast(dtype)).collect();
+            let (keys, values): (Vec<_>, Vec<_>) = (half(&keys), half(&values));
+            let q = q.clone().cast(dtype);
+            let got = Flex::decode_attention(&q, &keys, &values, scale).expect("half views");
+            assert_eq!(got.dtype(), dtype);
+            let wide = |ts: &[Tensor<Flex, 4>]| -> Vec<_> {
+                ts.iter().map(|t| t.clone().cast(DType::F32)).collect()
+            };
+            let want = Flex::decode_attention(
+                &q.clone().cast(DType::F32),
+                &wide(&keys),
+                &wide(&values),
+                scale,
+            )
+            .expect("f32 views")
+            .cast(dtype);
+            let diff: f32 = (got.cast(DType::F32) - want.cast(DType::F32))
+                .abs()
+                .max()
+                .into_scalar();
+            assert_eq!(diff, 0.0, "{dtype:?}");
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod activation;
 pub mod cpu;
 #[cfg(feature = "cube")]
 pub mod cube;
+pub mod decode_attention;
 pub mod flex;
 #[cfg(target_arch = "x86_64")]
 mod half_avx512;
