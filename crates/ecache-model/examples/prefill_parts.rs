@@ -69,7 +69,11 @@ fn main() {
             }),
             1,
         ),
-        ("RMSNorm", time(10, || norm.forward(x.clone())), 2),
+        (
+            "RMSNorm (kernel)",
+            time(10, || ecache_model::kernels::rms_norm(&norm, x.clone())),
+            2,
+        ),
         (
             "SwiGLU (kernel)",
             time(10, || Flex::swiglu(gate.clone(), gate.clone())),

@@ -11,7 +11,7 @@ use ecache_core::{ImportanceAccumulator, LayerCache, SlotKind};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::export::Exporter;
-use crate::kernels::{KernelBackend, linear};
+use crate::kernels::{KernelBackend, linear, rms_norm};
 use crate::layers::{Loader, Rope, RopeTables};
 
 /// One decoder layer.
@@ -292,7 +292,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, _] = x.dims();
         let d = self.head_dim;
-        let h = self.input_layernorm.forward(x);
+        let h = rms_norm(&self.input_layernorm, x);
         let q = rope.apply(linear(&self.q_proj, h.clone()).reshape([b, t, self.heads, d]));
         let k = rope.apply(linear(&self.k_proj, h.clone()).reshape([b, t, self.kv_heads, d]));
         let v = linear(&self.v_proj, h)
@@ -442,7 +442,7 @@ impl<B: KernelBackend> LlamaLayer<B> {
             .swap_dims(1, 2)
             .reshape([b, t, self.heads * self.head_dim]);
         let x = x + linear(&self.o_proj, attn);
-        let h = self.post_attention_layernorm.forward(x.clone());
+        let h = rms_norm(&self.post_attention_layernorm, x.clone());
         let mlp = B::swiglu(linear(&self.gate_proj, h.clone()), linear(&self.up_proj, h));
         x + linear(&self.down_proj, mlp)
     }
@@ -608,7 +608,7 @@ impl<B: KernelBackend> LlamaDecoder<B> {
     /// # Shapes
     /// - `x`: `[batch, t, hidden]` -> logits `[batch, t, vocab]`
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear(&self.lm_head, self.norm.forward(x))
+        linear(&self.lm_head, rms_norm(&self.norm, x))
     }
 
     /// [`LlamaDecoder::head`] on each row's last position only: the next token's logits.

@@ -8,7 +8,7 @@ use half::{bf16, f16};
 use super::cpu::{self, Weights};
 use super::decode_attention::{self, CacheView};
 use super::rope::{self, RopeShape};
-use super::{KernelBackend, activation};
+use super::{KernelBackend, activation, norm};
 
 /// Rows up to which the skinny product is used. In isolation it beats flex's GEMM up to 64
 /// rows on a 4096 x 11008 weight and up to about 24 on 1024 x 2816 (`cargo run --release
@@ -137,6 +137,17 @@ impl KernelBackend for Flex {
         Some((
             Tensor::from_primitive(TensorPrimitive::Float(out)),
             sums.mean_dim(1).reshape([batch, t]),
+        ))
+    }
+
+    fn rms_norm(x: &Tensor<Flex, 2>, gamma: &Tensor<Flex, 1>, eps: f64) -> Option<Tensor<Flex, 2>> {
+        let (xp, gp) = (primitive(x), primitive(gamma));
+        let (xs, gs) = (contiguous_f32(&xp)?, contiguous_f32(&gp)?);
+        let mut out = vec![0.0f32; xs.len()];
+        norm::rms_norm(xs, gs, eps as f32, &mut out);
+        Some(Tensor::from_data(
+            TensorData::new(out, x.dims()),
+            &Default::default(),
         ))
     }
 
@@ -330,6 +341,42 @@ mod tests {
             .max()
             .into_scalar();
         assert!(diff < 1e-5, "transposed: {diff}");
+    }
+
+    /// RMSNorm through the kernel equals burn's `RmsNorm` on a contiguous f32 input, and a
+    /// transposed or half-precision input takes burn's own (the same result, its dtype).
+    #[test]
+    fn rms_norm_equals_burns() {
+        let device = Default::default();
+        let mut norm = burn::nn::RmsNormConfig::new(1000)
+            .with_epsilon(1e-5)
+            .init::<Flex>(&device);
+        norm.gamma = Param::from_tensor(Tensor::random(
+            [1000],
+            Distribution::Normal(1.0, 0.5),
+            &device,
+        ));
+        let x = Tensor::<Flex, 3>::random([2, 37, 1000], Distribution::Normal(0.0, 3.0), &device);
+        let got = crate::kernels::rms_norm(&norm, x.clone());
+        let diff: f32 = (got - norm.forward(x.clone())).abs().max().into_scalar();
+        assert!(diff < 1e-5, "contiguous: {diff}");
+        assert!(Flex::rms_norm(&x.clone().reshape([74, 1000]), &norm.gamma.val(), 1e-5).is_some());
+        let t = Tensor::<Flex, 3>::random([2, 1000, 37], Distribution::Normal(0.0, 3.0), &device)
+            .swap_dims(1, 2);
+        let diff: f32 = (crate::kernels::rms_norm(&norm, t.clone()) - norm.forward(t))
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-5, "transposed: {diff}");
+        let mut half_norm = norm.clone();
+        half_norm.gamma = Param::from_tensor(norm.gamma.val().cast(DType::F16));
+        let half = crate::kernels::rms_norm(&half_norm, x.clone().cast(DType::F16));
+        assert_eq!(half.dtype(), DType::F16);
+        let diff: f32 = (half.cast(DType::F32) - norm.forward(x))
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 0.05, "f16: {diff}");
     }
 
     /// The RoPE kernel equals the burn operations it replaces, bit for bit (the same

@@ -15,6 +15,7 @@
 //! - [`KernelBackend::causal_attention_with_sums`]: a prompt's causal attention and the
 //!   head-mean column sums of its probabilities (a scored policy's importance) in one
 //!   pass. On flex: the vendored crate's blocked kernel.
+//! - [`KernelBackend::rms_norm`]: RMSNorm a row at a time in one pass. On flex: [`norm`].
 //! - [`KernelBackend::attention_matmul`]: attention's two products. On CUDA and wgpu, a
 //!   product with a single row or column is [`matmul_by_reduction`].
 
@@ -26,9 +27,10 @@ pub mod decode_attention;
 pub mod flex;
 #[cfg(target_arch = "x86_64")]
 mod half_avx512;
+pub mod norm;
 pub mod rope;
 
-use burn::nn::Linear;
+use burn::nn::{Linear, RmsNorm};
 use burn::tensor::{DType, Tensor, activation::silu, backend::Backend};
 
 /// A backend the model runs on, with the kernels it may override.
@@ -110,6 +112,17 @@ pub trait KernelBackend: Backend {
         None
     }
 
+    /// RMSNorm of each row, `x / sqrt(mean(x^2) + eps) * gamma`, or `None` when the
+    /// backend has no such kernel (or not for this dtype and layout): the caller then runs
+    /// burn's `RmsNorm`.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, d]`; `gamma`: `[d]` -> `[rows, d]`
+    fn rms_norm(x: &Tensor<Self, 2>, gamma: &Tensor<Self, 1>, eps: f64) -> Option<Tensor<Self, 2>> {
+        let _ = (x, gamma, eps);
+        None
+    }
+
     /// Attention's products, scores `q · kᵀ` and output `p · v`. The fallback is burn's
     /// matmul; CubeCL backends take [`matmul_by_reduction`] for a single query row.
     ///
@@ -183,4 +196,26 @@ pub fn linear<B: KernelBackend, const D: usize>(
     let mut out = dims;
     out[D - 1] = n;
     y.reshape(out)
+}
+
+/// An RMSNorm layer's forward, through [`KernelBackend::rms_norm`] where the backend has
+/// it, else burn's own.
+///
+/// # Shapes
+/// - `x`: `[..., d]` -> `[..., d]`
+pub fn rms_norm<B: KernelBackend, const D: usize>(
+    norm: &RmsNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let d = dims[D - 1];
+    let rows: usize = dims[..D - 1].iter().product();
+    match B::rms_norm(
+        &x.clone().reshape([rows, d]),
+        &norm.gamma.val(),
+        norm.epsilon,
+    ) {
+        Some(y) => y.reshape(dims),
+        None => norm.forward(x),
+    }
 }
