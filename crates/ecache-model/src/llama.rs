@@ -326,6 +326,11 @@ impl<B: KernelBackend> LlamaLayer<B> {
                 (Some(mask.expand([b, h, t, slots])), false)
             }
         };
+        if mask.is_none()
+            && let Some(out) = B::grouped_attention(&q, &keys, &values, is_causal, self.scale())
+        {
+            return out;
+        }
         let options = AttentionModuleOptions {
             scale: Some(self.scale()),
             softcap: None,

@@ -97,6 +97,38 @@ impl KernelBackend for Flex {
         )
     }
 
+    fn grouped_attention(
+        q: &Tensor<Flex, 4>,
+        keys: &Tensor<Flex, 4>,
+        values: &Tensor<Flex, 4>,
+        causal: bool,
+        scale: f64,
+    ) -> Option<Tensor<Flex, 4>> {
+        let [batch, heads, _, d] = q.dims();
+        let [kv_batch, kv_heads, slots, kv_d] = keys.dims();
+        if kv_heads == 0
+            || heads % kv_heads != 0
+            || [kv_batch, kv_d] != [batch, d]
+            || values.dims() != [batch, kv_heads, slots, d]
+            || keys.dtype() != q.dtype()
+            || values.dtype() != q.dtype()
+        {
+            return None;
+        }
+        let options = burn::tensor::ops::AttentionModuleOptions {
+            scale: Some(scale),
+            softcap: None,
+            is_causal: causal,
+        };
+        let out = burn_flex::ops::attention::attention_blocked(
+            primitive(q),
+            primitive(keys),
+            primitive(values),
+            options,
+        );
+        Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
     fn causal_attention_with_sums(
         q: &Tensor<Flex, 4>,
         keys: &Tensor<Flex, 4>,
@@ -113,11 +145,7 @@ impl KernelBackend for Flex {
         {
             return None;
         }
-        let rep = heads / kv_heads;
-        let (keys, values) = (
-            crate::llama::repeat_kv(keys.clone(), rep),
-            crate::llama::repeat_kv(values.clone(), rep),
-        );
+        // Grouped-query heads are read in place by the vendored kernel.
         let options = burn::tensor::ops::AttentionModuleOptions {
             scale: Some(scale),
             softcap: None,
@@ -125,8 +153,8 @@ impl KernelBackend for Flex {
         };
         let (out, sums) = burn_flex::ops::attention::attention_blocked_column_sums(
             primitive(q),
-            primitive(&keys),
-            primitive(&values),
+            primitive(keys),
+            primitive(values),
             options,
         )?;
         // Per-head sums, [batch, heads, t] -> their mean over heads, [batch, t].
@@ -341,6 +369,49 @@ mod tests {
             .max()
             .into_scalar();
         assert!(diff < 1e-5, "transposed: {diff}");
+    }
+
+    /// Grouped-query heads read in place equal burn's attention over the heads repeated,
+    /// causal (more keys than queries: a chunk after cached slots) and over every key, in
+    /// f32 and f16.
+    #[test]
+    fn grouped_attention_equals_attention_over_repeated_heads() {
+        let device = Default::default();
+        let (heads, kv_heads, t, slots, d) = (6, 2, 40, 70, 16);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<Flex, 4>::random([2, heads, t, d], normal, &device);
+        let k = Tensor::<Flex, 4>::random([2, kv_heads, slots, d], normal, &device);
+        let v = Tensor::<Flex, 4>::random([2, kv_heads, slots, d], normal, &device);
+        for dtype in [DType::F32, DType::F16] {
+            let (q, k, v) = (
+                q.clone().cast(dtype),
+                k.clone().cast(dtype),
+                v.clone().cast(dtype),
+            );
+            for causal in [true, false] {
+                let got = Flex::grouped_attention(&q, &k, &v, causal, 0.3).expect("flex kernel");
+                assert_eq!(got.dtype(), dtype);
+                let rep = heads / kv_heads;
+                let want = burn::tensor::module::attention(
+                    q.clone(),
+                    crate::llama::repeat_kv(k.clone(), rep),
+                    crate::llama::repeat_kv(v.clone(), rep),
+                    None,
+                    None,
+                    burn::tensor::ops::AttentionModuleOptions {
+                        scale: Some(0.3),
+                        softcap: None,
+                        is_causal: causal,
+                    },
+                );
+                let diff: f32 = (got.cast(DType::F32) - want.cast(DType::F32))
+                    .abs()
+                    .max()
+                    .into_scalar();
+                let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                assert!(diff < tolerance, "{dtype:?}, causal {causal}: {diff}");
+            }
+        }
     }
 
     /// RMSNorm through the kernel equals burn's `RmsNorm` on a contiguous f32 input, and a

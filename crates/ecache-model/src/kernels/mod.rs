@@ -12,6 +12,8 @@
 //!   [`activation`].
 //! - [`KernelBackend::rope`]: rotate-half RoPE written heads-first in one pass. On flex:
 //!   [`rope`].
+//! - [`KernelBackend::grouped_attention`]: attention without a mask, grouped-query heads
+//!   read in place. On flex: the vendored crate's blocked kernel.
 //! - [`KernelBackend::causal_attention_with_sums`]: a prompt's causal attention and the
 //!   head-mean column sums of its probabilities (a scored policy's importance) in one
 //!   pass. On flex: the vendored crate's blocked kernel.
@@ -90,6 +92,26 @@ pub trait KernelBackend: Backend {
         sin: &Tensor<Self, 4>,
     ) -> Option<Tensor<Self, 4>> {
         let _ = (x, cos, sin);
+        None
+    }
+
+    /// Attention without a mask, causal (the last query row sees every key) or over every
+    /// key, with grouped-query heads read where they lie instead of repeated per query head;
+    /// or `None` when the backend has no such kernel: the caller then repeats the heads and
+    /// runs burn's `attention`.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, heads, t, d]`; `keys`, `values`: `[batch, kv_heads, slots, d]` (query
+    ///   head `i` reads key/value head `i / (heads / kv_heads)`)
+    /// - returns `[batch, heads, t, d]`
+    fn grouped_attention(
+        q: &Tensor<Self, 4>,
+        keys: &Tensor<Self, 4>,
+        values: &Tensor<Self, 4>,
+        causal: bool,
+        scale: f64,
+    ) -> Option<Tensor<Self, 4>> {
+        let _ = (q, keys, values, causal, scale);
         None
     }
 

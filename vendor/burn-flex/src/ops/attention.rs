@@ -240,8 +240,7 @@ pub fn attention_blocked_column_sums(
     value: FlexTensor,
     options: AttentionModuleOptions,
 ) -> Option<(FlexTensor, Vec<f32>)> {
-    if query.dtype() != DType::F32 || key.dtype() != DType::F32 || value.dtype() != DType::F32
-    {
+    if query.dtype() != DType::F32 || key.dtype() != DType::F32 || value.dtype() != DType::F32 {
         return None;
     }
     if options.softcap.is_some() {
@@ -371,12 +370,19 @@ where
     let seq_kv = k_shape[2];
     let val_dim = v_shape[3];
 
+    // ecache patch: grouped-query attention without a copy: key/value heads may be fewer
+    // than query heads, query head `h` reading key/value head `h / (heads / kv_heads)`.
+    let kv_heads = k_shape[1];
     assert_eq!(k_shape[0], batch, "attention: key batch mismatch");
-    assert_eq!(k_shape[1], heads, "attention: key heads mismatch");
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads),
+        "attention: key heads ({kv_heads}) must divide query heads ({heads})"
+    );
     assert_eq!(k_shape[3], head_dim, "attention: key head_dim mismatch");
     assert_eq!(v_shape[0], batch, "attention: value batch mismatch");
-    assert_eq!(v_shape[1], heads, "attention: value heads mismatch");
+    assert_eq!(v_shape[1], kv_heads, "attention: value heads mismatch");
     assert_eq!(v_shape[2], seq_kv, "attention: value seq_kv mismatch");
+    let group = heads / kv_heads;
 
     let target = [batch, heads, seq_q, seq_kv];
     let mask_bcast = mask.map(|m| broadcast_attn_mask_bias(m, target, "mask"));
@@ -415,9 +421,9 @@ where
     let q_head_stride = seq_q * head_dim;
     let q_batch_stride = heads * q_head_stride;
     let k_head_stride = seq_kv * head_dim;
-    let k_batch_stride = heads * k_head_stride;
+    let k_batch_stride = kv_heads * k_head_stride;
     let v_head_stride = seq_kv * val_dim;
-    let v_batch_stride = heads * v_head_stride;
+    let v_batch_stride = kv_heads * v_head_stride;
     let o_head_stride = seq_q * val_dim;
     let mask_tile_len = seq_q * seq_kv;
 
@@ -448,8 +454,8 @@ where
     let run_head = |i: usize, out: &mut [T], sums: &mut [T], scratch: &mut ScratchBuffers<T>| {
         let (b, h) = (i / heads, i % heads);
         let q_off = b * q_batch_stride + h * q_head_stride;
-        let k_off = b * k_batch_stride + h * k_head_stride;
-        let v_off = b * v_batch_stride + h * v_head_stride;
+        let k_off = b * k_batch_stride + (h / group) * k_head_stride;
+        let v_off = b * v_batch_stride + (h / group) * v_head_stride;
         let mask_off = b * mask_batch_step + h * mask_head_step;
         let bias_off = b * bias_batch_step + h * bias_head_step;
 
@@ -1113,14 +1119,23 @@ where
     let seq_kv = k_shape[2];
     let val_dim = v_shape[3];
 
+    // ecache patch: grouped-query heads read in place, as in `attention_tiled`.
+    let kv_heads = k_shape[1];
     assert_eq!(k_shape[0], batch, "attention_naive: key batch mismatch");
-    assert_eq!(k_shape[1], heads, "attention_naive: key heads mismatch");
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads),
+        "attention_naive: key heads ({kv_heads}) must divide query heads ({heads})"
+    );
+    let group = heads / kv_heads;
     assert_eq!(
         k_shape[3], head_dim,
         "attention_naive: key head_dim mismatch"
     );
     assert_eq!(v_shape[0], batch, "attention_naive: value batch mismatch");
-    assert_eq!(v_shape[1], heads, "attention_naive: value heads mismatch");
+    assert_eq!(
+        v_shape[1], kv_heads,
+        "attention_naive: value heads mismatch"
+    );
     assert_eq!(v_shape[2], seq_kv, "attention_naive: value seq_kv mismatch");
 
     let target = [batch, heads, seq_q, seq_kv];
@@ -1158,9 +1173,9 @@ where
     let q_head_stride = seq_q * head_dim;
     let q_batch_stride = heads * q_head_stride;
     let k_head_stride = seq_kv * head_dim;
-    let k_batch_stride = heads * k_head_stride;
+    let k_batch_stride = kv_heads * k_head_stride;
     let v_head_stride = seq_kv * val_dim;
-    let v_batch_stride = heads * v_head_stride;
+    let v_batch_stride = kv_heads * v_head_stride;
     let o_head_stride = seq_q * val_dim;
     let mask_tile_len = seq_q * seq_kv;
 
@@ -1179,8 +1194,8 @@ where
     let run_head = |i: usize, out: &mut [T], _: &mut [T], scores: &mut Vec<T>| {
         let (b, h) = (i / heads, i % heads);
         let q_off = b * q_batch_stride + h * q_head_stride;
-        let k_off = b * k_batch_stride + h * k_head_stride;
-        let v_off = b * v_batch_stride + h * v_head_stride;
+        let k_off = b * k_batch_stride + (h / group) * k_head_stride;
+        let v_off = b * v_batch_stride + (h / group) * v_head_stride;
         let mask_off = b * mask_batch_step + h * mask_head_step;
         let bias_off = b * bias_batch_step + h * bias_head_step;
 
@@ -1903,9 +1918,112 @@ mod tests {
             let (b, n): (&[f64], &[f64]) = (blocked.storage(), naive.storage());
             assert_eq!(b.len(), n.len(), "{label}");
             for (i, (x, y)) in b.iter().zip(n).enumerate() {
-                assert!((x - y).abs() < 1e-12, "{label} f64, element {i}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() < 1e-12,
+                    "{label} f64, element {i}: {x} vs {y}"
+                );
             }
         }
+    }
+
+    /// ecache patch: grouped-query heads read in place (fewer key/value heads than query
+    /// heads) equal the same keys and values repeated per query head, on the blocked path
+    /// (causal, with column sums) and the flash path with a mask.
+    #[test]
+    fn test_grouped_heads_equal_repeated_heads() {
+        let (batch, heads, kv_heads, seq, d) = (2, 6, 2, 150, 16);
+        let group = heads / kv_heads;
+        let values = |len: usize, salt: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 997 + salt * 131) % 1009) as f32 / 1009.0 - 0.5)
+                .collect()
+        };
+        let q = values(batch * heads * seq * d, 1);
+        let (k, v) = (
+            values(batch * kv_heads * seq * d, 2),
+            values(batch * kv_heads * seq * d, 3),
+        );
+        // [batch, kv_heads, seq, d] -> [batch, heads, seq, d], head h from h / group.
+        let repeat = |x: &[f32]| -> Vec<f32> {
+            let per_head = seq * d;
+            let mut out = Vec::with_capacity(batch * heads * per_head);
+            for b in 0..batch {
+                for h in 0..heads {
+                    let at = (b * kv_heads + h / group) * per_head;
+                    out.extend_from_slice(&x[at..at + per_head]);
+                }
+            }
+            out
+        };
+        let (qs, gs, rs) = (
+            [batch, heads, seq, d],
+            [batch, kv_heads, seq, d],
+            [batch, heads, seq, d],
+        );
+        let causal = AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+        let (grouped, grouped_sums) = super::attention_blocked_column_sums(
+            flex_f32(q.clone(), &qs),
+            flex_f32(k.clone(), &gs),
+            flex_f32(v.clone(), &gs),
+            causal,
+        )
+        .unwrap();
+        let (repeated, repeated_sums) = super::attention_blocked_column_sums(
+            flex_f32(q.clone(), &qs),
+            flex_f32(repeat(&k), &rs),
+            flex_f32(repeat(&v), &rs),
+            causal,
+        )
+        .unwrap();
+        assert_eq!(
+            grouped.storage::<f32>(),
+            repeated.storage::<f32>(),
+            "blocked"
+        );
+        assert_eq!(grouped_sums, repeated_sums, "column sums");
+        let mask: Vec<u8> = (0..batch * heads * seq * seq)
+            .map(|i| u8::from((i * 7919) % 5 == 0))
+            .collect();
+        let masks = [batch, heads, seq, seq];
+        let grouped = super::attention_flash(
+            flex_f32(q.clone(), &qs),
+            flex_f32(k.clone(), &gs),
+            flex_f32(v.clone(), &gs),
+            Some(flex_bool(mask.clone(), &masks)),
+            None,
+            Default::default(),
+        );
+        let repeated = super::attention_flash(
+            flex_f32(q.clone(), &qs),
+            flex_f32(repeat(&k), &rs),
+            flex_f32(repeat(&v), &rs),
+            Some(flex_bool(mask, &masks)),
+            None,
+            Default::default(),
+        );
+        assert_eq!(
+            grouped.storage::<f32>(),
+            repeated.storage::<f32>(),
+            "flash, masked"
+        );
+        let naive = |k: Vec<f32>, v: Vec<f32>, shape: &[usize]| {
+            super::attention_naive(
+                flex_f32(q.clone(), &qs),
+                flex_f32(k, shape),
+                flex_f32(v, shape),
+                None,
+                None,
+                causal,
+            )
+        };
+        let (grouped, repeated) = (
+            naive(k.clone(), v.clone(), &gs),
+            naive(repeat(&k), repeat(&v), &rs),
+        );
+        assert_eq!(grouped.storage::<f32>(), repeated.storage::<f32>(), "naive");
     }
 
     /// ecache patch: the column sums of the blocked path equal those of softmax written
@@ -1923,10 +2041,17 @@ mod tests {
             (1, 1, 200, 100, 8, causal),
             (2, 3, 129, 100, 8, AttentionModuleOptions::default()),
         ] {
-            let value = |i: usize, salt: usize| ((i * 997 + salt * 131) % 1009) as f32 / 400.0 - 1.25;
-            let qv: Vec<f32> = (0..batch * heads * seq_q * d).map(|i| value(i, 1)).collect();
-            let kv: Vec<f32> = (0..batch * heads * seq_kv * d).map(|i| value(i, 2)).collect();
-            let vv: Vec<f32> = (0..batch * heads * seq_kv * d).map(|i| value(i, 3)).collect();
+            let value =
+                |i: usize, salt: usize| ((i * 997 + salt * 131) % 1009) as f32 / 400.0 - 1.25;
+            let qv: Vec<f32> = (0..batch * heads * seq_q * d)
+                .map(|i| value(i, 1))
+                .collect();
+            let kv: Vec<f32> = (0..batch * heads * seq_kv * d)
+                .map(|i| value(i, 2))
+                .collect();
+            let vv: Vec<f32> = (0..batch * heads * seq_kv * d)
+                .map(|i| value(i, 3))
+                .collect();
             let q = flex_f32(qv.clone(), &[batch, heads, seq_q, d]);
             let k = flex_f32(kv.clone(), &[batch, heads, seq_kv, d]);
             let v = flex_f32(vv, &[batch, heads, seq_kv, d]);
