@@ -136,6 +136,14 @@ pub fn skinny_matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, ou
 /// f16 16.2-17.0 -> 14.0-15.5 ms; one and two tiles ahead measured alike.
 const PREFETCH_TILES: usize = 2;
 
+/// The most rows of `x` for which f32 weights are prefetched. With more, each tile takes
+/// long enough for the hardware prefetcher and the hints cost time: `[rows x 4096] x
+/// [4096 x 11008]` (`examples/skinny_rate`, two runs each way) took 6.35-7.11 ms with them
+/// and 7.71-9.37 without at one row, level at two, 6.84-7.59 against 5.94-6.61 at four,
+/// 7.99-8.47 against 6.49-6.85 at eight. Half-precision weights gained at every count up to
+/// eight and are always prefetched.
+const F32_PREFETCH_ROWS: usize = 2;
+
 /// Starts loading the weights of the tile [`PREFETCH_TILES`] after tile `(kk, j0)` of a
 /// task's rows `..k1` (tiles run along a block of `UNROLL` rows, then to the next block).
 #[inline(always)]
@@ -171,13 +179,16 @@ fn rows_range<'a, S: Simd>(
     acc: &'a mut [f32],
     scratch: &'a mut [f32],
 ) {
+    let prefetch = !matches!(w, Weights::F32(_)) || m <= F32_PREFETCH_ROWS;
     let mut kk = k0;
     while kk < k1 {
         let rows = UNROLL.min(k1 - kk);
         let mut j0 = 0;
         while j0 < n {
             let width = COLUMNS.min(n - j0);
-            prefetch_ahead(&w, n, k1, kk, j0);
+            if prefetch {
+                prefetch_ahead(&w, n, k1, kk, j0);
+            }
             let mut slices: [&[f32]; UNROLL] = [&[]; UNROLL];
             for (r, (slice, buffer)) in slices
                 .iter_mut()
