@@ -170,17 +170,26 @@ impl KernelBackend for Flex {
 
     fn rms_norm(x: &Tensor<Flex, 2>, gamma: &Tensor<Flex, 1>, eps: f64) -> Option<Tensor<Flex, 2>> {
         let (xp, gp) = (primitive(x), primitive(gamma));
-        let (xs, gs) = (contiguous_f32(&xp)?, contiguous_f32(&gp)?);
+        let (xs, gs) = (as_f32(&xp)?, as_f32(&gp)?);
         let mut out = vec![0.0f32; xs.len()];
-        norm::rms_norm(xs, gs, eps as f32, &mut out);
-        Some(Tensor::from_data(
-            TensorData::new(out, x.dims()),
-            &Default::default(),
-        ))
+        norm::rms_norm(&xs, &gs, eps as f32, &mut out);
+        Some(from_f32(out, x.dims().to_vec(), x.dtype()))
     }
 
     fn swiglu(gate: Tensor<Flex, 3>, up: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
         let u = primitive(&up);
+        if matches!(up.dtype(), DType::F16 | DType::BF16) {
+            // Half precision: in f32 and back, one rounding at the end.
+            let g = primitive(&gate);
+            if let (Some(gs), Some(us)) = (as_f32(&g), as_f32(&u))
+                && gs.len() == us.len()
+                && gate.dtype() == up.dtype()
+            {
+                let mut out = vec![0.0f32; gs.len()];
+                activation::swiglu(&gs, &us, &mut out);
+                return from_f32(out, up.dims().to_vec(), up.dtype());
+            }
+        }
         let Some(us) = contiguous_f32(&u) else {
             return burn::tensor::activation::silu(gate) * up;
         };
@@ -215,18 +224,46 @@ impl KernelBackend for Flex {
             return None;
         }
         let (xt, ct, st) = (primitive(x), primitive(cos), primitive(sin));
-        let (xs, cs, ss) = (
-            contiguous_f32(&xt)?,
-            contiguous_f32(&ct)?,
-            contiguous_f32(&st)?,
-        );
+        let (xs, cs, ss) = (as_f32(&xt)?, as_f32(&ct)?, as_f32(&st)?);
         let mut out = vec![0.0f32; xs.len()];
-        rope::rope(xs, cs, ss, RopeShape { batch, t, heads, d }, &mut out);
-        Some(Tensor::from_data(
-            TensorData::new(out, [batch, heads, t, d]),
-            &Default::default(),
-        ))
+        rope::rope(&xs, &cs, &ss, RopeShape { batch, t, heads, d }, &mut out);
+        Some(from_f32(out, vec![batch, heads, t, d], x.dtype()))
     }
+}
+
+/// The elements of a contiguous f32, f16 or bf16 tensor in f32: borrowed when stored in f32,
+/// else widened (a decode step's activations are a few thousand elements).
+fn as_f32(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+    use half::slice::HalfFloatSliceExt;
+    let layout = t.layout();
+    if !layout.is_contiguous() {
+        return None;
+    }
+    let range = layout.start_offset()..layout.start_offset() + layout.num_elements();
+    Some(match t.dtype() {
+        DType::F32 => std::borrow::Cow::Borrowed(t.storage::<f32>().get(range)?),
+        DType::F16 => std::borrow::Cow::Owned(t.storage::<f16>().get(range)?.to_f32_vec()),
+        DType::BF16 => std::borrow::Cow::Owned(t.storage::<bf16>().get(range)?.to_f32_vec()),
+        _ => return None,
+    })
+}
+
+/// A tensor of `shape` in `dtype` (f32, f16 or bf16) from f32 values, rounded once.
+fn from_f32<const D: usize>(values: Vec<f32>, shape: Vec<usize>, dtype: DType) -> Tensor<Flex, D> {
+    use half::vec::HalfFloatVecExt;
+    let device = Default::default();
+    let (data, dtype) = match dtype {
+        DType::F16 => (
+            TensorData::new(Vec::<f16>::from_f32_slice(&values), shape),
+            dtype,
+        ),
+        DType::BF16 => (
+            TensorData::new(Vec::<bf16>::from_f32_slice(&values), shape),
+            dtype,
+        ),
+        _ => (TensorData::new(values, shape), DType::F32),
+    };
+    Tensor::from_data(data, (&device, dtype))
 }
 
 /// The elements of an f32 tensor laid out contiguously in row-major order.
@@ -302,6 +339,21 @@ mod tests {
     use super::*;
     use crate::kernels::linear;
 
+    /// An f32 tensor's values rounded to `dtype` (f16 or bf16, to nearest even, as `half`
+    /// does) and back: what a kernel computing in f32 and rounding once returns.
+    fn rounded<const D: usize>(t: Tensor<Flex, D>, dtype: DType) -> Vec<f32> {
+        let values: Vec<f32> = t.into_data().to_vec().unwrap();
+        match dtype {
+            DType::F16 => values.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            _ => values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+        }
+    }
+
+    /// A tensor's values in f32.
+    fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.cast(DType::F32).into_data().to_vec().unwrap()
+    }
+
     fn max_diff(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> f32 {
         (a.cast(DType::F32) - b.cast(DType::F32))
             .abs()
@@ -362,13 +414,21 @@ mod tests {
         let got = Flex::swiglu(fresh, up.clone());
         let diff: f32 = (got - want).abs().max().into_scalar();
         assert!(diff < 1e-5, "unique gate: {diff}");
-        let (gate_t, up_t) = (gate.swap_dims(1, 2), up.swap_dims(1, 2));
+        let (gate_t, up_t) = (gate.clone().swap_dims(1, 2), up.clone().swap_dims(1, 2));
         let want = activation::silu(gate_t.clone()) * up_t.clone();
         let diff: f32 = (Flex::swiglu(gate_t, up_t) - want)
             .abs()
             .max()
             .into_scalar();
         assert!(diff < 1e-5, "transposed: {diff}");
+        // Half precision: the f32 kernel on the widened inputs, rounded once.
+        for dtype in [DType::F16, DType::BF16] {
+            let (g, u) = (gate.clone().cast(dtype), up.clone().cast(dtype));
+            let got = Flex::swiglu(g.clone(), u.clone());
+            assert_eq!(got.dtype(), dtype);
+            let want = Flex::swiglu(g.cast(DType::F32), u.cast(DType::F32));
+            assert!(values(got) == rounded(want, dtype), "{dtype:?}");
+        }
     }
 
     /// Grouped-query heads read in place equal burn's attention over the heads repeated,
@@ -414,8 +474,9 @@ mod tests {
         }
     }
 
-    /// RMSNorm through the kernel equals burn's `RmsNorm` on a contiguous f32 input, and a
-    /// transposed or half-precision input takes burn's own (the same result, its dtype).
+    /// RMSNorm through the kernel equals burn's `RmsNorm` on a contiguous f32 input, a
+    /// transposed input takes burn's own, and half-precision input is the f32 kernel's result
+    /// on the widened values, rounded once, in its own dtype.
     #[test]
     fn rms_norm_equals_burns() {
         let device = Default::default();
@@ -439,15 +500,17 @@ mod tests {
             .max()
             .into_scalar();
         assert!(diff < 1e-5, "transposed: {diff}");
-        let mut half_norm = norm.clone();
-        half_norm.gamma = Param::from_tensor(norm.gamma.val().cast(DType::F16));
-        let half = crate::kernels::rms_norm(&half_norm, x.clone().cast(DType::F16));
-        assert_eq!(half.dtype(), DType::F16);
-        let diff: f32 = (half.cast(DType::F32) - norm.forward(x))
-            .abs()
-            .max()
-            .into_scalar();
-        assert!(diff < 0.05, "f16: {diff}");
+        // Half precision: the kernel in f32 on the widened inputs, rounded once.
+        for dtype in [DType::F16, DType::BF16] {
+            let mut half_norm = norm.clone();
+            half_norm.gamma = Param::from_tensor(norm.gamma.val().cast(dtype));
+            let half = crate::kernels::rms_norm(&half_norm, x.clone().cast(dtype));
+            assert_eq!(half.dtype(), dtype);
+            let mut wide_norm = norm.clone();
+            wide_norm.gamma = Param::from_tensor(half_norm.gamma.val().cast(DType::F32));
+            let want = crate::kernels::rms_norm(&wide_norm, x.clone().cast(dtype).cast(DType::F32));
+            assert!(values(half) == rounded(want, dtype), "{dtype:?}");
+        }
     }
 
     /// The RoPE kernel equals the burn operations it replaces, bit for bit (the same
@@ -478,6 +541,16 @@ mod tests {
                 want.into_data().to_vec().unwrap(),
             );
             assert_eq!(got, want, "{batch} x {t} x {heads} x {d}");
+            // Half precision: the f32 kernel on the widened inputs, rounded once.
+            for dtype in [DType::F16, DType::BF16] {
+                let half = |t: &Tensor<Flex, 4>| t.clone().cast(dtype);
+                let got = Flex::rope(&half(&x), &half(&cos), &half(&sin)).expect("half");
+                assert_eq!(got.dtype(), dtype);
+                let wide = |t: &Tensor<Flex, 4>| half(t).cast(DType::F32);
+                let want = Flex::rope(&wide(&x), &wide(&cos), &wide(&sin)).unwrap();
+                let label = format!("{dtype:?} {batch} x {t} x {heads} x {d}");
+                assert!(values(got) == rounded(want, dtype), "{label}");
+            }
             assert!(Flex::rope(&x.swap_dims(1, 2), &cos, &sin).is_none());
         }
     }
