@@ -168,21 +168,21 @@ mod tests {
                 )
             })
             .collect();
+        let f16s: Vec<(Vec<f16>, Vec<f16>)> = raw
+            .iter()
+            .map(|(k, v)| {
+                let half = |x: &Vec<f32>| x.iter().map(|&a| f16::from_f32(a)).collect();
+                (half(k), half(v))
+            })
+            .collect();
+        let bf16s: Vec<(Vec<bf16>, Vec<bf16>)> = raw
+            .iter()
+            .map(|(k, v)| {
+                let half = |x: &Vec<f32>| x.iter().map(|&a| bf16::from_f32(a)).collect();
+                (half(k), half(v))
+            })
+            .collect();
         for dtype in ["f32", "f16", "bf16"] {
-            let f16s: Vec<(Vec<f16>, Vec<f16>)> = raw
-                .iter()
-                .map(|(k, v)| {
-                    let half = |x: &Vec<f32>| x.iter().map(|&a| f16::from_f32(a)).collect();
-                    (half(k), half(v))
-                })
-                .collect();
-            let bf16s: Vec<(Vec<bf16>, Vec<bf16>)> = raw
-                .iter()
-                .map(|(k, v)| {
-                    let half = |x: &Vec<f32>| x.iter().map(|&a| bf16::from_f32(a)).collect();
-                    (half(k), half(v))
-                })
-                .collect();
             let stored = |b: usize, values: bool| match dtype {
                 "f32" => Weights::F32(if values { &raw[b].1 } else { &raw[b].0 }),
                 "f16" => Weights::F16(if values { &f16s[b].1 } else { &f16s[b].0 }),

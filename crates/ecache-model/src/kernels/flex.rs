@@ -137,8 +137,8 @@ impl KernelBackend for Flex {
     ) -> Option<(Tensor<Flex, 4>, Tensor<Flex, 2>)> {
         let [batch, heads, t, _] = q.dims();
         let kv_heads = keys.dims()[1];
-        if q.dtype() != DType::F32
-            || kv_heads == 0
+        // Other dtypes: the vendored kernel answers `None`.
+        if kv_heads == 0
             || heads % kv_heads != 0
             || keys.dims()[..3] != [batch, kv_heads, t]
             || values.dims()[..3] != [batch, kv_heads, t]
@@ -235,11 +235,7 @@ impl KernelBackend for Flex {
 /// else widened (a decode step's activations are a few thousand elements).
 fn as_f32(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     use half::slice::HalfFloatSliceExt;
-    let layout = t.layout();
-    if !layout.is_contiguous() {
-        return None;
-    }
-    let range = layout.start_offset()..layout.start_offset() + layout.num_elements();
+    let range = contiguous_range(t)?;
     Some(match t.dtype() {
         DType::F32 => std::borrow::Cow::Borrowed(t.storage::<f32>().get(range)?),
         DType::F16 => std::borrow::Cow::Owned(t.storage::<f16>().get(range)?.to_f32_vec()),
@@ -268,12 +264,19 @@ fn from_f32<const D: usize>(values: Vec<f32>, shape: Vec<usize>, dtype: DType) -
 
 /// The elements of an f32 tensor laid out contiguously in row-major order.
 fn contiguous_f32(t: &FlexTensor) -> Option<&[f32]> {
-    let layout = t.layout();
-    if t.dtype() != DType::F32 || !layout.is_contiguous() {
+    if t.dtype() != DType::F32 {
         return None;
     }
+    t.storage::<f32>().get(contiguous_range(t)?)
+}
+
+/// Where a tensor laid out contiguously in row-major order lies in its storage.
+fn contiguous_range(t: &FlexTensor) -> Option<std::ops::Range<usize>> {
+    let layout = t.layout();
     let start = layout.start_offset();
-    t.storage::<f32>().get(start..start + layout.num_elements())
+    layout
+        .is_contiguous()
+        .then(|| start..start + layout.num_elements())
 }
 
 fn primitive<const D: usize>(t: &Tensor<Flex, D>) -> FlexTensor {
