@@ -3,7 +3,9 @@
 //! causal attention, and the element-wise passes between them. Compare with
 //! `python3 tools/bench_transformers.py --parts --threads 2`.
 //!
-//! Run: `cargo run --release -p ecache-model --example prefill_parts`.
+//! Run: `cargo run --release -p ecache-model --example prefill_parts` (`DTYPE=f16` or
+//! `DTYPE=bf16` for half precision; the projections then also show burn's own matmul in
+//! that type beside [`KernelBackend::gemm`], which the model uses).
 
 use std::time::Instant;
 
@@ -11,7 +13,7 @@ use burn::backend::Flex;
 use burn::nn::RmsNormConfig;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{DType, Distribution, Tensor};
 use ecache_model::kernels::KernelBackend;
 
 /// Milliseconds per call of `f`, the fastest of five rounds of `reps` calls.
@@ -31,16 +33,26 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
 fn main() {
     let device = Default::default();
     let (t, hidden, heads, d, inter) = (900, 1024, 16, 64, 2816);
+    let dtype = match std::env::var("DTYPE").as_deref() {
+        Ok("f16") => DType::F16,
+        Ok("bf16") => DType::BF16,
+        _ => DType::F32,
+    };
     let normal = Distribution::Normal(0.0, 1.0);
-    let x = Tensor::<Flex, 3>::random([1, t, hidden], normal, &device);
-    let w = Tensor::<Flex, 2>::random([hidden, hidden], normal, &device);
-    let w_up = Tensor::<Flex, 2>::random([hidden, inter], normal, &device);
-    let w_down = Tensor::<Flex, 2>::random([inter, hidden], normal, &device);
-    let gate = Tensor::<Flex, 3>::random([1, t, inter], normal, &device);
-    let q = Tensor::<Flex, 4>::random([1, heads, t, d], normal, &device);
-    let k = Tensor::<Flex, 4>::random([1, heads, t, d], normal, &device);
-    let v = Tensor::<Flex, 4>::random([1, heads, t, d], normal, &device);
-    let norm = RmsNormConfig::new(hidden).init::<Flex>(&device);
+    let x = Tensor::<Flex, 3>::random([1, t, hidden], normal, &device).cast(dtype);
+    let w = Tensor::<Flex, 2>::random([hidden, hidden], normal, &device).cast(dtype);
+    let w_up = Tensor::<Flex, 2>::random([hidden, inter], normal, &device).cast(dtype);
+    let w_down = Tensor::<Flex, 2>::random([inter, hidden], normal, &device).cast(dtype);
+    let gate = Tensor::<Flex, 3>::random([1, t, inter], normal, &device).cast(dtype);
+    let q = Tensor::<Flex, 4>::random([1, heads, t, d], normal, &device).cast(dtype);
+    let k = Tensor::<Flex, 4>::random([1, heads, t, d], normal, &device).cast(dtype);
+    let v = Tensor::<Flex, 4>::random([1, heads, t, d], normal, &device).cast(dtype);
+    let mut norm = RmsNormConfig::new(hidden).init::<Flex>(&device);
+    norm.gamma = norm.gamma.map(|g| g.cast(dtype));
+    let (x2, gate2) = (
+        x.clone().reshape([t, hidden]),
+        gate.clone().reshape([t, inter]),
+    );
     let options = AttentionModuleOptions {
         scale: Some(0.125),
         softcap: None,
@@ -49,17 +61,17 @@ fn main() {
     let rows: Vec<(&str, f64, usize)> = vec![
         (
             "q, k, v, o projections (GEMM)",
-            time(5, || x.clone().matmul(w.clone().unsqueeze())),
+            time(5, || Flex::gemm(x2.clone(), w.clone())),
             4,
         ),
         (
             "gate, up projections (GEMM)",
-            time(5, || x.clone().matmul(w_up.clone().unsqueeze())),
+            time(5, || Flex::gemm(x2.clone(), w_up.clone())),
             2,
         ),
         (
             "down projection (GEMM)",
-            time(5, || gate.clone().matmul(w_down.clone().unsqueeze())),
+            time(5, || Flex::gemm(gate2.clone(), w_down.clone())),
             1,
         ),
         (
@@ -92,6 +104,18 @@ fn main() {
             1,
         ),
     ];
+    if dtype != DType::F32 {
+        // Not in the sum: what the projections cost through burn's matmul in this type.
+        let burns = [
+            time(5, || x2.clone().matmul(w.clone())) * 4.0,
+            time(5, || x2.clone().matmul(w_up.clone())) * 2.0,
+            time(5, || gate2.clone().matmul(w_down.clone())),
+        ];
+        println!(
+            "projections per layer through burn's {dtype:?} matmul: {:.2} ms (not in the sum)",
+            burns.iter().sum::<f64>()
+        );
+    }
     let mut total = 0.0;
     println!("| part | ms each | per layer | ms per layer |");
     println!("|---|---:|---:|---:|");

@@ -52,6 +52,25 @@ impl<'a> Weights<'a> {
         let _ = (at, len);
     }
 
+    /// Every element in f32, widened in parallel blocks where stored in half precision
+    /// (exact: every f16 and bf16 value is an f32 value).
+    pub fn to_f32_vec(self) -> Vec<f32> {
+        const BLOCK: usize = 1 << 16;
+        let mut out = vec![0.0f32; self.len()];
+        match self {
+            Weights::F32(v) => out.copy_from_slice(v),
+            Weights::F16(v) => out
+                .par_chunks_mut(BLOCK)
+                .zip(v.par_chunks(BLOCK))
+                .for_each(|(dst, src)| widen::f16(src, dst)),
+            Weights::Bf16(v) => out
+                .par_chunks_mut(BLOCK)
+                .zip(v.par_chunks(BLOCK))
+                .for_each(|(dst, src)| widen::bf16(src, dst)),
+        }
+        out
+    }
+
     /// Elements `at..at + len` in f32: borrowed where stored in f32, else widened into
     /// `buffer` (at least `len` long).
     pub(super) fn f32_run<'b>(self, at: usize, len: usize, buffer: &'b mut [f32]) -> &'b [f32]

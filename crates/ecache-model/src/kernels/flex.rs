@@ -53,6 +53,31 @@ impl KernelBackend for Flex {
         Tensor::<Flex, 2>::from_data(TensorData::new(out, [m, n]), &device).cast(dtype)
     }
 
+    fn gemm(x: Tensor<Flex, 2>, w: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
+        let dtype = x.dtype();
+        if !matches!(dtype, DType::F16 | DType::BF16) || w.dtype() != dtype {
+            return x.matmul(w);
+        }
+        let [m, k] = x.dims();
+        let n = w.dims()[1];
+        let (xp, wp) = (primitive(&x), primitive(&w));
+        let (Some(xs), Some((ws, transposed))) = (as_f32(&xp), weight_slice(&wp, k, n)) else {
+            return x.matmul(w);
+        };
+        let device = Default::default();
+        let wide_x =
+            Tensor::<Flex, 2>::from_data(TensorData::new(xs.into_owned(), [m, k]), &device);
+        let wide_w = if transposed {
+            Tensor::<Flex, 2>::from_data(TensorData::new(ws.to_f32_vec(), [n, k]), &device)
+                .transpose()
+        } else {
+            Tensor::<Flex, 2>::from_data(TensorData::new(ws.to_f32_vec(), [k, n]), &device)
+        };
+        let y = primitive(&wide_x.matmul(wide_w));
+        let ys = contiguous_f32(&y).expect("a fresh f32 product is contiguous");
+        rounded_from(ys, vec![m, n], dtype)
+    }
+
     fn decode_attention(
         q: &Tensor<Flex, 4>,
         keys: &[Tensor<Flex, 4>],
@@ -234,30 +259,50 @@ impl KernelBackend for Flex {
 /// The elements of a contiguous f32, f16 or bf16 tensor in f32: borrowed when stored in f32,
 /// else widened (a decode step's activations are a few thousand elements).
 fn as_f32(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
-    use half::slice::HalfFloatSliceExt;
     let range = contiguous_range(t)?;
     Some(match t.dtype() {
         DType::F32 => std::borrow::Cow::Borrowed(t.storage::<f32>().get(range)?),
-        DType::F16 => std::borrow::Cow::Owned(t.storage::<f16>().get(range)?.to_f32_vec()),
-        DType::BF16 => std::borrow::Cow::Owned(t.storage::<bf16>().get(range)?.to_f32_vec()),
+        DType::F16 => {
+            std::borrow::Cow::Owned(Weights::F16(t.storage::<f16>().get(range)?).to_f32_vec())
+        }
+        DType::BF16 => {
+            std::borrow::Cow::Owned(Weights::Bf16(t.storage::<bf16>().get(range)?).to_f32_vec())
+        }
         _ => return None,
     })
 }
 
 /// A tensor of `shape` in `dtype` (f32, f16 or bf16) from f32 values, rounded once.
 fn from_f32<const D: usize>(values: Vec<f32>, shape: Vec<usize>, dtype: DType) -> Tensor<Flex, D> {
-    use half::vec::HalfFloatVecExt;
+    match dtype {
+        DType::F16 | DType::BF16 => rounded_from(&values, shape, dtype),
+        _ => Tensor::from_data(TensorData::new(values, shape), &Default::default()),
+    }
+}
+
+/// A tensor of `shape` in `dtype` (f16 or bf16) from f32 values, each rounded once to
+/// nearest even (`half`'s conversion, in parallel blocks).
+fn rounded_from<const D: usize>(
+    values: &[f32],
+    shape: Vec<usize>,
+    dtype: DType,
+) -> Tensor<Flex, D> {
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 16;
     let device = Default::default();
-    let (data, dtype) = match dtype {
-        DType::F16 => (
-            TensorData::new(Vec::<f16>::from_f32_slice(&values), shape),
-            dtype,
-        ),
-        DType::BF16 => (
-            TensorData::new(Vec::<bf16>::from_f32_slice(&values), shape),
-            dtype,
-        ),
-        _ => (TensorData::new(values, shape), DType::F32),
+    let data = if dtype == DType::F16 {
+        let mut out = vec![f16::ZERO; values.len()];
+        out.par_chunks_mut(BLOCK)
+            .zip(values.par_chunks(BLOCK))
+            .for_each(|(dst, src)| dst.convert_from_f32_slice(src));
+        TensorData::new(out, shape)
+    } else {
+        let mut out = vec![bf16::ZERO; values.len()];
+        out.par_chunks_mut(BLOCK)
+            .zip(values.par_chunks(BLOCK))
+            .for_each(|(dst, src)| dst.convert_from_f32_slice(src));
+        TensorData::new(out, shape)
     };
     Tensor::from_data(data, (&device, dtype))
 }
@@ -394,6 +439,47 @@ mod tests {
                     assert!(diff < tolerance, "{rows} rows {dtype:?}: {diff}");
                     assert_eq!(ours.dtype(), dtype);
                 }
+            }
+        }
+    }
+
+    /// A prefill-sized product of half-precision operands is the f32 product of their
+    /// widened values rounded once to nearest even, bit for bit, for weights stored
+    /// row-major and transposed; `linear` takes that path above the skinny rows.
+    #[test]
+    fn half_gemm_is_the_f32_product_rounded_once() {
+        let device = Default::default();
+        let (m, k, n) = (SKINNY_ROWS + 36, 1024, 1100);
+        let x = Tensor::<Flex, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+        let row_major = Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 0.05), &device);
+        let transposed =
+            Tensor::<Flex, 2>::random([n, k], Distribution::Normal(0.0, 0.05), &device).transpose();
+        for w in [row_major, transposed] {
+            for dtype in [DType::F16, DType::BF16] {
+                let (xh, wh) = (x.clone().cast(dtype), w.clone().cast(dtype));
+                let wide = xh
+                    .clone()
+                    .cast(DType::F32)
+                    .matmul(wh.clone().cast(DType::F32));
+                let got = Flex::gemm(xh.clone(), wh.clone());
+                assert_eq!(got.dtype(), dtype);
+                let (got, want) = (values(got), rounded(wide, dtype));
+                let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    differ,
+                    0,
+                    "{dtype:?}: {differ} of {} values differ",
+                    want.len()
+                );
+                let layer = Linear {
+                    weight: Param::from_tensor(wh.clone()),
+                    bias: None,
+                };
+                let through_linear = linear(&layer, xh.clone());
+                assert!(
+                    values(through_linear) == values(Flex::gemm(xh, wh)),
+                    "{dtype:?}"
+                );
             }
         }
     }

@@ -284,6 +284,18 @@ fn cast_to_f32<E: burn_backend::Element + Pod + Copy>(
 ) -> FlexTensor {
     let tensor = tensor.to_contiguous();
     let shape = tensor.layout().shape().clone();
+    // ecache patch: f16 through `half`'s slice conversion (F16C, eight at a time), not a
+    // call per element: a 900-token prefill's attention spent as long converting as
+    // computing. The values are the same (both conversions are exact).
+    if tensor.dtype() == DType::F16 {
+        let data: &[burn_std::f16] = tensor.storage();
+        let f32_data = half::slice::HalfFloatSliceExt::to_f32_vec(data);
+        return FlexTensor::new(
+            Bytes::from_elems(f32_data),
+            Layout::contiguous(shape),
+            DType::F32,
+        );
+    }
     let data: &[E] = tensor.storage();
     let f32_data: Vec<f32> = data.iter().map(|&v| to_f32(v)).collect();
     FlexTensor::new(
@@ -300,6 +312,16 @@ fn cast_from_f32<E: burn_backend::Element + Pod + Copy>(
     let tensor = tensor.to_contiguous();
     let shape = tensor.layout().shape().clone();
     let data: &[f32] = tensor.storage();
+    // ecache patch: to f16 through `half`'s slice conversion (F16C), as in `cast_to_f32`;
+    // both round to nearest even.
+    if E::dtype() == DType::F16 {
+        let half_data: Vec<burn_std::f16> = half::vec::HalfFloatVecExt::from_f32_slice(data);
+        return FlexTensor::new(
+            Bytes::from_elems(half_data),
+            Layout::contiguous(shape),
+            DType::F16,
+        );
+    }
     let half_data: Vec<E> = data.iter().map(|&v| from_f32(v)).collect();
     FlexTensor::new(
         Bytes::from_elems(half_data),

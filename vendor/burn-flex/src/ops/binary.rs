@@ -48,14 +48,59 @@ where
     match dtype {
         DType::F32 => binary_op_f32(lhs, &rhs, f32_op, simd_hint),
         DType::F64 => binary_op_typed(lhs, &rhs, f64_op),
-        DType::F16 => binary_op_typed(lhs, &rhs, |a: f16, b: f16| {
-            f16::from_f32(f32_op(a.to_f32(), b.to_f32()))
-        }),
+        DType::F16 => {
+            if let Some(out) = binary_op_f16_contiguous(&lhs, &rhs, f32_op) {
+                return out;
+            }
+            binary_op_typed(lhs, &rhs, |a: f16, b: f16| {
+                f16::from_f32(f32_op(a.to_f32(), b.to_f32()))
+            })
+        }
         DType::BF16 => binary_op_typed(lhs, &rhs, |a: bf16, b: bf16| {
             bf16::from_f32(f32_op(a.to_f32(), b.to_f32()))
         }),
         _ => panic!("binary_op: unsupported dtype {:?}", dtype),
     }
+}
+
+/// ecache patch: f16 operands that are both contiguous, widened and rounded a block at a
+/// time through `half`'s slice conversions (F16C where the CPU has it) instead of a
+/// conversion call per element: a `[900 x 1024]` f16 residual add took 3.2 ms against
+/// 0.4 ms in bf16. Same values: both conversions are exact one way and round to nearest
+/// even the other.
+fn binary_op_f16_contiguous<Op>(lhs: &FlexTensor, rhs: &FlexTensor, op: Op) -> Option<FlexTensor>
+where
+    Op: Fn(f32, f32) -> f32 + Copy,
+{
+    use half::slice::HalfFloatSliceExt;
+    const BLOCK: usize = 256;
+    let (l_start, l_end) = lhs.layout().contiguous_offsets()?;
+    let (r_start, r_end) = rhs.layout().contiguous_offsets()?;
+    if l_end - l_start != r_end - r_start {
+        return None;
+    }
+    let l: &[f16] = &lhs.storage::<f16>()[l_start..l_end];
+    let r: &[f16] = &rhs.storage::<f16>()[r_start..r_end];
+    let mut out = alloc::vec![f16::ZERO; l.len()];
+    let (mut a, mut b) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+    for ((o, l), r) in out
+        .chunks_mut(BLOCK)
+        .zip(l.chunks(BLOCK))
+        .zip(r.chunks(BLOCK))
+    {
+        let n = o.len();
+        l.convert_to_f32_slice(&mut a[..n]);
+        r.convert_to_f32_slice(&mut b[..n]);
+        for (x, &y) in a[..n].iter_mut().zip(&b[..n]) {
+            *x = op(*x, y);
+        }
+        o.convert_from_f32_slice(&a[..n]);
+    }
+    Some(FlexTensor::new(
+        Bytes::from_elems(out),
+        Layout::contiguous(lhs.layout().shape().clone()),
+        DType::F16,
+    ))
 }
 
 /// Specialized binary operation for f32 with SIMD fast path.
@@ -595,6 +640,41 @@ mod tests {
     // ===================
     // F16 tests
     // ===================
+
+    /// ecache patch: contiguous f16 operands (the block-converting path, with a tail) give
+    /// bit for bit what a conversion per element gives, for every op; subnormal, huge and
+    /// infinite results included.
+    #[test]
+    fn test_f16_blocks_equal_per_element_conversion() {
+        let n = 1000;
+        let a: Vec<f16> = (0..n)
+            .map(|i| {
+                f16::from_f32(((i * 37 % 101) as f32 - 50.0) * 1.37e-3 * (1 << (i % 17)) as f32)
+            })
+            .collect();
+        let b: Vec<f16> = (0..n)
+            .map(|i| f16::from_f32(((i * 53 % 97) as f32 - 48.5) * 2.1e-4 * (1 << (i % 13)) as f32))
+            .collect();
+        let ops: [fn(f32, f32) -> f32; 4] =
+            [|x, y| x + y, |x, y| x - y, |x, y| x * y, |x, y| x / y];
+        for op in ops {
+            let ta = FlexTensor::from_data(TensorData::new(a.clone(), vec![n]));
+            let tb = FlexTensor::from_data(TensorData::new(b.clone(), vec![n]));
+            let got = binary_op(ta, tb, op, |x, y| x + y, None);
+            let got: &[f16] = got.storage();
+            let want: Vec<f16> = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f16::from_f32(op(x.to_f32(), y.to_f32())))
+                .collect();
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            assert_eq!(differ, 0);
+        }
+    }
 
     #[test]
     fn test_binary_add_f16() {
