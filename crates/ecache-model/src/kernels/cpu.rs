@@ -57,6 +57,16 @@ impl<'a> Weights<'a> {
     pub fn to_f32_vec(self) -> Vec<f32> {
         const BLOCK: usize = 1 << 16;
         let mut out = vec![0.0f32; self.len()];
+        // One block (a decode step's activations) on this thread: a parallel loop started
+        // from outside the pool costs the caller a sleep and a wake-up.
+        if self.len() <= BLOCK {
+            match self {
+                Weights::F32(v) => out.copy_from_slice(v),
+                Weights::F16(v) => widen::f16(v, &mut out),
+                Weights::Bf16(v) => widen::bf16(v, &mut out),
+            }
+            return out;
+        }
         match self {
             Weights::F32(v) => out.copy_from_slice(v),
             Weights::F16(v) => out

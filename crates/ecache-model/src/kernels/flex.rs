@@ -288,9 +288,19 @@ fn rounded_from<const D: usize>(
     dtype: DType,
 ) -> Tensor<Flex, D> {
     use half::slice::HalfFloatSliceExt;
+    use half::vec::HalfFloatVecExt;
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 16;
     let device = Default::default();
+    // One block (a decode step's activations) on this thread, as in `Weights::to_f32_vec`.
+    if values.len() <= BLOCK {
+        let data = if dtype == DType::F16 {
+            TensorData::new(Vec::<f16>::from_f32_slice(values), shape)
+        } else {
+            TensorData::new(Vec::<bf16>::from_f32_slice(values), shape)
+        };
+        return Tensor::from_data(data, (&device, dtype));
+    }
     let data = if dtype == DType::F16 {
         let mut out = vec![f16::ZERO; values.len()];
         out.par_chunks_mut(BLOCK)
