@@ -6,6 +6,8 @@
 //! - [`KernelBackend::skinny_matmul`]: a product with few rows (a decode step's batch),
 //!   streaming each weight once for all rows. On flex: [`flex`]; on CUDA and wgpu: `cube`
 //!   (with the `cuda` or `wgpu` feature).
+//! - [`KernelBackend::gemm`]: a product with many rows (a prefill's). On flex, f16 and bf16
+//!   operands go through the f32 GEMM and are rounded once: [`flex`].
 //! - [`KernelBackend::decode_attention`]: one query row per sequence over that sequence's own
 //!   cache, every sequence and head in one pass. On flex: [`flex`].
 //! - [`KernelBackend::swiglu`]: the MLP's `silu(gate) * up` in one pass. On flex:
