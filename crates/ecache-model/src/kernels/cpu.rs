@@ -9,6 +9,11 @@ use rayon::prelude::*;
 /// Multiply-adds below which a kernel runs on the calling thread alone.
 pub const PARALLEL_WORK: usize = 1 << 18;
 
+/// Values per block when a tensor is widened or rounded in parallel. One block (a decode
+/// step's activations) is converted on the calling thread: a parallel loop started from
+/// outside rayon's pool costs the caller a sleep and a wake-up.
+pub const CONVERT_BLOCK: usize = 1 << 16;
+
 /// Weights of a `[k, n]` matrix, row-major (`n` contiguous), in their stored type.
 #[derive(Debug, Clone, Copy)]
 pub enum Weights<'a> {
@@ -52,31 +57,21 @@ impl<'a> Weights<'a> {
         let _ = (at, len);
     }
 
-    /// Every element in f32, widened in parallel blocks where stored in half precision
-    /// (exact: every f16 and bf16 value is an f32 value).
+    /// Every element in f32, widened in parallel blocks of [`CONVERT_BLOCK`] where stored in
+    /// half precision (exact: every f16 and bf16 value is an f32 value).
     pub fn to_f32_vec(self) -> Vec<f32> {
-        const BLOCK: usize = 1 << 16;
+        let fill = |at: usize, dst: &mut [f32]| match self {
+            Weights::F32(v) => dst.copy_from_slice(&v[at..at + dst.len()]),
+            Weights::F16(v) => widen::f16(&v[at..at + dst.len()], dst),
+            Weights::Bf16(v) => widen::bf16(&v[at..at + dst.len()], dst),
+        };
         let mut out = vec![0.0f32; self.len()];
-        // One block (a decode step's activations) on this thread: a parallel loop started
-        // from outside the pool costs the caller a sleep and a wake-up.
-        if self.len() <= BLOCK {
-            match self {
-                Weights::F32(v) => out.copy_from_slice(v),
-                Weights::F16(v) => widen::f16(v, &mut out),
-                Weights::Bf16(v) => widen::bf16(v, &mut out),
-            }
-            return out;
-        }
-        match self {
-            Weights::F32(v) => out.copy_from_slice(v),
-            Weights::F16(v) => out
-                .par_chunks_mut(BLOCK)
-                .zip(v.par_chunks(BLOCK))
-                .for_each(|(dst, src)| widen::f16(src, dst)),
-            Weights::Bf16(v) => out
-                .par_chunks_mut(BLOCK)
-                .zip(v.par_chunks(BLOCK))
-                .for_each(|(dst, src)| widen::bf16(src, dst)),
+        if out.len() <= CONVERT_BLOCK {
+            fill(0, &mut out);
+        } else {
+            out.par_chunks_mut(CONVERT_BLOCK)
+                .enumerate()
+                .for_each(|(i, dst)| fill(i * CONVERT_BLOCK, dst));
         }
         out
     }

@@ -67,11 +67,14 @@ impl KernelBackend for Flex {
         let device = Default::default();
         let wide_x =
             Tensor::<Flex, 2>::from_data(TensorData::new(xs.into_owned(), [m, k]), &device);
+        // A transposed weight is stored as `[n, k]`.
+        let stored = if transposed { [n, k] } else { [k, n] };
+        let wide_w =
+            Tensor::<Flex, 2>::from_data(TensorData::new(ws.to_f32_vec(), stored), &device);
         let wide_w = if transposed {
-            Tensor::<Flex, 2>::from_data(TensorData::new(ws.to_f32_vec(), [n, k]), &device)
-                .transpose()
+            wide_w.transpose()
         } else {
-            Tensor::<Flex, 2>::from_data(TensorData::new(ws.to_f32_vec(), [k, n]), &device)
+            wide_w
         };
         let y = primitive(&wide_x.matmul(wide_w));
         let ys = contiguous_f32(&y).expect("a fresh f32 product is contiguous");
@@ -281,40 +284,38 @@ fn from_f32<const D: usize>(values: Vec<f32>, shape: Vec<usize>, dtype: DType) -
 }
 
 /// A tensor of `shape` in `dtype` (f16 or bf16) from f32 values, each rounded once to
-/// nearest even (`half`'s conversion, in parallel blocks).
+/// nearest even (`half`'s conversion).
 fn rounded_from<const D: usize>(
     values: &[f32],
     shape: Vec<usize>,
     dtype: DType,
 ) -> Tensor<Flex, D> {
-    use half::slice::HalfFloatSliceExt;
-    use half::vec::HalfFloatVecExt;
-    use rayon::prelude::*;
-    const BLOCK: usize = 1 << 16;
-    let device = Default::default();
-    // One block (a decode step's activations) on this thread, as in `Weights::to_f32_vec`.
-    if values.len() <= BLOCK {
-        let data = if dtype == DType::F16 {
-            TensorData::new(Vec::<f16>::from_f32_slice(values), shape)
-        } else {
-            TensorData::new(Vec::<bf16>::from_f32_slice(values), shape)
-        };
-        return Tensor::from_data(data, (&device, dtype));
-    }
     let data = if dtype == DType::F16 {
-        let mut out = vec![f16::ZERO; values.len()];
-        out.par_chunks_mut(BLOCK)
-            .zip(values.par_chunks(BLOCK))
-            .for_each(|(dst, src)| dst.convert_from_f32_slice(src));
-        TensorData::new(out, shape)
+        TensorData::new(rounded::<f16>(values), shape)
     } else {
-        let mut out = vec![bf16::ZERO; values.len()];
-        out.par_chunks_mut(BLOCK)
-            .zip(values.par_chunks(BLOCK))
-            .for_each(|(dst, src)| dst.convert_from_f32_slice(src));
-        TensorData::new(out, shape)
+        TensorData::new(rounded::<bf16>(values), shape)
     };
-    Tensor::from_data(data, (&device, dtype))
+    Tensor::from_data(data, (&Default::default(), dtype))
+}
+
+/// `values` rounded to `T` (f16 or bf16), in parallel blocks of
+/// [`cpu::CONVERT_BLOCK`]; one block (a decode step's activations) on this thread.
+fn rounded<T>(values: &[f32]) -> Vec<T>
+where
+    T: Copy + Default + Send + Sync,
+    [T]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    let mut out = vec![T::default(); values.len()];
+    if values.len() <= cpu::CONVERT_BLOCK {
+        out.convert_from_f32_slice(values);
+    } else {
+        out.par_chunks_mut(cpu::CONVERT_BLOCK)
+            .zip(values.par_chunks(cpu::CONVERT_BLOCK))
+            .for_each(|(dst, src)| dst.convert_from_f32_slice(src));
+    }
+    out
 }
 
 /// The elements of an f32 tensor laid out contiguously in row-major order.
