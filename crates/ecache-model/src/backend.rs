@@ -12,8 +12,14 @@ pub trait BackendJob {
     fn run<B: KernelBackend>(self, device: &B::Device) -> Self::Output;
 }
 
-/// Runs `job` on `kind`'s default device; a backend this build lacks is an error.
+/// Runs `job` on `kind`'s default device; a backend this build lacks is an error. On the CPU
+/// backends the calling thread first joins a rayon pool of its own
+/// ([`crate::threads::join_own_pool`]), so that the kernels' parallel loops do not put it to
+/// sleep each time.
 pub fn on_backend<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output> {
+    if matches!(kind, BackendKind::Flex | BackendKind::Ndarray) {
+        crate::threads::join_own_pool();
+    }
     match kind {
         BackendKind::Flex => Ok(job.run::<burn::backend::Flex>(&Default::default())),
         BackendKind::Ndarray => Ok(job.run::<burn::backend::NdArray>(&Default::default())),

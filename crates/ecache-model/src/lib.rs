@@ -29,6 +29,7 @@ pub mod resample;
 pub mod sequence;
 pub mod session;
 pub mod template;
+pub mod threads;
 pub mod weights;
 
 pub use config::LlavaConfig;

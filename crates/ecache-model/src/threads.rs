@@ -1,0 +1,98 @@
+//! The thread that runs the model, made a worker of a rayon pool of its own.
+//!
+//! A decode step runs about sixty parallel loops: every product, the attention, a few
+//! conversions. Started from a thread outside rayon's pool, each loop hands all its work to
+//! the pool and puts the caller to sleep until the pool is done: a sleep and a wake-up per
+//! loop, and on a two-core machine three threads (the caller and two workers, spinning
+//! before they sleep) contend for two cores between loops. On a worker of the pool, the
+//! caller runs its own share of each loop, takes back any share no other worker has taken
+//! yet, and waits only for what another worker is still running.
+//!
+//! [`join_own_pool`] makes the calling thread worker 0 of such a pool
+//! (`rayon::ThreadPoolBuilder::use_current_thread`), with rayon's default thread count
+//! (`RAYON_NUM_THREADS`, else one per CPU, the caller included). The pool lives in a
+//! thread-local until the thread ends; its other workers end then. Rayon-core 1.13 keeps the
+//! caller's worker record (a few hundred bytes and the pool's empty queues) for the rest of
+//! the process: one per thread that joins, which is what a scheduler thread or a command's
+//! main thread costs.
+
+use std::cell::RefCell;
+
+thread_local! {
+    static OWN_POOL: RefCell<Option<rayon::ThreadPool>> = const { RefCell::new(None) };
+}
+
+/// Makes the calling thread worker 0 of a rayon pool of its own, unless it already works for
+/// one (a pool's worker, or a thread that joined before). Returns whether it joined one now.
+/// Where the pool cannot be built (no thread can be started), the thread stays outside and
+/// rayon's global pool runs its loops, as before; the reason is logged.
+pub fn join_own_pool() -> bool {
+    if rayon::current_thread_index().is_some() {
+        return false;
+    }
+    match rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("ecache-worker-{i}"))
+        .use_current_thread()
+        .build()
+    {
+        Ok(pool) => {
+            OWN_POOL.with(|slot| *slot.borrow_mut() = Some(pool));
+            true
+        }
+        Err(e) => {
+            tracing::warn!("running outside a pool of its own: {e}");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    #[test]
+    fn a_joined_thread_runs_parallel_loops_in_its_own_pool() {
+        std::thread::Builder::new()
+            .name("joiner".into())
+            .spawn(|| {
+                assert_eq!(rayon::current_thread_index(), None);
+                assert!(join_own_pool());
+                // The caller is worker 0 and the loops run in its pool.
+                assert_eq!(rayon::current_thread_index(), Some(0));
+                assert!(!join_own_pool(), "a second call keeps the first pool");
+                let sum: u64 = (0..100_000u64).into_par_iter().map(|i| i * i).sum();
+                assert_eq!(sum, (0..100_000u64).map(|i| i * i).sum::<u64>());
+                // Every share runs on the caller or on a worker of its pool (rayon's global
+                // workers are unnamed).
+                let names: Vec<String> = (0..rayon::current_num_threads() * 16)
+                    .into_par_iter()
+                    .map(|_| {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        std::thread::current().name().unwrap_or("").to_owned()
+                    })
+                    .collect();
+                assert!(
+                    names
+                        .iter()
+                        .all(|n| n == "joiner" || n.starts_with("ecache-worker-")),
+                    "{names:?}"
+                );
+            })
+            .expect("a thread")
+            .join()
+            .expect("the thread ends cleanly, its pool with it");
+    }
+
+    #[test]
+    fn a_worker_of_another_pool_stays_where_it_is() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("a pool");
+        pool.install(|| {
+            assert!(!join_own_pool());
+            assert_eq!(rayon::current_num_threads(), 1);
+        });
+    }
+}
