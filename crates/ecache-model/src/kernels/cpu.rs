@@ -9,10 +9,22 @@ use rayon::prelude::*;
 /// Multiply-adds below which a kernel runs on the calling thread alone.
 pub const PARALLEL_WORK: usize = 1 << 18;
 
-/// Values per block when a tensor is widened or rounded in parallel. One block (a decode
-/// step's activations) is converted on the calling thread: a parallel loop started from
-/// outside rayon's pool costs the caller a sleep and a wake-up.
+/// Values per block when a tensor is widened or rounded in parallel ([`in_blocks`]).
 pub const CONVERT_BLOCK: usize = 1 << 16;
+
+/// Fills `out` by `fill(offset, block)` over blocks of [`CONVERT_BLOCK`] values, in parallel.
+/// An `out` of one block (a decode step's activations) is filled on the calling thread: there
+/// a parallel loop costs more than the conversion it splits (and from outside rayon's pool, a
+/// sleep and a wake-up of the caller).
+pub fn in_blocks<T: Send>(out: &mut [T], fill: impl Fn(usize, &mut [T]) + Sync) {
+    if out.len() <= CONVERT_BLOCK {
+        fill(0, out);
+    } else {
+        out.par_chunks_mut(CONVERT_BLOCK)
+            .enumerate()
+            .for_each(|(i, dst)| fill(i * CONVERT_BLOCK, dst));
+    }
+}
 
 /// Weights of a `[k, n]` matrix, row-major (`n` contiguous), in their stored type.
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +69,7 @@ impl<'a> Weights<'a> {
         let _ = (at, len);
     }
 
-    /// Every element in f32, widened in parallel blocks of [`CONVERT_BLOCK`] where stored in
+    /// Every element in f32, widened in parallel blocks ([`in_blocks`]) where stored in
     /// half precision (exact: every f16 and bf16 value is an f32 value).
     pub fn to_f32_vec(self) -> Vec<f32> {
         let fill = |at: usize, dst: &mut [f32]| match self {
@@ -66,13 +78,7 @@ impl<'a> Weights<'a> {
             Weights::Bf16(v) => widen::bf16(&v[at..at + dst.len()], dst),
         };
         let mut out = vec![0.0f32; self.len()];
-        if out.len() <= CONVERT_BLOCK {
-            fill(0, &mut out);
-        } else {
-            out.par_chunks_mut(CONVERT_BLOCK)
-                .enumerate()
-                .for_each(|(i, dst)| fill(i * CONVERT_BLOCK, dst));
-        }
+        in_blocks(&mut out, fill);
         out
     }
 
@@ -619,6 +625,30 @@ pub(super) mod tests {
                 assert!(err < 1e-4, "{weights:?} {m}x{k}x{n}: {err}");
             }
         }
+    }
+
+    /// Each block gets its own offset, on one block and on several with a short last one;
+    /// `to_f32_vec` over several blocks widens every element in place.
+    #[test]
+    fn in_blocks_hands_each_block_its_offset() {
+        for len in [10, CONVERT_BLOCK, 3 * CONVERT_BLOCK + 7] {
+            let mut out = vec![usize::MAX; len];
+            in_blocks(&mut out, |at, dst| {
+                for (i, o) in dst.iter_mut().enumerate() {
+                    *o = at + i;
+                }
+            });
+            assert!(out.iter().enumerate().all(|(i, &o)| o == i), "len {len}");
+        }
+        let values: Vec<f16> = (0..2 * CONVERT_BLOCK + 3)
+            .map(|i| f16::from_f32((i % 2048) as f32))
+            .collect();
+        let wide = Weights::F16(&values).to_f32_vec();
+        assert!(
+            wide.iter()
+                .enumerate()
+                .all(|(i, &v)| v == (i % 2048) as f32)
+        );
     }
 
     /// Widening is exact, every path and every length (tails included).

@@ -298,23 +298,17 @@ fn rounded_from<const D: usize>(
     Tensor::from_data(data, (&Default::default(), dtype))
 }
 
-/// `values` rounded to `T` (f16 or bf16), in parallel blocks of
-/// [`cpu::CONVERT_BLOCK`]; one block (a decode step's activations) on this thread.
+/// `values` rounded to `T` (f16 or bf16), in parallel blocks ([`cpu::in_blocks`]).
 fn rounded<T>(values: &[f32]) -> Vec<T>
 where
     T: Copy + Default + Send + Sync,
     [T]: half::slice::HalfFloatSliceExt,
 {
     use half::slice::HalfFloatSliceExt;
-    use rayon::prelude::*;
     let mut out = vec![T::default(); values.len()];
-    if values.len() <= cpu::CONVERT_BLOCK {
-        out.convert_from_f32_slice(values);
-    } else {
-        out.par_chunks_mut(cpu::CONVERT_BLOCK)
-            .zip(values.par_chunks(cpu::CONVERT_BLOCK))
-            .for_each(|(dst, src)| dst.convert_from_f32_slice(src));
-    }
+    cpu::in_blocks(&mut out, |at, dst| {
+        dst.convert_from_f32_slice(&values[at..at + dst.len()])
+    });
     out
 }
 
