@@ -8,6 +8,11 @@
 //! caller runs its own share of each loop, takes back any share no other worker has taken
 //! yet, and waits only for what another worker is still running.
 //!
+//! Between two loops the other workers idle for tens of microseconds. Upstream rayon-core
+//! puts an idle worker to sleep after a few microseconds, so each loop woke it again; the
+//! workspace builds a patched rayon-core whose idle workers circle 2 ms before they sleep
+//! (vendor/rayon-core/PATCHES.md), as an OpenMP runtime spins before it blocks.
+//!
 //! [`join_own_pool`] makes the calling thread worker 0 of such a pool
 //! (`rayon::ThreadPoolBuilder::use_current_thread`), with rayon's default thread count
 //! (`RAYON_NUM_THREADS`, else one per CPU, the caller included). The pool lives in a
@@ -82,6 +87,63 @@ mod tests {
             .expect("a thread")
             .join()
             .expect("the thread ends cleanly, its pool with it");
+    }
+
+    /// Voluntary context switches (sleeps) of thread `tid` of this process so far.
+    #[cfg(target_os = "linux")]
+    fn sleeps(tid: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+            .expect("the thread's status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a voluntary_ctxt_switches line")
+    }
+
+    /// The pool's other worker does not sleep between loops that leave it idle for less
+    /// than rayon-core's spin (the vendored patch, vendor/rayon-core/PATCHES.md: 2 ms).
+    /// Upstream's workers sleep after a few microseconds idle, so each of these loops would
+    /// wake one: a sleep per loop.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_worker_stays_awake_between_loops_a_short_gap_apart() {
+        use std::time::{Duration, Instant};
+        let spin = |d: Duration| {
+            let start = Instant::now();
+            while start.elapsed() < d {
+                std::hint::spin_loop();
+            }
+        };
+        std::thread::spawn(move || {
+            join_own_pool();
+            if rayon::current_num_threads() < 2 {
+                return; // one CPU: no other worker to keep awake
+            }
+            // The other worker's thread id, as /proc names it.
+            let tids = rayon::broadcast(|_| {
+                std::fs::read_link("/proc/thread-self")
+                    .ok()
+                    .and_then(|p| p.file_name().map(|t| t.to_string_lossy().into_owned()))
+            });
+            let tid = tids[1].clone().expect("/proc/thread-self");
+            let loops = 100;
+            let before = sleeps(&tid);
+            for _ in 0..loops {
+                rayon::join(
+                    || spin(Duration::from_micros(50)),
+                    || spin(Duration::from_micros(50)),
+                );
+                spin(Duration::from_micros(200)); // the caller alone: the worker idles
+            }
+            let slept = sleeps(&tid) - before;
+            assert!(
+                slept < loops / 4,
+                "the worker slept {slept} times over {loops} loops 200 us apart"
+            );
+        })
+        .join()
+        .expect("the test's thread");
     }
 
     #[test]
