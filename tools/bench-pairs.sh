@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${TAG:?set TAG, e.g. TAG=2026-12-02e}
 ROUNDS=${ROUNDS:-2}
+FIRST_ROUND=${FIRST_ROUND:-1}  # FIRST_ROUND=2 ROUNDS=2: a second round after a first
 THREADS=${THREADS:-2}
 ECACHE=${ECACHE:-target/release/ecache}
 OUT=docs/results/bench
@@ -28,7 +29,7 @@ h1024x8-b1-bf16|llama-h1024x8|1|512|64|bf16|full
 "
 
 lscpu | grep -E 'Model name|^CPU\(s\)' || true
-for round in $(seq 1 "$ROUNDS"); do
+for round in $(seq "$FIRST_ROUND" "$ROUNDS"); do
   echo "$PROTOCOLS" | while IFS='|' read -r name shape batch prompt gen dtype policies; do
     [ -z "$name" ] && continue
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
