@@ -44,14 +44,20 @@ fn main() {
             },
         )
     });
+    // The best of five rounds of eight calls, after one: the least disturbed by other work
+    // on the machine (as `tools/bench_transformers.py --matmul` times torch).
     let time = |f: &dyn Fn()| {
         f();
         let reps = 8;
-        let start = Instant::now();
-        for _ in 0..reps {
-            f();
-        }
-        start.elapsed().as_secs_f64() / reps as f64 * 1e3
+        (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                for _ in 0..reps {
+                    f();
+                }
+                start.elapsed().as_secs_f64() / reps as f64 * 1e3
+            })
+            .fold(f64::INFINITY, f64::min)
     };
     let gb_s = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
     println!("[rows x {k}] x [{k} x {n}]: ms (GB/s of weights)");
