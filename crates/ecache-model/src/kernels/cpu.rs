@@ -265,11 +265,12 @@ fn rows_range<'a, S: Simd>(
 /// once. Weights [`PREFETCH_TILES`] tiles ahead in that walk are prefetched as
 /// [`prefetch_ahead`] does, into the next band past the row's end.
 ///
-/// Against the tiles, six alternated rounds (Intel Xeon model 207, 2 threads; medians):
-/// `[1 x 4096] x [4096 x 11008]` (`examples/skinny_rate`) 7.1 ms against 7.7, and
-/// llama-h1024x8's weights streamed from memory (`examples/decode_stream`) 26.1 ms against
-/// 28.5. Without the prefetch hints the band measured the same here (7.1 and 26.1); they
-/// stay, as the tiles' did, for machines whose prefetcher starts later on short rows.
+/// Against the tiles, alternated (Intel Xeon model 207, 2 threads; medians of six rounds,
+/// then of five): `[1 x 4096] x [4096 x 11008]` (`examples/skinny_rate`) 7.1 ms against
+/// 7.7, and 6.5 against 7.5; llama-h1024x8's weights streamed from memory
+/// (`examples/decode_stream`) 26.1 against 28.5, and 25.6 against 24.5: level. Without the
+/// prefetch hints the band measured the same here; they stay, as the tiles had them, for
+/// machines whose prefetcher starts later on short rows (docs/performance.md).
 #[inline(always)]
 fn band_one<S: Simd>(x: &[f32], w: &[f32], n: usize, kk: usize, k1: usize, acc: &mut [f32]) {
     const V: usize = 4;
