@@ -171,7 +171,8 @@ const PREFETCH_TILES: usize = 2;
 /// [4096 x 11008]` (`examples/skinny_rate`, two runs each way) took 6.35-7.11 ms with them
 /// and 7.71-9.37 without at one row, level at two, 6.84-7.59 against 5.94-6.61 at four,
 /// 7.99-8.47 against 6.49-6.85 at eight. Half-precision weights gained at every count up to
-/// eight and are always prefetched.
+/// eight and are always prefetched. Full bands at one row now take [`band_one`], which
+/// measured faster without hints.
 const F32_PREFETCH_ROWS: usize = 2;
 
 /// Starts loading the weights of the tile [`PREFETCH_TILES`] after tile `(kk, j0)` of a
@@ -261,43 +262,30 @@ fn rows_range<'a, S: Simd>(
 /// Weight rows `kk..kk + UNROLL` of `w` (`[k, n]`, f32) times one row of `x`, added into
 /// `acc` (`[1, n]`) across every column: the tiles' walk (the same weights in the same
 /// order, the same products added in the same order, so the same bits) without a tile's
-/// set-up every `COLUMNS` columns, and with the band's `UNROLL` values of `x` broadcast
-/// once. Weights [`PREFETCH_TILES`] tiles ahead in that walk are prefetched as
-/// [`prefetch_ahead`] does, into the next band past the row's end.
+/// set-up every `COLUMNS` columns, with the band's `UNROLL` values of `x` broadcast once,
+/// and without prefetch hints: eight sequential streams the hardware prefetcher follows.
 ///
-/// Against the tiles, alternated (Intel Xeon model 207, 2 threads; medians of six rounds,
-/// then of five): `[1 x 4096] x [4096 x 11008]` (`examples/skinny_rate`) 7.1 ms against
-/// 7.7, and 6.5 against 7.5; llama-h1024x8's weights streamed from memory
-/// (`examples/decode_stream`) 26.1 against 28.5, and 25.6 against 24.5: level. Without the
-/// prefetch hints the band measured the same here; they stay, as the tiles had them, for
-/// machines whose prefetcher starts later on short rows (docs/performance.md).
+/// Against the tiles, alternated across processes (Intel Xeon model 207, 2 threads;
+/// medians): `[1 x 4096] x [4096 x 11008]` (`examples/skinny_rate`) 7.1 ms against 7.7 and
+/// 6.5 against 7.5 (then with hints); llama-h1024x8's weights streamed from memory
+/// (`examples/decode_stream`) level. Within one process, bands with the tiles' hints
+/// against bands without, alternated: `[1 x 4096] x [4096 x 11008]` 7.10-10.81 ms against
+/// 6.52-6.98, and 13.88-18.04 against 13.78-15.10 at 8192 rows, slower in 12 rounds of 12;
+/// llama-h1024x8's streamed weights level in four pairs and 47.2-49.4 ms against 37.1-37.9
+/// in four more; `[4096 x 11008]`-sized weights of four layers slower in 7 pairs of 8
+/// (docs/performance.md, sixth sitting).
 #[inline(always)]
 fn band_one<S: Simd>(x: &[f32], w: &[f32], n: usize, kk: usize, k1: usize, acc: &mut [f32]) {
     const V: usize = 4;
     assert!(kk + UNROLL <= k1 && k1 * n <= w.len() && acc.len() >= n && x.len() >= k1);
     let rows: [&[f32]; UNROLL] = std::array::from_fn(|r| &w[(kk + r) * n..(kk + r + 1) * n]);
     let s: [_; UNROLL] = std::array::from_fn(|r| x[kk + r].splat::<S>());
-    let weights = Weights::F32(w);
     let lanes = f32::lanes::<S>();
     let step = V * lanes;
     let simd_len = n / step * step;
-    let distance = PREFETCH_TILES * COLUMNS;
     let out = &mut acc[..n];
     let mut j = 0;
     while j < simd_len {
-        // The columns `distance` ahead in the walk: further along this band, else the same
-        // stretch of the next band's rows (none past the task's rows).
-        let (ahead, at) = if j + distance < n {
-            (kk, j + distance)
-        } else {
-            (kk + UNROLL, j + distance - n)
-        };
-        if at < n && ahead < k1 {
-            let len = step.min(n - at);
-            for r in ahead..(ahead + UNROLL).min(k1) {
-                weights.prefetch(r * n + at, len);
-            }
-        }
         // SAFETY: j + step <= simd_len <= n, the length of `out` and of every row.
         unsafe {
             let mut a: [_; V] =
