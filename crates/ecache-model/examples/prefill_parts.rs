@@ -7,28 +7,15 @@
 //! `DTYPE=bf16` for half precision; the projections then also show burn's own matmul in
 //! that type beside [`KernelBackend::gemm`], which the model uses).
 
-use std::time::Instant;
+mod common;
 
 use burn::backend::Flex;
 use burn::nn::RmsNormConfig;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Distribution, Tensor};
+use common::best_ms as time;
 use ecache_model::kernels::KernelBackend;
-
-/// Milliseconds per call of `f`, the fastest of five rounds of `reps` calls.
-fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
-    std::hint::black_box(f());
-    (0..5)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..reps {
-                std::hint::black_box(f());
-            }
-            start.elapsed().as_secs_f64() * 1e3 / reps as f64
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let device = Default::default();

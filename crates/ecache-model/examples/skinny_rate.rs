@@ -6,7 +6,7 @@
 //! Run: `cargo run --release -p ecache-model --example skinny_rate [k n]` (default 4096 11008;
 //! `ROWS=1,8` for those row counts only).
 
-use std::time::Instant;
+mod common;
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Distribution, Tensor};
@@ -44,21 +44,9 @@ fn main() {
             },
         )
     });
-    // The best of five rounds of eight calls, after one: the least disturbed by other work
-    // on the machine (as `tools/bench_transformers.py --matmul` times torch).
-    let time = |f: &dyn Fn()| {
-        f();
-        let reps = 8;
-        (0..5)
-            .map(|_| {
-                let start = Instant::now();
-                for _ in 0..reps {
-                    f();
-                }
-                start.elapsed().as_secs_f64() / reps as f64 * 1e3
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
+    // The best of five rounds of eight calls (`common::best_ms`), as
+    // `tools/bench_transformers.py --matmul` times torch.
+    let time = |f: &dyn Fn()| common::best_ms(8, f);
     let gb_s = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
     println!("[rows x {k}] x [{k} x {n}]: ms (GB/s of weights)");
     println!("| rows | flex GEMM f32 | skinny f32 | skinny f16 | skinny bf16 |");
