@@ -88,13 +88,17 @@ impl<'a> Weights<'a> {
     where
         'a: 'b,
     {
-        let buffer = &mut buffer[..len];
         match self {
-            Weights::F32(v) => return &v[at..at + len],
-            Weights::F16(v) => widen::f16(&v[at..at + len], buffer),
-            Weights::Bf16(v) => widen::bf16(&v[at..at + len], buffer),
+            Weights::F32(v) => &v[at..at + len],
+            Weights::F16(v) => {
+                widen::f16(&v[at..at + len], &mut buffer[..len]);
+                &buffer[..len]
+            }
+            Weights::Bf16(v) => {
+                widen::bf16(&v[at..at + len], &mut buffer[..len]);
+                &buffer[..len]
+            }
         }
-        buffer
     }
 }
 
@@ -160,20 +164,20 @@ pub fn skinny_matmul(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, ou
     }
 }
 
-/// Tiles ahead of the one being folded whose weights are prefetched: the hardware
-/// prefetcher alone left the short rows of a decode's weights (4-11 KiB) waiting on memory.
-/// On llama-h1024x8's weights at one row (`examples/decode_stream`): f32 24.5 -> 22.2 ms,
-/// f16 16.2-17.0 -> 14.0-15.5 ms; one and two tiles ahead measured alike.
+/// Tiles ahead of the one being folded whose weights are prefetched (half-precision
+/// weights, which are widened a tile at a time): the hardware prefetcher alone left the
+/// short rows of a decode's weights (4-11 KiB) waiting on memory. On llama-h1024x8's weights
+/// at one row (`examples/decode_stream`): f16 16.2-17.0 -> 14.0-15.5 ms; one and two tiles
+/// ahead measured alike. f32 weights at up to [`BLOCK_ROWS`] rows of `x` take whole-width
+/// bands without hints, which measured faster (see [`rows_range`]); at more rows each tile
+/// takes long enough for the hardware prefetcher, and hints cost time there (`[8 x 4096] x
+/// [4096 x 11008]`: 7.99-8.47 ms with them, 6.49-6.85 without).
 const PREFETCH_TILES: usize = 2;
 
-/// The most rows of `x` for which f32 weights are prefetched. With more, each tile takes
-/// long enough for the hardware prefetcher and the hints cost time: `[rows x 4096] x
-/// [4096 x 11008]` (`examples/skinny_rate`, two runs each way) took 6.35-7.11 ms with them
-/// and 7.71-9.37 without at one row, level at two, 6.84-7.59 against 5.94-6.61 at four,
-/// 7.99-8.47 against 6.49-6.85 at eight. Half-precision weights gained at every count up to
-/// eight and are always prefetched. Full bands at one row now take [`band_one`], which
-/// measured faster without hints.
-const F32_PREFETCH_ROWS: usize = 2;
+/// Weight rows of a band at one row of `x` ([`band_one`]): sixteen broadcasts of `x` stay in
+/// registers (AVX-512 has 32), and the row of accumulators is loaded and stored once per
+/// sixteen rows of weights.
+const BAND_ONE: usize = 16;
 
 /// Starts loading the weights of the tile [`PREFETCH_TILES`] after tile `(kk, j0)` of a
 /// task's rows `..k1` (tiles run along a block of `UNROLL` rows, then to the next block).
@@ -195,9 +199,25 @@ pub(super) fn prefetch_ahead(w: &Weights<'_>, n: usize, k1: usize, kk: usize, j0
     }
 }
 
-/// Weight rows `k0..k1` of [`skinny_matmul`], folded into `acc` (`[m, n]`) a tile of
-/// `UNROLL` weight rows by `COLUMNS` columns at a time ([`band_one`] for f32 weights and one
-/// row of `x`).
+/// Weight rows `k0..k1` of [`skinny_matmul`], folded into `acc` (`[m, n]`).
+///
+/// - f32 weights and up to [`BLOCK_ROWS`] rows of `x`: whole-width bands, every weight row
+///   read once from end to end in sequential streams the hardware prefetcher follows, with
+///   no hints and no tile set-up every `COLUMNS` columns ([`band_one`] at one row, where
+///   [`BAND_ONE`] rows remain; else [`Tile::fold`] over `UNROLL` rows of the whole width).
+/// - Otherwise tiles of `UNROLL` weight rows by `COLUMNS` columns, widened from half
+///   precision into `scratch` and prefetched [`PREFETCH_TILES`] ahead when stored so, and
+///   kept in L1 while every block of `BLOCK_ROWS` rows of `x` folds them.
+///
+/// Every path adds the same products in the same order (weight row by weight row into each
+/// output), so each gives the same bits.
+///
+/// Whole-width bands against tiles, within one process, alternated round by round (Intel
+/// Xeon model 207, 2 threads, six `[4096 x 11008]` f32 weights streamed, 1 GB, past the L3;
+/// ms per weight, best of five rounds of eight): 2 rows 7.61-8.49 against 8.50-8.93 (faster
+/// in 6 of 6), 3 rows 8.54-8.84 against 8.95-9.31 (5 of 5), 4 rows 8.09-8.69 against
+/// 8.70-9.05 (6 of 6); 8 rows 12.50-14.32 against 11.99-12.93, slower, so two blocks of `x`
+/// keep the tiles, whose weights stay in L1 between the blocks.
 #[allow(clippy::too_many_arguments)]
 #[macerator::with_simd]
 fn rows_range<'a, S: Simd>(
@@ -211,19 +231,38 @@ fn rows_range<'a, S: Simd>(
     acc: &'a mut [f32],
     scratch: &'a mut [f32],
 ) {
-    let prefetch = !matches!(w, Weights::F32(_)) || m <= F32_PREFETCH_ROWS;
     let mut kk = k0;
     while kk < k1 {
-        let rows = UNROLL.min(k1 - kk);
-        if let (Weights::F32(w), 1, UNROLL) = (w, m, rows) {
-            band_one::<S>(x, w, n, kk, k1, acc);
+        if let (Weights::F32(w), true) = (w, m <= BLOCK_ROWS) {
+            if m == 1 && k1 - kk >= BAND_ONE {
+                band_one::<S, BAND_ONE>(x, w, n, kk, k1, acc);
+                kk += BAND_ONE;
+                continue;
+            }
+            let rows = UNROLL.min(k1 - kk);
+            let slices: [&[f32]; UNROLL] = std::array::from_fn(|r| {
+                if r < rows {
+                    &w[(kk + r) * n..(kk + r + 1) * n]
+                } else {
+                    &[]
+                }
+            });
+            let tile = Tile {
+                rows: &slices[..rows],
+                k,
+                n,
+                kk,
+                j0: 0,
+            };
+            tile.fold_block::<S>(acc, x, 0, m);
             kk += rows;
             continue;
         }
+        let rows = UNROLL.min(k1 - kk);
         let mut j0 = 0;
         while j0 < n {
             let width = COLUMNS.min(n - j0);
-            if prefetch {
+            if !matches!(w, Weights::F32(_)) {
                 prefetch_ahead(&w, n, k1, kk, j0);
             }
             let mut slices: [&[f32]; UNROLL] = [&[]; UNROLL];
@@ -245,12 +284,7 @@ fn rows_range<'a, S: Simd>(
             let mut i0 = 0;
             while i0 < m {
                 let block = BLOCK_ROWS.min(m - i0);
-                match block {
-                    4 => tile.fold::<S, 4, 2>(acc, x, i0),
-                    3 => tile.fold::<S, 3, 2>(acc, x, i0),
-                    2 => tile.fold::<S, 2, 4>(acc, x, i0),
-                    _ => tile.fold::<S, 1, 4>(acc, x, i0),
-                }
+                tile.fold_block::<S>(acc, x, i0, block);
                 i0 += block;
             }
             j0 += width;
@@ -259,27 +293,32 @@ fn rows_range<'a, S: Simd>(
     }
 }
 
-/// Weight rows `kk..kk + UNROLL` of `w` (`[k, n]`, f32) times one row of `x`, added into
-/// `acc` (`[1, n]`) across every column: the tiles' walk (the same weights in the same
-/// order, the same products added in the same order, so the same bits) without a tile's
-/// set-up every `COLUMNS` columns, with the band's `UNROLL` values of `x` broadcast once,
-/// and without prefetch hints: eight sequential streams the hardware prefetcher follows.
+/// Weight rows `kk..kk + R` of `w` (`[k, n]`, f32) times one row of `x`, added into `acc`
+/// (`[1, n]`) across every column, with the band's `R` values of `x` broadcast once: the
+/// tiles' sums (each output adds the same products weight row by weight row, so the same
+/// bits) in `R` sequential streams, without hints.
 ///
-/// Against the tiles, alternated across processes (Intel Xeon model 207, 2 threads;
-/// medians): `[1 x 4096] x [4096 x 11008]` (`examples/skinny_rate`) 7.1 ms against 7.7 and
-/// 6.5 against 7.5 (then with hints); llama-h1024x8's weights streamed from memory
-/// (`examples/decode_stream`) level. Within one process, bands with the tiles' hints
-/// against bands without, alternated: `[1 x 4096] x [4096 x 11008]` 7.10-10.81 ms against
-/// 6.52-6.98, and 13.88-18.04 against 13.78-15.10 at 8192 rows, slower in 12 rounds of 12;
-/// llama-h1024x8's streamed weights level in four pairs and 47.2-49.4 ms against 37.1-37.9
-/// in four more; `[4096 x 11008]`-sized weights of four layers slower in 7 pairs of 8
-/// (docs/performance.md, sixth sitting).
+/// Whole-width bands against tiles, alternated across processes (Intel Xeon model 207,
+/// 2 threads; medians): `[1 x 4096] x [4096 x 11008]` (`examples/skinny_rate`) 7.1 ms
+/// against 7.7 and 6.5 against 7.5. Within one process, alternated round by round: bands
+/// with the tiles' hints slower than without in 12 rounds of 12 (7.10-10.81 ms against
+/// 6.52-6.98); and sixteen rows against eight, six `[4096 x 11008]` weights streamed (1 GB,
+/// past the L3), 6.11-7.05 ms a weight against 6.25-7.47 (faster in 12 rounds of 14), and
+/// two `[8192 x 11008]` weights 13.27-14.22 against 13.46-15.15 (5 of 6); twelve rows fell
+/// between (docs/performance.md, seventh sitting).
 #[inline(always)]
-fn band_one<S: Simd>(x: &[f32], w: &[f32], n: usize, kk: usize, k1: usize, acc: &mut [f32]) {
+fn band_one<S: Simd, const R: usize>(
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    kk: usize,
+    k1: usize,
+    acc: &mut [f32],
+) {
     const V: usize = 4;
-    assert!(kk + UNROLL <= k1 && k1 * n <= w.len() && acc.len() >= n && x.len() >= k1);
-    let rows: [&[f32]; UNROLL] = std::array::from_fn(|r| &w[(kk + r) * n..(kk + r + 1) * n]);
-    let s: [_; UNROLL] = std::array::from_fn(|r| x[kk + r].splat::<S>());
+    assert!(kk + R <= k1 && k1 * n <= w.len() && acc.len() >= n && x.len() >= k1);
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &w[(kk + r) * n..(kk + r + 1) * n]);
+    let s: [_; R] = std::array::from_fn(|r| x[kk + r].splat::<S>());
     let lanes = f32::lanes::<S>();
     let step = V * lanes;
     let simd_len = n / step * step;
@@ -324,6 +363,18 @@ pub(super) struct Tile<'a> {
 }
 
 impl Tile<'_> {
+    /// [`Tile::fold`] for the `rows` (1 to [`BLOCK_ROWS`]) rows `i0..i0 + rows` of `x`, with
+    /// as many column vectors as the registers hold.
+    #[inline(always)]
+    pub(super) fn fold_block<S: Simd>(&self, acc: &mut [f32], x: &[f32], i0: usize, rows: usize) {
+        match rows {
+            4 => self.fold::<S, 4, 2>(acc, x, i0),
+            3 => self.fold::<S, 3, 2>(acc, x, i0),
+            2 => self.fold::<S, 2, 4>(acc, x, i0),
+            _ => self.fold::<S, 1, 4>(acc, x, i0),
+        }
+    }
+
     /// `acc[i] += sum_r x[i, kk + r] * rows[r]` for the `R` rows `i0..i0 + R`: `V` vectors
     /// of columns at a time, their `R x V` accumulators in registers across the tile's rows.
     #[inline(always)]
@@ -657,6 +708,7 @@ pub(super) mod tests {
             (2, 20, 300),
             (4, 17, 130),
             (3, 7, 5),
+            (3, 40, 300),
             (8, 64, 300),
             (5, 130, 517),
             (16, 33, 1029),
@@ -677,9 +729,9 @@ pub(super) mod tests {
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let rounded16: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
             let roundedb: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-            for (weights, rounded) in [
-                (Weights::F16(&w16), &rounded16),
-                (Weights::Bf16(&wb), &roundedb),
+            for (weights, rounded, name) in [
+                (Weights::F16(&w16), &rounded16, "f16"),
+                (Weights::Bf16(&wb), &roundedb, "bf16"),
             ] {
                 let want = naive(&x, m, k, rounded, n);
                 skinny_matmul(&x, m, k, weights, n, &mut out);
@@ -688,7 +740,17 @@ pub(super) mod tests {
                     .zip(&want)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0.0, f32::max);
-                assert!(err < 1e-4, "{weights:?} {m}x{k}x{n}: {err}");
+                assert!(err < 1e-4, "{name} {m}x{k}x{n}: {err}");
+                // Every path (whole-width bands, tiles, the half-precision tiles) adds the
+                // same products in the same order: the rounded weights stored as f32 give
+                // the same bits.
+                let mut as_f32 = vec![0.0; m * n];
+                skinny_matmul(&x, m, k, Weights::F32(rounded), n, &mut as_f32);
+                let differ = out
+                    .iter()
+                    .zip(&as_f32)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(differ.count(), 0, "{name} against f32, {m}x{k}x{n}");
             }
         }
     }
@@ -746,6 +808,7 @@ pub(super) mod tests {
         for (m, k, n) in [
             (1, 1, 1),
             (3, 7, 5),
+            (3, 40, 300),
             (8, 64, 300),
             (5, 1030, 37),
             (16, 33, 1029),
@@ -762,10 +825,18 @@ pub(super) mod tests {
             let rounded = |f: fn(f32) -> f32| w.iter().map(|&v| f(v)).collect::<Vec<_>>();
             let t16: Vec<f16> = w_t.iter().map(|&v| f16::from_f32(v)).collect();
             let tb: Vec<bf16> = w_t.iter().map(|&v| bf16::from_f32(v)).collect();
-            for (weights, plain) in [
-                (Weights::F32(&w_t), w.clone()),
-                (Weights::F16(&t16), rounded(|v| f16::from_f32(v).to_f32())),
-                (Weights::Bf16(&tb), rounded(|v| bf16::from_f32(v).to_f32())),
+            for (weights, plain, name) in [
+                (Weights::F32(&w_t), w.clone(), "f32"),
+                (
+                    Weights::F16(&t16),
+                    rounded(|v| f16::from_f32(v).to_f32()),
+                    "f16",
+                ),
+                (
+                    Weights::Bf16(&tb),
+                    rounded(|v| bf16::from_f32(v).to_f32()),
+                    "bf16",
+                ),
             ] {
                 let want = naive(&x, m, k, &plain, n);
                 skinny_matmul_t(&x, m, k, weights, n, &mut out);
@@ -774,7 +845,7 @@ pub(super) mod tests {
                     .zip(&want)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0.0, f32::max);
-                assert!(err < 1e-4, "{weights:?} {m}x{k}x{n}: {err}");
+                assert!(err < 1e-4, "{name} {m}x{k}x{n}: {err}");
             }
         }
     }
