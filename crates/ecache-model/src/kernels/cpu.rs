@@ -303,7 +303,7 @@ fn rows_range<'a, S: Simd>(
 /// against 7.7 and 6.5 against 7.5. Within one process, alternated round by round: bands
 /// with the tiles' hints slower than without in 12 rounds of 12 (7.10-10.81 ms against
 /// 6.52-6.98); and sixteen rows against eight, six `[4096 x 11008]` weights streamed (1 GB,
-/// past the L3), 6.11-7.05 ms a weight against 6.25-7.47 (faster in 12 rounds of 14), and
+/// past the L3), 6.11-7.05 ms a weight against 6.25-7.47 (faster in 13 rounds of 14), and
 /// two `[8192 x 11008]` weights 13.27-14.22 against 13.46-15.15 (5 of 6); twelve rows fell
 /// between (docs/performance.md, seventh sitting).
 #[inline(always)]
