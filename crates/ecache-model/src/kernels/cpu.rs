@@ -231,38 +231,26 @@ fn rows_range<'a, S: Simd>(
     acc: &'a mut [f32],
     scratch: &'a mut [f32],
 ) {
+    // f32 weights at up to `BLOCK_ROWS` rows of `x`: one tile of the whole width, unhinted.
+    let (columns, prefetch) = match w {
+        Weights::F32(_) if m <= BLOCK_ROWS => (n, false),
+        Weights::F32(_) => (COLUMNS, false),
+        _ => (COLUMNS, true),
+    };
     let mut kk = k0;
     while kk < k1 {
-        if let (Weights::F32(w), true) = (w, m <= BLOCK_ROWS) {
-            if m == 1 && k1 - kk >= BAND_ONE {
-                band_one::<S, BAND_ONE>(x, w, n, kk, k1, acc);
-                kk += BAND_ONE;
-                continue;
-            }
-            let rows = UNROLL.min(k1 - kk);
-            let slices: [&[f32]; UNROLL] = std::array::from_fn(|r| {
-                if r < rows {
-                    &w[(kk + r) * n..(kk + r + 1) * n]
-                } else {
-                    &[]
-                }
-            });
-            let tile = Tile {
-                rows: &slices[..rows],
-                k,
-                n,
-                kk,
-                j0: 0,
-            };
-            tile.fold_block::<S>(acc, x, 0, m);
-            kk += rows;
+        if let (Weights::F32(w), 1) = (w, m)
+            && k1 - kk >= BAND_ONE
+        {
+            band_one::<S, BAND_ONE>(x, w, n, kk, k1, acc);
+            kk += BAND_ONE;
             continue;
         }
         let rows = UNROLL.min(k1 - kk);
         let mut j0 = 0;
         while j0 < n {
-            let width = COLUMNS.min(n - j0);
-            if !matches!(w, Weights::F32(_)) {
+            let width = columns.min(n - j0);
+            if prefetch {
                 prefetch_ahead(&w, n, k1, kk, j0);
             }
             let mut slices: [&[f32]; UNROLL] = [&[]; UNROLL];
@@ -272,6 +260,8 @@ fn rows_range<'a, S: Simd>(
                 .enumerate()
                 .take(rows)
             {
+                // f32 weights are borrowed, whatever the width; only half-precision ones,
+                // which are never wider than `COLUMNS`, fill the buffer.
                 *slice = w.f32_run((kk + r) * n + j0, width, buffer);
             }
             let tile = Tile {
@@ -284,7 +274,12 @@ fn rows_range<'a, S: Simd>(
             let mut i0 = 0;
             while i0 < m {
                 let block = BLOCK_ROWS.min(m - i0);
-                tile.fold_block::<S>(acc, x, i0, block);
+                match block {
+                    4 => tile.fold::<S, 4, 2>(acc, x, i0),
+                    3 => tile.fold::<S, 3, 2>(acc, x, i0),
+                    2 => tile.fold::<S, 2, 4>(acc, x, i0),
+                    _ => tile.fold::<S, 1, 4>(acc, x, i0),
+                }
                 i0 += block;
             }
             j0 += width;
@@ -363,18 +358,6 @@ pub(super) struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// [`Tile::fold`] for the `rows` (1 to [`BLOCK_ROWS`]) rows `i0..i0 + rows` of `x`, with
-    /// as many column vectors as the registers hold.
-    #[inline(always)]
-    pub(super) fn fold_block<S: Simd>(&self, acc: &mut [f32], x: &[f32], i0: usize, rows: usize) {
-        match rows {
-            4 => self.fold::<S, 4, 2>(acc, x, i0),
-            3 => self.fold::<S, 3, 2>(acc, x, i0),
-            2 => self.fold::<S, 2, 4>(acc, x, i0),
-            _ => self.fold::<S, 1, 4>(acc, x, i0),
-        }
-    }
-
     /// `acc[i] += sum_r x[i, kk + r] * rows[r]` for the `R` rows `i0..i0 + R`: `V` vectors
     /// of columns at a time, their `R x V` accumulators in registers across the tile's rows.
     #[inline(always)]
